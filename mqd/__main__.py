@@ -1,0 +1,3 @@
+from mqd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Queue names and queue attributes: syntax, defaults and ranges (protocol.md §5).
+
+Attributes travel as native values (seconds as numbers, bools, strings) and
+are stored in the catalog exactly as validated here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from mqd.errors import InvalidArgument
+from mqd.limits import Limits
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+FIFO_SUFFIX = ".fifo"
+
+DAY_S = 86_400
+
+# name -> (default, low, high) for the numeric attributes, in their public units.
+_NUMERIC: dict[str, tuple[float, float, float]] = {
+    "visibility_timeout": (30, 0, 12 * 3600),
+    "retention": (4 * DAY_S, 60, 14 * DAY_S),
+    "max_message_bytes": (1024 * 1024, 1, 16 * 1024 * 1024),
+    "delay": (0, 0, 7 * DAY_S),
+}
+_INTEGER_ONLY = frozenset({"max_message_bytes"})
+_READ_ONLY = frozenset({"fifo"})
+
+
+def validate_queue_name(name: object, limits: Limits) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument("queue name must be a non-empty string")
+    if len(name) > limits.queue_name_chars_max:
+        raise InvalidArgument(
+            f"queue name is {len(name)} characters; at most {limits.queue_name_chars_max} allowed"
+        )
+    stem = name[: -len(FIFO_SUFFIX)] if name.endswith(FIFO_SUFFIX) else name
+    if not _NAME_RE.fullmatch(stem):
+        raise InvalidArgument(
+            f"queue name {name!r} may contain only A-Z a-z 0-9 _ - (and end in .fifo for FIFO queues)"
+        )
+    return name
+
+
+def is_fifo_name(name: str) -> bool:
+    return name.endswith(FIFO_SUFFIX)
+
+
+def default_attributes(name: str, limits: Limits) -> dict[str, Any]:
+    attributes: dict[str, Any] = {key: spec[0] for key, spec in _NUMERIC.items()}
+    attributes["max_message_bytes"] = min(attributes["max_message_bytes"], limits.message_bytes_max)
+    attributes["fifo"] = is_fifo_name(name)
+    return attributes
+
+
+def validate_attributes(
+    name: str, changes: dict[str, Any], limits: Limits, *, creating: bool
+) -> dict[str, Any]:
+    """Return the validated subset `changes`; raise InvalidArgument naming the bad key."""
+    if not isinstance(changes, dict):
+        raise InvalidArgument("attributes must be a map")
+    validated: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key in _READ_ONLY:
+            fifo = is_fifo_name(name)
+            if value is not fifo or not creating:
+                raise InvalidArgument(
+                    f"attribute fifo is fixed by the queue name (a FIFO queue's name ends in .fifo); "
+                    f"{name!r} has fifo={fifo}"
+                )
+            continue
+        spec = _NUMERIC.get(key)
+        if spec is None:
+            known = ", ".join(sorted([*_NUMERIC, *_READ_ONLY]))
+            raise InvalidArgument(f"unknown queue attribute {key!r}; known: {known}")
+        _, low, high = spec
+        if key == "max_message_bytes":
+            high = min(high, limits.message_bytes_max)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument(f"attribute {key} must be a number, got {type(value).__name__}")
+        if key in _INTEGER_ONLY and not float(value).is_integer():
+            raise InvalidArgument(f"attribute {key} must be a whole number, got {value!r}")
+        if not low <= value <= high:
+            raise InvalidArgument(f"attribute {key} must be from {low} to {high}, got {value!r}")
+        validated[key] = int(value) if float(value).is_integer() else float(value)
+    return validated

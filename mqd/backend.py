@@ -1,0 +1,105 @@
+"""Backend role: owns the partitions placed on this node and serves queue ops.
+
+In the single node every partition of every queue lives here; the cluster
+will open only the partitions that placement assigns to this node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mqd.errors import QueueNotFound, Unavailable
+from mqd.metadata import QueueRecord
+from mqd.partition import Partition
+from mqd.receipts import ReceiptSigner
+from mqd.storage import PartitionStore, StorageConfig
+
+log = structlog.get_logger("mqd.backend")
+
+
+class BackendRole:
+    def __init__(
+        self,
+        partitions_dir: Path,
+        storage_config: StorageConfig,
+        signer: ReceiptSigner,
+        *,
+        clock: Any = None,
+    ) -> None:
+        self._dir = partitions_dir
+        self._storage_config = storage_config
+        self._signer = signer
+        self._clock = clock
+        self._partitions: dict[tuple[bytes, int], Partition] = {}
+        self._closing = False
+
+    def _partition_dir(self, queue_id: bytes, index: int) -> Path:
+        return self._dir / f"{queue_id.hex()}-{index:04d}"
+
+    async def start(self, queues: list[QueueRecord]) -> None:
+        """Open the partitions of the known queues; remove directories of deleted ones."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        wanted = set()
+        for queue in queues:
+            for index in range(queue.partitions):
+                wanted.add(self._partition_dir(queue.queue_id, index).name)
+        for child in sorted(self._dir.iterdir()):
+            if child.is_dir() and child.name not in wanted:
+                # The catalog no longer has this queue: it was deleted before a crash
+                # finished removing its files.
+                log.warning("partition.orphan_removed", directory=str(child))
+                await asyncio.to_thread(shutil.rmtree, child)
+        for queue in queues:
+            await self.create_partitions(queue)
+
+    async def create_partitions(self, queue: QueueRecord) -> None:
+        for index in range(queue.partitions):
+            key = (queue.queue_id, index)
+            if key in self._partitions:
+                continue
+            store = await PartitionStore.open(
+                self._partition_dir(queue.queue_id, index),
+                self._storage_config,
+                **({"clock": self._clock} if self._clock else {}),
+            )
+            self._partitions[key] = Partition(
+                queue.queue_id, index, store, self._signer, clock=self._clock
+            )
+
+    async def drop_partitions(self, queue: QueueRecord) -> None:
+        for index in range(queue.partitions):
+            partition = self._partitions.pop((queue.queue_id, index), None)
+            if partition is not None:
+                await partition.destroy()
+
+    def partition(self, queue: QueueRecord, index: int = 0) -> Partition:
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        partition = self._partitions.get((queue.queue_id, index))
+        if partition is None:
+            raise QueueNotFound(f"queue {queue.name!r} has no partition {index} on this node")
+        return partition
+
+    def storage_stats(self) -> dict[str, Any]:
+        totals: dict[str, Any] = {"partitions": len(self._partitions)}
+        for partition in self._partitions.values():
+            for key, value in partition.store.stats().items():
+                if isinstance(value, int) and not isinstance(value, bool):
+                    totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def stop_long_polls(self) -> None:
+        for partition in self._partitions.values():
+            partition.stop_waiting()
+
+    async def close(self) -> None:
+        self._closing = True
+        partitions = list(self._partitions.values())
+        self._partitions.clear()
+        for partition in partitions:
+            await partition.close()

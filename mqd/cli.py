@@ -1,0 +1,108 @@
+"""`mqd` command line: a thin layer over the modules that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from mqd import __version__
+from mqd.errors import ConfigError, MqdError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mqd.config import load_config
+    from mqd.node import run_node
+
+    overrides = {}
+    if args.data_dir is not None:
+        overrides["node.data_dir"] = args.data_dir
+    if args.listen is not None:
+        overrides["frontend.listen"] = args.listen
+    if args.log_format is not None:
+        overrides["log.format"] = args.log_format
+    if args.fsync is not None:
+        overrides["storage.fsync"] = args.fsync
+    config = load_config(Path(args.config) if args.config else None, overrides)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return asyncio.run(run_node(config))
+    return uvloop.run(run_node(config))
+
+
+def _storage(args: argparse.Namespace) -> int:
+    from mqd.storage import tools
+
+    path = Path(args.dir)
+    if not path.exists():
+        raise ConfigError(f"DIR: no such directory {args.dir!r}")
+    if args.storage_command == "verify":
+        report = asyncio.run(tools.verify(path)) if asyncio.iscoroutinefunction(tools.verify) else tools.verify(path)
+        print(report)
+        return 0 if report.ok else 1
+    if args.storage_command == "dump":
+        result = tools.dump(path, sys.stdout)
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+        return 0
+    result = tools.rebuild_index(path)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
+    if result is not None:
+        print(result)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mqd import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqd", description="mqd: a durable message queue")
+    parser.add_argument("--version", action="version", version=f"mqd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run a node (all roles with no config)")
+    serve.add_argument("--config", metavar="FILE", help="TOML config file (see config/single.toml)")
+    serve.add_argument("--data-dir", metavar="DIR", help="data directory (default ./mqd-data)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="client address (default 127.0.0.1:6470)")
+    serve.add_argument("--log-format", choices=["console", "json"], help="log format (default: console on a terminal, else json)")
+    serve.add_argument("--fsync", choices=["always", "interval", "never"], help="override [storage] fsync")
+    serve.set_defaults(func=_serve)
+
+    storage = commands.add_parser("storage", help="inspect or repair a data directory")
+    storage_commands = storage.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("verify", "check every record's CRC and the index against the log"),
+        ("dump", "print records as text"),
+        ("rebuild-index", "rebuild the SQLite index from the log"),
+    ):
+        action = storage_commands.add_parser(name, help=help_text)
+        action.add_argument("dir", metavar="DIR", help="a data directory or one partition directory")
+    storage.set_defaults(func=_storage)
+
+    bench = commands.add_parser("bench", help="measure throughput and latency against a server")
+    from mqd import bench as bench_module
+
+    bench_module.add_arguments(bench)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"mqd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except MqdError as exc:
+        print(f"mqd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,324 @@
+"""One client connection at the operation level: correlation ids and futures.
+
+Above the transport (frames) and below the client API (queues, messages).
+Every request gets a fresh correlation id and one future; responses are
+matched by id, so they may arrive in any order and a long-poll RECEIVE does
+not hold up anything else (protocol.md §1, DESIGN.md §3). At most
+`requests_in_flight_max` requests (a server limit from HELLO) are outstanding;
+further callers wait for a slot in arrival order.
+
+A connection is never reopened: when it is lost, every outstanding call fails
+with ConnectionClosed and the client API opens a new one on its next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any
+
+from mqd.errors import (
+    ConnectionClosed,
+    FrameTooLarge,
+    ProtocolError,
+    RequestTimeout,
+    ServerError,
+    UnsupportedVersion,
+)
+from mqd.protocol.codec import decode_response, encode_request
+from mqd.protocol.frame import (
+    FLAG_ERROR,
+    PREFIX_BYTES,
+    PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN,
+    Frame,
+)
+from mqd.protocol.messages import ErrorBody, HelloRequest, HelloResponse, Opcode
+
+from .transport import FrameProtocol, open_frame_connection
+
+# Limits assumed until (or if) the server's HELLO response names them. They
+# are small on purpose: a server that does not advertise a limit is trusted
+# with no more than this.
+DEFAULT_LIMITS: dict[str, int] = {
+    "frame_bytes_max": 1024 * 1024,
+    "batch_messages_max": 100,
+    "requests_in_flight_max": 64,
+}
+# The largest response frame the client accepts, whatever the server says.
+RESPONSE_FRAME_BYTES_MAX = 256 * 1024 * 1024
+# Before reusing a connection that has been quiet this long, check that the
+# server has not closed it meanwhile (see FrameProtocol.peer_gone).
+IDLE_CHECK_S = 0.2
+_CORRELATION_ID_MAX = 0xFFFFFFFF
+
+
+def _limit(limits: dict[str, Any], name: str) -> int:
+    value = limits.get(name)
+    if type(value) is int and value > 0:
+        return value
+    return DEFAULT_LIMITS[name]
+
+
+class Connection:
+    """A multiplexed request/response channel to one server, after HELLO."""
+
+    def __init__(self, address: str, request_timeout_s: float) -> None:
+        self.address = address
+        self.request_timeout_s = request_timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._protocol: FrameProtocol | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 0
+        self._in_flight = 0
+        self._in_flight_max = DEFAULT_LIMITS["requests_in_flight_max"]
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._closed_reason: str | None = None
+        self._closed_cause: BaseException | None = None
+        self._lost_waiter: asyncio.Future[None] = self._loop.create_future()
+        self._last_alive = self._loop.time()
+        # Set from the HELLO response.
+        self.hello: HelloResponse | None = None
+        self.limits: dict[str, Any] = {}
+        self.frame_bytes_max = DEFAULT_LIMITS["frame_bytes_max"]
+        self.batch_messages_max = DEFAULT_LIMITS["batch_messages_max"]
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        token: str | None = None,
+        client_name: str = "mqd-python",
+        connect_timeout_s: float = 10.0,
+        request_timeout_s: float = 30.0,
+    ) -> Connection:
+        """Connect, send HELLO (protocol.md §4 HELLO) and keep the server's limits."""
+        conn = cls(f"{host}:{port}", request_timeout_s)
+        conn._protocol = await open_frame_connection(
+            host,
+            port,
+            tls=tls,
+            frame_bytes_max=RESPONSE_FRAME_BYTES_MAX,
+            on_frame=conn._on_frame,
+            on_lost=conn._on_lost,
+            connect_timeout_s=connect_timeout_s,
+        )
+        try:
+            hello = await conn.request(
+                HelloRequest(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX, client_name, token or ""),
+                timeout_s=connect_timeout_s,
+            )
+            if not PROTOCOL_VERSION_MIN <= hello.version <= PROTOCOL_VERSION_MAX:
+                raise UnsupportedVersion(
+                    f"server chose protocol version {hello.version}, this client speaks "
+                    f"{PROTOCOL_VERSION_MIN}..{PROTOCOL_VERSION_MAX}"
+                )
+        except BaseException:
+            await conn.close()
+            raise
+        conn._apply_hello(hello)
+        return conn
+
+    def _apply_hello(self, hello: HelloResponse) -> None:
+        self.hello = hello
+        self.limits = dict(hello.limits)
+        self.frame_bytes_max = _limit(self.limits, "frame_bytes_max")
+        self.batch_messages_max = _limit(self.limits, "batch_messages_max")
+        self._in_flight_max = _limit(self.limits, "requests_in_flight_max")
+
+    # --- state -----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    def usable(self) -> bool:
+        """Whether a request may be sent now; detects a server gone while idle."""
+        if self._closed_reason is not None:
+            return False
+        if self._pending:
+            return True
+        now = self._loop.time()
+        if now - self._last_alive < IDLE_CHECK_S:
+            return True
+        protocol = self._protocol
+        assert protocol is not None
+        if protocol.peer_gone():
+            self._mark_closed("the server closed the connection while it was idle", None)
+            protocol.abort()
+            return False
+        self._last_alive = now
+        return True
+
+    def _closed_error(self) -> ConnectionClosed:
+        exc = ConnectionClosed(f"connection to {self.address} closed: {self._closed_reason}")
+        exc.__cause__ = self._closed_cause
+        return exc
+
+    # --- requests ----------------------------------------------------------------
+
+    async def request(self, msg: Any, timeout_s: float | None = None) -> Any:
+        """Send one request and return its response dataclass.
+
+        Raises the ServerError subclass of an error frame, ConnectionClosed if
+        the connection is or becomes closed, RequestTimeout after `timeout_s`
+        (default `request_timeout_s`), FrameTooLarge (without sending) if the
+        request would not fit the server's frame limit.
+        """
+        if self._closed_reason is not None:
+            raise self._closed_error()
+        if self._in_flight < self._in_flight_max:
+            self._in_flight += 1
+        else:
+            await self._wait_for_slot()
+        try:
+            protocol = self._protocol
+            assert protocol is not None
+            if protocol.write_paused:
+                await protocol.drain()
+            if self._closed_reason is not None:
+                raise self._closed_error()
+            pending = self._pending
+            cid = self._next_id % _CORRELATION_ID_MAX + 1
+            while cid in pending:
+                cid = cid % _CORRELATION_ID_MAX + 1
+            self._next_id = cid
+            frame = encode_request(cid, msg)
+            if len(frame) - PREFIX_BYTES > self.frame_bytes_max:
+                raise FrameTooLarge(
+                    f"{Opcode(msg.OPCODE).name} request of {len(frame) - PREFIX_BYTES} bytes "
+                    f"exceeds the server's frame_bytes_max {self.frame_bytes_max}; not sent",
+                    details={
+                        "frame_bytes": len(frame) - PREFIX_BYTES,
+                        "frame_bytes_max": self.frame_bytes_max,
+                    },
+                )
+            loop = self._loop
+            future = loop.create_future()
+            pending[cid] = future
+            protocol.write(frame)
+            timer = loop.call_later(
+                self.request_timeout_s if timeout_s is None else timeout_s,
+                self._expire,
+                cid,
+                msg.OPCODE,
+                timeout_s,
+            )
+            try:
+                return await future
+            finally:
+                timer.cancel()
+                pending.pop(cid, None)
+        finally:
+            self._release_slot()
+
+    async def _wait_for_slot(self) -> None:
+        """Wait until a finishing request hands its in-flight slot over to us."""
+        waiter = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed over just as we were cancelled
+            raise
+
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on; _in_flight is unchanged
+                return
+        self._in_flight -= 1
+
+    def _expire(self, cid: int, opcode: int, timeout_s: float | None) -> None:
+        future = self._pending.pop(cid, None)
+        if future is not None and not future.done():
+            seconds = self.request_timeout_s if timeout_s is None else timeout_s
+            future.set_exception(
+                RequestTimeout(
+                    f"{Opcode(opcode).name} got no response from {self.address} "
+                    f"within {seconds:g} s",
+                    details={"timeout_s": seconds},
+                )
+            )
+
+    # --- frames from the transport ---------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        self._last_alive = self._loop.time()
+        future = self._pending.pop(frame.correlation_id, None)
+        if future is None or future.done():
+            if frame.flags & FLAG_ERROR:
+                # An error for no outstanding request: the server's answer to
+                # something it could not attribute (protocol.md §1.6), usually
+                # just before it closes the connection. Keep it as the reason.
+                body = decode_response(frame)
+                if isinstance(body, ErrorBody):
+                    self._closed_cause = ServerError.from_code(
+                        body.code, body.message, body.details
+                    )
+            # Otherwise a late response to a request that timed out or was
+            # cancelled: nobody wants it.
+            return
+        try:
+            response = decode_response(frame)
+        except Exception as exc:
+            error = ProtocolError(
+                f"undecodable {Opcode(frame.opcode).name if frame.opcode in Opcode._value2member_map_ else frame.opcode} "
+                f"response (correlation id {frame.correlation_id}): {exc}"
+            )
+            future.set_exception(error)
+            raise error from exc  # the transport aborts the connection
+        if type(response) is ErrorBody:
+            future.set_exception(
+                ServerError.from_code(response.code, response.message, response.details)
+            )
+        else:
+            future.set_result(response)
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        self._mark_closed("the connection was lost" if exc is None else str(exc), exc)
+        if not self._lost_waiter.done():
+            self._lost_waiter.set_result(None)
+
+    def _mark_closed(self, reason: str, cause: BaseException | None) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+            if cause is not None:
+                self._closed_cause = cause
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(self._closed_error())
+        waiters, self._slot_waiters = self._slot_waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(self._closed_error())
+
+    # --- closing -----------------------------------------------------------------
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Close gracefully; outstanding calls fail with ConnectionClosed."""
+        self._mark_closed("closed by the client", None)
+        protocol = self._protocol
+        if protocol is None or protocol.is_lost:
+            return
+        protocol.close()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._lost_waiter)
+        except TimeoutError:
+            protocol.abort()
+
+    def abort(self, reason: str = "aborted by the client") -> None:
+        """Drop the connection at once."""
+        self._mark_closed(reason, None)
+        if self._protocol is not None:
+            self._protocol.abort()
+

@@ -1,0 +1,159 @@
+"""Node configuration: TOML file + command-line overrides, strictly validated.
+
+An unknown key or a bad value is a startup error naming the key
+(`config/single.toml` lists every key with its default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mqd.errors import ConfigError
+from mqd.limits import Limits
+from mqd.storage import StorageConfig
+
+ROLES = ("frontend", "metadata", "backend")
+DEFAULT_LISTEN = "127.0.0.1:6470"
+
+
+@dataclass(slots=True)
+class NodeSection:
+    id: str = ""  # empty: generated once and kept in the data dir
+    roles: list[str] = field(default_factory=lambda: list(ROLES))
+    data_dir: str = "./mqd-data"
+
+
+@dataclass(slots=True)
+class FrontendSection:
+    listen: str = DEFAULT_LISTEN
+    # Listening beyond loopback without TLS needs this said out loud (DESIGN.md §7).
+    insecure: bool = False
+
+
+@dataclass(slots=True)
+class TlsSection:
+    cert: str = ""
+    key: str = ""
+    ca: str = ""  # when set, clients must present a certificate signed by it
+
+
+@dataclass(slots=True)
+class LogSection:
+    format: str = "auto"  # auto | console | json
+    level: str = "info"
+
+
+@dataclass(slots=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    frontend: FrontendSection = field(default_factory=FrontendSection)
+    limits: Limits = field(default_factory=Limits)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tls: TlsSection = field(default_factory=TlsSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node.data_dir)
+
+    def validate(self) -> None:
+        if not self.node.roles:
+            raise ConfigError("node.roles: name at least one role")
+        for role in self.node.roles:
+            if role not in ROLES:
+                raise ConfigError(f"node.roles: unknown role {role!r}; roles are {', '.join(ROLES)}")
+        if set(self.node.roles) != set(ROLES):
+            raise ConfigError(
+                "node.roles: running a subset of roles needs the cluster (a later release); "
+                "this build runs all three roles in one process"
+            )
+        host, _ = parse_address(self.frontend.listen, key="frontend.listen")
+        if bool(self.tls.cert) != bool(self.tls.key):
+            raise ConfigError("tls.cert and tls.key: give both or neither")
+        for key in ("cert", "key", "ca"):
+            path = getattr(self.tls, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"tls.{key}: no such file {path!r}")
+        if not self.tls.cert and not _is_loopback(host) and not self.frontend.insecure:
+            raise ConfigError(
+                f"frontend.listen: {self.frontend.listen} is not a loopback address; "
+                "set [tls] cert/key, or frontend.insecure = true to serve plaintext anyway"
+            )
+        if self.log.format not in ("auto", "console", "json"):
+            raise ConfigError(f"log.format: must be auto, console or json, got {self.log.format!r}")
+        if self.log.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log.level: must be debug, info, warning or error, got {self.log.level!r}")
+        self.limits.validate()
+        self.storage.validate()
+
+
+def parse_address(text: str, *, key: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (TOML) if given, apply dotted `overrides` ("node.data_dir": …), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"--config: no such file {str(path)!r}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    config = Config()
+    for section_name, section_value in raw.items():
+        if section_name not in _section_names():
+            raise ConfigError(
+                f"unknown config section [{section_name}]; sections are "
+                + ", ".join(f"[{name}]" for name in _section_names())
+            )
+        if not isinstance(section_value, dict):
+            raise ConfigError(f"{section_name}: must be a table [{section_name}]")
+        for key, value in section_value.items():
+            _set(config, section_name, key, value)
+    for dotted, value in (overrides or {}).items():
+        section_name, _, key = dotted.partition(".")
+        _set(config, section_name, key, value)
+    config.validate()
+    return config
+
+
+def _section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _set(config: Config, section_name: str, key: str, value: Any) -> None:
+    section = getattr(config, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(
+            f"unknown config key {section_name}.{key}; keys in [{section_name}] are "
+            + ", ".join(sorted(fields))
+        )
+    expected = type(getattr(section, key))
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is list:
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+    if not ok:
+        raise ConfigError(
+            f"{section_name}.{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    setattr(section, key, value)

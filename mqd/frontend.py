@@ -1,0 +1,505 @@
+"""Frontend role: client connections, the handshake, validation and dispatch.
+
+One `ClientConnection` (an asyncio Protocol, DESIGN.md §10) per socket feeds
+the sans-IO decoder, runs each request as its own task so that a long-poll
+RECEIVE never blocks a SEND on the same connection (protocol.md §1), and
+answers everything finished in one loop turn with one `transport.write`.
+Requests are dispatched by the op table `HANDLERS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from mqd import __version__
+from mqd.backend import BackendRole
+from mqd.errors import (
+    BatchTooLarge,
+    ErrorCode,
+    InvalidArgument,
+    MessageTooLarge,
+    ProtocolError,
+    ServerError,
+    Unavailable,
+)
+from mqd.limits import Limits
+from mqd.metadata import MetadataRole, QueueRecord
+from mqd.protocol import codec, messages
+from mqd.protocol.frame import FLAG_RESPONSE, PROTOCOL_VERSION, Frame, FrameDecoder
+from mqd.protocol.messages import VISIBILITY_DEFAULT, Opcode
+from mqd.receipts import parse_message_id
+
+log = structlog.get_logger("mqd.frontend")
+
+SUPPORTED_VERSIONS = (PROTOCOL_VERSION, PROTOCOL_VERSION)
+_ATTRIBUTE_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_PRIORITY_MAX = 9
+
+
+class FrontendRole:
+    """Accepts client connections and turns requests into metadata/backend calls."""
+
+    def __init__(
+        self,
+        *,
+        metadata: MetadataRole,
+        backend: BackendRole,
+        limits: Limits,
+        node_id: str,
+        roles: list[str],
+        clock: Any,
+    ) -> None:
+        self.metadata = metadata
+        self.backend = backend
+        self.limits = limits
+        self.node_id = node_id
+        self.roles = roles
+        self.clock = clock
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.started_at = time.monotonic()
+        self.connections_total = 0
+        self.requests_total = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> str:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self),
+            host,
+            port,
+            ssl=ssl_context,
+            reuse_address=True,
+            backlog=1024,
+            ssl_handshake_timeout=self.limits.handshake_timeout_ms / 1000 if ssl_context else None,
+        )
+        sockname = self._server.sockets[0].getsockname()
+        return f"{sockname[0]}:{sockname[1]}"
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop accepting, end long polls, let in-flight requests finish, close connections."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        self.backend.stop_long_polls()
+        pending = [task for conn in self.connections for task in conn.tasks]
+        if pending:
+            _, still_running = await asyncio.wait(pending, timeout=timeout_s)
+            for task in still_running:
+                task.cancel()
+        for conn in list(self.connections):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "server_version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "connections": len(self.connections),
+            "connections_total": self.connections_total,
+            "requests_total": self.requests_total,
+            "queues": len(self.metadata.queues()),
+            "storage": self.backend.storage_stats(),
+        }
+
+
+Handler = Callable[["ClientConnection", Any], Awaitable[Any]]
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, frontend: FrontendRole) -> None:
+        self.frontend = frontend
+        self.limits = frontend.limits
+        self.decoder = FrameDecoder(frontend.limits.frame_bytes_max)
+        self.transport: asyncio.Transport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.hello_done = False
+        self.peer = ""
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._closing = False
+        self._last_activity = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # --- transport callbacks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.frontend.connections_total += 1
+        if len(self.frontend.connections) >= self.limits.connections_max:
+            self._send_fatal(
+                0, 0, ErrorCode.UNAVAILABLE, f"too many connections (connections_max={self.limits.connections_max})"
+            )
+            return
+        self.frontend.connections.add(self)
+        self._timer = self._loop.call_later(self.limits.handshake_timeout_ms / 1000, self._on_timer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self.frontend.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        # Requests already running finish (their effects are durable); answers are dropped.
+
+    def pause_writing(self) -> None:
+        # The peer reads slower than we answer: stop reading its requests until it catches up.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._last_activity = time.monotonic()
+        decoder = self.decoder
+        try:
+            decoder.feed(data)
+            while not self._closing:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                self._on_frame(frame)
+        except ServerError as exc:
+            # Broken framing: we can no longer find frame boundaries (protocol.md §1).
+            self._send_fatal(0, 0, exc.code, exc.message)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        if not self.hello_done:
+            self._send_fatal(0, 0, ErrorCode.TIMEOUT, "no HELLO within handshake_timeout_ms")
+            return
+        idle_s = self.limits.idle_timeout_ms / 1000
+        quiet_s = time.monotonic() - self._last_activity
+        if not self.tasks and quiet_s >= idle_s:
+            self._send_fatal(0, 0, ErrorCode.TIMEOUT, "connection idle for idle_timeout_ms")
+            return
+        self._timer = self._loop.call_later(max(1.0, idle_s - quiet_s), self._on_timer)
+
+    # --- frames -------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode, correlation_id = frame.opcode, frame.correlation_id
+        if frame.flags & FLAG_RESPONSE:
+            self._send_fatal(correlation_id, opcode, ErrorCode.MALFORMED_FRAME, "clients send requests, not responses")
+            return
+        if frame.version != PROTOCOL_VERSION:
+            self._send_error(
+                correlation_id,
+                opcode,
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {frame.version} is not supported; this server speaks {PROTOCOL_VERSION}",
+                {"version_min": SUPPORTED_VERSIONS[0], "version_max": SUPPORTED_VERSIONS[1]},
+            )
+            return
+        handler = HANDLERS.get(opcode)
+        if handler is None:
+            self._send_error(correlation_id, opcode, ErrorCode.UNKNOWN_OPCODE, f"unknown opcode 0x{opcode:04x}")
+            return
+        if not self.hello_done and opcode != Opcode.HELLO:
+            self._send_error(correlation_id, opcode, ErrorCode.HELLO_REQUIRED, "send HELLO first")
+            return
+        try:
+            request = codec.decode_request(frame)
+        except ProtocolError as exc:
+            self._send_fatal(correlation_id, opcode, exc.code, exc.message)
+            return
+        except ServerError as exc:
+            self._send_error(correlation_id, opcode, exc.code, exc.message)
+            return
+        if len(self.tasks) >= self.limits.requests_in_flight_max:
+            self._send_error(
+                correlation_id,
+                opcode,
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"more than requests_in_flight_max={self.limits.requests_in_flight_max} requests in flight",
+            )
+            return
+        if self.frontend.draining:
+            self._send_error(correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down")
+            return
+        self.frontend.requests_total += 1
+        task = self._loop.create_task(self._run(handler, request, opcode, correlation_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, handler: Handler, request: Any, opcode: int, correlation_id: int) -> None:
+        try:
+            response = await handler(self, request)
+        except ServerError as exc:
+            self._send_error(correlation_id, opcode, exc.code, exc.message, exc.details)
+            return
+        except asyncio.CancelledError:
+            self._send_error(correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down")
+            raise
+        except Exception:
+            log.exception("request.failed", op=Opcode(opcode).name, peer=self.peer)
+            self._send_error(correlation_id, opcode, ErrorCode.INTERNAL, "internal error; see the server log")
+            return
+        self._write(codec.encode_response(correlation_id, response))
+
+    # --- output ---------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            out, self._out = self._out, []
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _send_error(
+        self, correlation_id: int, opcode: int, code: ErrorCode, message: str, details: dict | None = None
+    ) -> None:
+        self._write(codec.encode_error(correlation_id, opcode, int(code), message, details))
+
+    def _send_fatal(self, correlation_id: int, opcode: int, code: ErrorCode, message: str) -> None:
+        log.info("connection.refused", peer=self.peer, code=ErrorCode(code).name, reason=message)
+        self._send_error(correlation_id, opcode, code, message)
+        self._flush()
+        self.close()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._flush()
+        self._closing = True
+        self.frontend.connections.discard(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- helpers for handlers -------------------------------------------------------------
+
+    def queue(self, name: str) -> QueueRecord:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("queue name is required")
+        return self.frontend.metadata.lookup(name)
+
+    def check_batch(self, count: int, what: str) -> None:
+        if count == 0:
+            raise InvalidArgument(f"{what}: the batch is empty")
+        if count > self.limits.batch_messages_max:
+            raise BatchTooLarge(
+                f"{what}: {count} entries; at most batch_messages_max={self.limits.batch_messages_max}"
+            )
+
+
+# --- handlers (one per opcode) -----------------------------------------------------
+
+
+def _queue_info(conn: ClientConnection, record: QueueRecord) -> messages.QueueInfo:
+    stats = conn.frontend.backend.partition(record).stats()
+    return messages.QueueInfo(name=record.name, attributes=dict(record.attributes), stats=stats)
+
+
+async def handle_hello(conn: ClientConnection, request: messages.HelloRequest) -> messages.HelloResponse:
+    if not request.version_min <= PROTOCOL_VERSION <= request.version_max:
+        raise ServerError(
+            f"client speaks versions {request.version_min}-{request.version_max}; server speaks {PROTOCOL_VERSION}",
+            code=ErrorCode.UNSUPPORTED_VERSION,
+            details={"version_min": SUPPORTED_VERSIONS[0], "version_max": SUPPORTED_VERSIONS[1]},
+        )
+    conn.hello_done = True
+    frontend = conn.frontend
+    return messages.HelloResponse(
+        version=PROTOCOL_VERSION,
+        server_version=__version__,
+        node_id=frontend.node_id,
+        roles=list(frontend.roles),
+        limits=frontend.limits.as_wire(),
+    )
+
+
+async def handle_ping(conn: ClientConnection, request: messages.PingRequest) -> messages.PingResponse:
+    return messages.PingResponse(payload=request.payload, server_time_ms=conn.frontend.clock.now_ms())
+
+
+async def handle_create_queue(
+    conn: ClientConnection, request: messages.CreateQueueRequest
+) -> messages.CreateQueueResponse:
+    record, _ = await conn.frontend.metadata.create_queue(
+        request.name, request.attributes, exist_ok=request.exist_ok
+    )
+    return messages.CreateQueueResponse(queue=_queue_info(conn, record))
+
+
+async def handle_delete_queue(
+    conn: ClientConnection, request: messages.DeleteQueueRequest
+) -> messages.DeleteQueueResponse:
+    conn.queue(request.name)
+    await conn.frontend.metadata.delete_queue(request.name)
+    return messages.DeleteQueueResponse()
+
+
+async def handle_get_queue(conn: ClientConnection, request: messages.GetQueueRequest) -> messages.GetQueueResponse:
+    return messages.GetQueueResponse(queue=_queue_info(conn, conn.queue(request.name)))
+
+
+async def handle_list_queues(
+    conn: ClientConnection, request: messages.ListQueuesRequest
+) -> messages.ListQueuesResponse:
+    return messages.ListQueuesResponse(names=conn.frontend.metadata.list_queues(request.prefix))
+
+
+async def handle_set_queue_attributes(
+    conn: ClientConnection, request: messages.SetQueueAttributesRequest
+) -> messages.SetQueueAttributesResponse:
+    conn.queue(request.name)
+    record = await conn.frontend.metadata.set_attributes(request.name, request.attributes)
+    return messages.SetQueueAttributesResponse(queue=_queue_info(conn, record))
+
+
+async def handle_purge_queue(
+    conn: ClientConnection, request: messages.PurgeQueueRequest
+) -> messages.PurgeQueueResponse:
+    record = conn.queue(request.name)
+    purged = await conn.frontend.backend.partition(record).purge()
+    return messages.PurgeQueueResponse(purged=purged)
+
+
+def _validate_send(conn: ClientConnection, record: QueueRecord, entries: list[messages.SendEntry]) -> None:
+    limits = conn.limits
+    conn.check_batch(len(entries), "SEND")
+    message_bytes_max = record.max_message_bytes
+    fifo = record.attributes.get("fifo", False)
+    for position, entry in enumerate(entries):
+        size = len(entry.body)
+        attributes = entry.attributes
+        if attributes:
+            if len(attributes) > limits.attributes_max:
+                raise InvalidArgument(
+                    f"entry {position}: {len(attributes)} attributes; at most attributes_max={limits.attributes_max}"
+                )
+            for key, value in attributes.items():
+                if not 1 <= len(key) <= 64 or not _ATTRIBUTE_NAME_CHARS.issuperset(key):
+                    raise InvalidArgument(
+                        f"entry {position}: attribute name {key!r} must be 1-64 characters of A-Z a-z 0-9 _ . -"
+                    )
+                size += len(key.encode()) + len(value.encode())
+        if size > message_bytes_max:
+            raise MessageTooLarge(
+                f"entry {position}: {size} bytes (body + attributes); the queue's max_message_bytes is {message_bytes_max}"
+            )
+        if entry.delay_ms > limits.delay_ms_max:
+            raise InvalidArgument(f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={limits.delay_ms_max}")
+        if entry.priority > _PRIORITY_MAX:
+            raise InvalidArgument(f"entry {position}: priority must be 0-{_PRIORITY_MAX}, got {entry.priority}")
+        if fifo and not entry.group_id:
+            raise InvalidArgument(f"entry {position}: a FIFO queue needs a group_id on every message")
+        if len(entry.dedup_id) > 128 or len(entry.group_id) > 128:
+            raise InvalidArgument(f"entry {position}: group_id and dedup_id are at most 128 characters")
+
+
+async def handle_send(conn: ClientConnection, request: messages.SendRequest) -> messages.SendResponse:
+    record = conn.queue(request.queue)
+    _validate_send(conn, record, request.entries)
+    partition = conn.frontend.backend.partition(record)
+    ids = await partition.send(request.entries, record.delay_ms)
+    return messages.SendResponse(message_ids=ids)
+
+
+def _visibility_ms(conn: ClientConnection, record: QueueRecord, requested_ms: int) -> int:
+    if requested_ms == VISIBILITY_DEFAULT:
+        return record.visibility_timeout_ms
+    if requested_ms > conn.limits.visibility_timeout_ms_max:
+        raise InvalidArgument(
+            f"visibility timeout {requested_ms} ms exceeds visibility_timeout_ms_max={conn.limits.visibility_timeout_ms_max}"
+        )
+    return requested_ms
+
+
+async def handle_receive(conn: ClientConnection, request: messages.ReceiveRequest) -> messages.ReceiveResponse:
+    record = conn.queue(request.queue)
+    limits = conn.limits
+    if not 1 <= request.max_messages <= limits.batch_messages_max:
+        raise InvalidArgument(
+            f"max_messages must be 1-{limits.batch_messages_max}, got {request.max_messages}"
+        )
+    if request.wait_ms > limits.receive_wait_ms_max:
+        raise InvalidArgument(f"wait_ms {request.wait_ms} exceeds receive_wait_ms_max={limits.receive_wait_ms_max}")
+    visibility_ms = _visibility_ms(conn, record, request.visibility_timeout_ms)
+    partition = conn.frontend.backend.partition(record)
+    delivered = await partition.receive(
+        request.max_messages, request.wait_ms, visibility_ms, bytes_max=limits.frame_bytes_max - 65536
+    )
+    return messages.ReceiveResponse(messages=delivered)
+
+
+async def handle_delete(conn: ClientConnection, request: messages.DeleteRequest) -> messages.DeleteResponse:
+    record = conn.queue(request.queue)
+    conn.check_batch(len(request.receipts), "DELETE")
+    failures = await conn.frontend.backend.partition(record).delete(request.receipts)
+    return messages.DeleteResponse(failures=failures)
+
+
+async def handle_change_visibility(
+    conn: ClientConnection, request: messages.ChangeVisibilityRequest
+) -> messages.ChangeVisibilityResponse:
+    record = conn.queue(request.queue)
+    conn.check_batch(len(request.changes), "CHANGE_VISIBILITY")
+    changes = [
+        (change.receipt, _visibility_ms(conn, record, change.timeout_ms)) for change in request.changes
+    ]
+    failures = await conn.frontend.backend.partition(record).change_visibility(changes)
+    return messages.ChangeVisibilityResponse(failures=failures)
+
+
+async def handle_peek(conn: ClientConnection, request: messages.PeekRequest) -> messages.PeekResponse:
+    record = conn.queue(request.queue)
+    if not 1 <= request.max_messages <= conn.limits.batch_messages_max:
+        raise InvalidArgument(f"max_messages must be 1-{conn.limits.batch_messages_max}")
+    after_offset = -1
+    if request.after_id:
+        parsed = parse_message_id(request.after_id)
+        if parsed is None or parsed[0] != record.queue_id:
+            raise InvalidArgument(f"after_id {request.after_id!r} is not a message id of this queue")
+        after_offset = parsed[2]
+    delivered = await conn.frontend.backend.partition(record).peek(request.max_messages, after_offset)
+    return messages.PeekResponse(messages=delivered)
+
+
+async def handle_stats(conn: ClientConnection, request: messages.StatsRequest) -> messages.StatsResponse:
+    return messages.StatsResponse(stats=conn.frontend.stats())
+
+
+HANDLERS: dict[int, Handler] = {
+    Opcode.HELLO: handle_hello,
+    Opcode.PING: handle_ping,
+    Opcode.CREATE_QUEUE: handle_create_queue,
+    Opcode.DELETE_QUEUE: handle_delete_queue,
+    Opcode.GET_QUEUE: handle_get_queue,
+    Opcode.LIST_QUEUES: handle_list_queues,
+    Opcode.SET_QUEUE_ATTRIBUTES: handle_set_queue_attributes,
+    Opcode.PURGE_QUEUE: handle_purge_queue,
+    Opcode.SEND: handle_send,
+    Opcode.RECEIVE: handle_receive,
+    Opcode.DELETE: handle_delete,
+    Opcode.CHANGE_VISIBILITY: handle_change_visibility,
+    Opcode.PEEK: handle_peek,
+    Opcode.STATS: handle_stats,
+}
+assert set(HANDLERS) == set(messages.OPS), "every op in the table has a handler"
+
+__all__ = ["HANDLERS", "ClientConnection", "FrontendRole", "Unavailable"]

@@ -1,0 +1,186 @@
+"""Metadata role: the catalog of queues (DESIGN.md §2, §6).
+
+The catalog sits behind a small record interface (`Catalog`: load, put,
+delete) so that a later etcd implementation can replace SQLite; decisions
+made here depend only on catalog state. In the single node the metadata role
+calls the backend in-process (`BackendApi`), through the same methods a
+cluster will call over the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+import structlog
+
+from mqd.attributes import default_attributes, validate_attributes, validate_queue_name
+from mqd.clock import SystemClock
+from mqd.errors import QueueExists, QueueNotFound
+from mqd.limits import Limits
+
+log = structlog.get_logger("mqd.metadata")
+
+
+@dataclass(slots=True)
+class QueueRecord:
+    name: str
+    queue_id: bytes
+    attributes: dict[str, Any]
+    created_at_ms: int
+    partitions: int = 1
+    # Bumped on every change, so caches can tell stale copies (placement version later).
+    version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def visibility_timeout_ms(self) -> int:
+        return int(self.attributes["visibility_timeout"] * 1000)
+
+    @property
+    def delay_ms(self) -> int:
+        return int(self.attributes["delay"] * 1000)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.attributes["max_message_bytes"])
+
+
+class BackendApi(Protocol):
+    async def create_partitions(self, queue: QueueRecord) -> None: ...
+    async def drop_partitions(self, queue: QueueRecord) -> None: ...
+
+
+class Catalog:
+    """Queue records in SQLite (WAL, synchronous=FULL: the catalog is not derived)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> Catalog:
+        db = await aiosqlite.connect(path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute(
+            "CREATE TABLE IF NOT EXISTS queues ("
+            " name TEXT PRIMARY KEY, queue_id BLOB NOT NULL UNIQUE, attributes TEXT NOT NULL,"
+            " created_at_ms INTEGER NOT NULL, partitions INTEGER NOT NULL, version INTEGER NOT NULL)"
+        )
+        await db.commit()
+        return cls(db)
+
+    async def load(self) -> list[QueueRecord]:
+        async with self._db.execute(
+            "SELECT name, queue_id, attributes, created_at_ms, partitions, version FROM queues"
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            QueueRecord(name, bytes(qid), json.loads(attrs), created, partitions, version)
+            for name, qid, attrs, created, partitions, version in rows
+        ]
+
+    async def put(self, record: QueueRecord) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO queues VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.name,
+                record.queue_id,
+                json.dumps(record.attributes, sort_keys=True),
+                record.created_at_ms,
+                record.partitions,
+                record.version,
+            ),
+        )
+        await self._db.commit()
+
+    async def delete(self, name: str) -> None:
+        await self._db.execute("DELETE FROM queues WHERE name = ?", (name,))
+        await self._db.commit()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+class MetadataRole:
+    def __init__(
+        self, catalog: Catalog, backend: BackendApi, limits: Limits, *, clock: Any = None
+    ) -> None:
+        self._catalog = catalog
+        self._backend = backend
+        self._limits = limits
+        self._clock = clock or SystemClock()
+        self._queues: dict[str, QueueRecord] = {}
+
+    async def start(self) -> list[QueueRecord]:
+        for record in await self._catalog.load():
+            self._queues[record.name] = record
+        return list(self._queues.values())
+
+    def lookup(self, name: str) -> QueueRecord:
+        record = self._queues.get(name)
+        if record is None:
+            raise QueueNotFound(f"queue {name!r} does not exist")
+        return record
+
+    def queues(self) -> list[QueueRecord]:
+        return list(self._queues.values())
+
+    async def create_queue(
+        self, name: str, attributes: dict[str, Any], *, exist_ok: bool = False
+    ) -> tuple[QueueRecord, bool]:
+        """Create a queue; (record, created). An existing queue is an error unless
+        `exist_ok` and every given attribute already has the given value."""
+        validate_queue_name(name, self._limits)
+        changes = validate_attributes(name, attributes, self._limits, creating=True)
+        existing = self._queues.get(name)
+        if existing is not None:
+            differing = {k: v for k, v in changes.items() if existing.attributes.get(k) != v}
+            if exist_ok and not differing:
+                return existing, False
+            detail = f" with different attributes: {sorted(differing)}" if differing else ""
+            raise QueueExists(f"queue {name!r} already exists{detail}")
+        merged = default_attributes(name, self._limits) | changes
+        record = QueueRecord(name, os.urandom(8), merged, self._clock.now_ms())
+        self._queues[name] = record
+        try:
+            await self._catalog.put(record)
+            await self._backend.create_partitions(record)
+        except BaseException:
+            self._queues.pop(name, None)
+            raise
+        log.info("queue.created", queue=name, queue_id=record.queue_id.hex())
+        return record, True
+
+    async def delete_queue(self, name: str) -> QueueRecord:
+        record = self.lookup(name)
+        del self._queues[name]
+        await self._catalog.delete(name)
+        await self._backend.drop_partitions(record)
+        log.info("queue.deleted", queue=name, queue_id=record.queue_id.hex())
+        return record
+
+    async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
+        record = self.lookup(name)
+        changes = validate_attributes(name, attributes, self._limits, creating=False)
+        updated = QueueRecord(
+            record.name,
+            record.queue_id,
+            record.attributes | changes,
+            record.created_at_ms,
+            record.partitions,
+            record.version + 1,
+        )
+        await self._catalog.put(updated)
+        self._queues[name] = updated
+        return updated
+
+    def list_queues(self, prefix: str = "") -> list[str]:
+        return sorted(name for name in self._queues if name.startswith(prefix))
+
+    async def close(self) -> None:
+        await self._catalog.close()

@@ -1,0 +1,70 @@
+"""The filesystem seam: every system call the store makes to write or sync.
+
+Tests pass a subclass that fails on demand (ENOSPC, EIO) to check the store's
+fault handling against real files, without mocking the store itself. All
+methods are called from an executor thread, except where noted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class FileSystem:
+    """Plain POSIX calls; also counts writes and syncs for tests and stats."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.fsyncs = 0
+
+    def open(self, path: Path, *, create: bool) -> int:
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        return os.open(path, flags, 0o644)
+
+    def open_readonly(self, path: Path) -> int:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def pwrite(self, fd: int, data: bytes | memoryview, position: int) -> int:
+        self.writes += 1
+        return os.pwrite(fd, data, position)
+
+    def fdatasync(self, fd: int) -> None:
+        self.fsyncs += 1
+        os.fdatasync(fd)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def pread(self, fd: int, size: int, position: int) -> bytes:
+        return os.pread(fd, size, position)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+
+def write_all(fs: FileSystem, fd: int, data: bytes, position: int) -> None:
+    """pwrite until every byte is written (a short write is legal POSIX)."""
+    view = memoryview(data)
+    done = 0
+    total = len(view)
+    while done < total:
+        n = fs.pwrite(fd, view[done:], position + done)
+        if n <= 0:
+            raise OSError("pwrite wrote no bytes")
+        done += n

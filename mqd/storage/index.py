@@ -1,0 +1,176 @@
+"""The SQLite index of a partition: derived from the log, rebuilt from it at will.
+
+It holds where each live message lives (segment, position, length) and its
+state, the dedup ids, and `checkpoint`: the next log offset it has not
+applied, so everything below it is in the index. It is written by one task,
+one transaction per batch, after the log group is durable (DESIGN.md §4). It
+is never fsynced (synchronous=OFF): after a crash the log past the checkpoint
+is replayed into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosqlite
+
+INDEX_FILE = "index.sqlite"
+# Bump when the schema changes: an index with another version is dropped and rebuilt
+# from the log (it is derived data, so there is nothing to migrate).
+INDEX_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    off INTEGER PRIMARY KEY, seg INTEGER NOT NULL, pos INTEGER NOT NULL, len INTEGER NOT NULL,
+    sent_at INTEGER NOT NULL, due INTEGER NOT NULL, prio INTEGER NOT NULL,
+    grp TEXT NOT NULL, dedup TEXT NOT NULL, rc INTEGER NOT NULL,
+    visible_at INTEGER NOT NULL, first_recv INTEGER NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dedup (
+    dedup_id TEXT PRIMARY KEY, off INTEGER NOT NULL, sent_at INTEGER NOT NULL);
+"""
+_INSERT = "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_LEASE = "UPDATE messages SET rc=?, visible_at=?, first_recv=? WHERE off=?"
+_DELETE = "DELETE FROM messages WHERE off=?"
+_DEDUP = "INSERT OR REPLACE INTO dedup VALUES (?,?,?)"
+
+# Row of the messages table, in column order.
+Row = tuple[int, int, int, int, int, int, int, str, str, int, int, int, int]
+
+
+class IndexUnusable(Exception):
+    """The index file is corrupt, from another version, or not SQLite at all."""
+
+
+@dataclass(slots=True)
+class IndexBatch:
+    """The index changes of one or more commit groups, applied in one transaction.
+
+    Order within a transaction: inserts, leases, deletes, purges. That is
+    equivalent to the log order because a lease or delete always follows the
+    insert of its message, and a purge only removes messages below its offset.
+    """
+
+    checkpoint: int
+    inserts: list[Row] = field(default_factory=list)
+    dedups: list[tuple[str, int, int]] = field(default_factory=list)
+    leases: list[tuple[int, int, int, int]] = field(default_factory=list)  # rc, vis, first, off
+    deletes: list[int] = field(default_factory=list)
+    purges: list[int] = field(default_factory=list)
+    dedup_prune_before_ms: int = 0
+
+    def rows(self) -> int:
+        return len(self.inserts) + len(self.leases) + len(self.deletes) + 1
+
+    def merge(self, later: IndexBatch) -> None:
+        self.checkpoint = later.checkpoint
+        self.inserts += later.inserts
+        self.dedups += later.dedups
+        self.leases += later.leases
+        self.deletes += later.deletes
+        self.purges += later.purges
+        self.dedup_prune_before_ms = max(self.dedup_prune_before_ms, later.dedup_prune_before_ms)
+
+    def coalesce(self) -> None:
+        """Drop messages inserted and deleted within this batch (the index lagged)."""
+        if not self.inserts or not self.deletes:
+            return
+        cancelled = {row[0] for row in self.inserts}.intersection(self.deletes)
+        if not cancelled:
+            return
+        self.inserts = [r for r in self.inserts if r[0] not in cancelled]
+        self.leases = [x for x in self.leases if x[3] not in cancelled]
+        self.deletes = [o for o in self.deletes if o not in cancelled]
+
+
+class Index:
+    """One aiosqlite connection; only the store's index writer task calls `apply`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, directory: Path) -> Index:
+        """Open or create the index; raise IndexUnusable if it must be rebuilt."""
+        path = directory / INDEX_FILE
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=OFF")
+            await db.executescript(_SCHEMA)
+            async with db.execute("SELECT key, value FROM meta") as cur:
+                meta = dict(await cur.fetchall())
+            if not meta:
+                await db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("version", INDEX_VERSION), ("checkpoint", 0)],
+                )
+            elif meta.get("version") != INDEX_VERSION or "checkpoint" not in meta:
+                raise IndexUnusable(f"index version {meta.get('version')}")
+        except (sqlite3.DatabaseError, IndexUnusable) as exc:
+            await db.close()
+            raise IndexUnusable(str(exc)) from None
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, path)
+
+    @staticmethod
+    def remove_files(directory: Path) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (directory / (INDEX_FILE + suffix)).unlink()
+
+    async def load(self, dedup_since_ms: int) -> tuple[int, list[Row], list[tuple[str, int, int]]]:
+        """(checkpoint, live message rows in offset order, dedup rows sent at/after since)."""
+        try:
+            async with self._db.execute("SELECT value FROM meta WHERE key='checkpoint'") as cur:
+                (checkpoint,) = await cur.fetchone()
+            async with self._db.execute("SELECT * FROM messages ORDER BY off") as cur:
+                rows = await cur.fetchall()
+            async with self._db.execute(
+                "SELECT dedup_id, off, sent_at FROM dedup WHERE sent_at >= ?", (dedup_since_ms,)
+            ) as cur:
+                dedups = await cur.fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise IndexUnusable(str(exc)) from None
+        return checkpoint, rows, dedups
+
+    async def apply(self, batch: IndexBatch) -> None:
+        db = self._db
+        await db.execute("BEGIN")
+        try:
+            if batch.inserts:
+                await db.executemany(_INSERT, batch.inserts)
+            if batch.dedups:
+                await db.executemany(_DEDUP, batch.dedups)
+            if batch.leases:
+                await db.executemany(_LEASE, batch.leases)
+            if batch.deletes:
+                await db.executemany(_DELETE, [(o,) for o in batch.deletes])
+            for up_to in batch.purges:
+                await db.execute("DELETE FROM messages WHERE off < ?", (up_to,))
+            if batch.dedup_prune_before_ms:
+                await db.execute(
+                    "DELETE FROM dedup WHERE sent_at < ?", (batch.dedup_prune_before_ms,)
+                )
+            await db.execute(
+                "UPDATE meta SET value=? WHERE key='checkpoint'", (batch.checkpoint,)
+            )
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+
+    async def count_rows(self) -> int:
+        async with self._db.execute("SELECT count(*) FROM messages") as cur:
+            (n,) = await cur.fetchone()
+        return n
+
+    async def close(self) -> None:
+        await self._db.close()
