@@ -97,8 +97,7 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
             raise RuntimeError("mqd serve did not stop on SIGTERM") from None
-        if self._reader is not None:
-            self._reader.join(5)
+        self._close_log_pipe()
         return code
 
     def kill(self) -> None:
@@ -106,8 +105,13 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        self._close_log_pipe()
+
+    def _close_log_pipe(self) -> None:
         if self._reader is not None:
             self._reader.join(5)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def restart(self, *, hard: bool = False) -> ServerProcess:
         if hard:
@@ -136,7 +140,7 @@ def server_factory(tmp_path: Path):
 
     yield make
     for server in started:
-        if server.proc is not None and server.proc.poll() is None:
+        if server.proc is not None:
             server.kill()
 
 

@@ -270,8 +270,8 @@ class Connection:
             response = decode_response(frame)
         except Exception as exc:
             error = ProtocolError(
-                f"undecodable {Opcode(frame.opcode).name if frame.opcode in Opcode._value2member_map_ else frame.opcode} "
-                f"response (correlation id {frame.correlation_id}): {exc}"
+                f"undecodable response to request {frame.correlation_id} "
+                f"(opcode {frame.opcode:#06x}): {exc}"
             )
             future.set_exception(error)
             raise error from exc  # the transport aborts the connection
@@ -321,4 +321,3 @@ class Connection:
         self._mark_closed(reason, None)
         if self._protocol is not None:
             self._protocol.abort()
-

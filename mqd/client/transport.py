@@ -53,8 +53,8 @@ class FrameProtocol(asyncio.Protocol):
     # --- asyncio.Protocol callbacks ------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; no isinstance check.
+        self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         decoder = self._decoder

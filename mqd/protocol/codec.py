@@ -379,7 +379,7 @@ def _compile(cls: type) -> _Compiled:
     structs: dict[str, str] = {}
 
     def struct_name(fmt: str, op: str) -> str:
-        key = f"_{op}_{fmt}"
+        key = f"_{op}_{fmt.replace('?', 'Z')}"  # "?" (BOOL) is no identifier
         if key not in ns:
             s = struct.Struct(">" + fmt)
             ns[key] = s.pack if op == "pack" else s.unpack_from

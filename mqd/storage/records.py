@@ -15,8 +15,8 @@ failed write may leave a gap. Fields per type:
              | u16 len dedup_id | u16 len source_queue | u16 len original_id
              | u32 len attributes | the four strings (UTF-8) | attributes | body
              attributes = u16 count, then per pair u16 len key | key | u32 len value | value
-    DELETE   u32 count | count × u64 message offset
-    LEASE    u32 count | count × (u64 offset | u32 receive_count | u64 visible_at_ms
+    DELETE   u32 count | count * u64 message offset
+    LEASE    u32 count | count * (u64 offset | u32 receive_count | u64 visible_at_ms
              | u64 first_received_at_ms)
     PURGE    u64 up_to_offset (every message below it is deleted)
 """

@@ -1,0 +1,573 @@
+"""The client API: `connect`, `Client` (queues) and `Queue` (messages).
+
+The top layer (STYLE.md: codec → transport → connection → client API). It
+speaks seconds and Python values and turns them into protocol v1 requests
+(protocol.md §4, where times are integer milliseconds); the connection below
+does the correlation and the waiting.
+
+A `Client` holds one multiplexed connection and reopens it (with HELLO) on
+the next call after it is lost; calls outstanding at the moment of loss fail
+with ConnectionClosed and are not retried, because the client cannot know
+whether the server acted on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from mqd.errors import (
+    ConnectionClosed,
+    ErrorCode,
+    InvalidArgument,
+    MqdError,
+    ServerError,
+)
+from mqd.protocol.messages import (
+    VISIBILITY_DEFAULT,
+    ChangeVisibilityRequest,
+    CreateQueueRequest,
+    DeleteQueueRequest,
+    DeleteRequest,
+    GetQueueRequest,
+    ListQueuesRequest,
+    PeekRequest,
+    PingRequest,
+    PurgeQueueRequest,
+    ReceiveRequest,
+    SendRequest,
+    SetQueueAttributesRequest,
+    StatsRequest,
+    VisibilityChange,
+)
+
+from .batching import U32_MAX, make_entries, make_entry, plan_chunks, seconds_to_ms, utf8_len
+from .connection import Connection
+from .message import Message, messages_from_delivered
+
+DEFAULT_ADDRESS = "127.0.0.1:6470"
+# A long-poll RECEIVE may legitimately take `wait` seconds; the client gives
+# up on it only this much later.
+RECEIVE_TIMEOUT_MARGIN_S = 10.0
+# Bytes of one receipt in a DELETE request beyond its text (u16 length), and
+# of the request around the receipts (header, queue name prefix, list count).
+_RECEIPT_OVERHEAD_BYTES = 2
+_RECEIPTS_REQUEST_OVERHEAD_BYTES = 32
+# At most this many failed receipts are spelled out in an exception message.
+_FAILURES_IN_MESSAGE_MAX = 5
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split "host:port" (or "[v6addr]:port") into host and port."""
+    if not isinstance(address, str):
+        raise InvalidArgument(f"an address must be a 'host:port' str, got {address!r}")
+    host, sep, port_text = address.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidArgument(f"an address must look like 'host:port', got {address!r}")
+    return host, int(port_text)
+
+
+def _parse_addresses(address: str | Sequence[str]) -> list[tuple[str, int]]:
+    """One address, a comma-separated list, or a sequence; tried in turn when connecting."""
+    items = address.split(",") if isinstance(address, str) else list(address)
+    if not items:
+        raise InvalidArgument("no address given")
+    return [parse_address(item) for item in items]
+
+
+def _check_name(name: Any, what: str = "queue name") -> str:
+    if type(name) is not str:
+        raise InvalidArgument(f"{what} must be a str, got {type(name).__name__}")
+    return name
+
+
+def _check_count(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= U32_MAX:
+        raise InvalidArgument(f"{what} must be an int in [0, {U32_MAX}], got {value!r}")
+    return value
+
+
+def _receipts_of(items: Iterable[Any], out: list[str]) -> list[str]:
+    """Collect receipt strings from Messages, strings and (nested) lists of them."""
+    for item in items:
+        if type(item) is Message:
+            out.append(item.receipt)
+        elif type(item) is str:
+            out.append(item)
+        elif isinstance(item, list | tuple):
+            _receipts_of(item, out)
+        elif isinstance(item, Message):
+            out.append(item.receipt)
+        else:
+            raise InvalidArgument(f"expected a Message or a receipt str, got {type(item).__name__}")
+    return out
+
+
+def _queue_info(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "attributes": info.attributes, "stats": info.stats}
+
+
+def _entry_failures_error(
+    op: str, receipts: list[str], failures: list[tuple[int, int, str]]
+) -> ServerError:
+    """The exception for a batch in which some receipts failed (the rest took effect)."""
+    listed = []
+    codes = []
+    for index, code, message in failures:
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = f"ERROR_{code}"
+        receipt = receipts[index] if 0 <= index < len(receipts) else None
+        codes.append(code)
+        listed.append({"index": index, "receipt": receipt, "code": name, "message": message})
+    # RECEIPT_INVALID is the usual failure and names the class; a batch whose
+    # failures are all something else raises that code's class instead.
+    code = ErrorCode.RECEIPT_INVALID if ErrorCode.RECEIPT_INVALID in codes else codes[0]
+    shown = "; ".join(
+        f"{f['receipt']!r} ({f['code']}: {f['message']})" for f in listed[:_FAILURES_IN_MESSAGE_MAX]
+    )
+    more = len(listed) - _FAILURES_IN_MESSAGE_MAX
+    if more > 0:
+        shown += f"; and {more} more"
+    text = f"{op}: {len(listed)} of {len(receipts)} receipts failed: {shown}"
+    return ServerError.from_code(
+        code, text, {"failures": listed, "succeeded": len(receipts) - len(listed)}
+    )
+
+
+class Client:
+    """A connection to an mqd server (a frontend), shared by every task that uses it.
+
+    Build one with `await mqd.client.connect(address)`; use it from any
+    number of tasks at once. `async with client:` closes it at the end.
+    """
+
+    def __init__(
+        self,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
+        *,
+        tls: ssl.SSLContext | None = None,
+        token: str | None = None,
+        client_name: str | None = None,
+        connect_timeout: float = 10.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise InvalidArgument(f"tls must be an ssl.SSLContext or None, got {tls!r}")
+        if token is not None and type(token) is not str:
+            raise InvalidArgument("token must be a str or None")
+        self._addresses = _parse_addresses(address)
+        self._address_index = 0
+        self._tls = tls
+        self._token = token
+        self._client_name = client_name or f"mqd-python pid={os.getpid()}"
+        self._connect_timeout_s = float(connect_timeout)
+        self._request_timeout_s = float(request_timeout)
+        self._conn: Connection | None = None
+        self._connect_lock = asyncio.Lock()
+        self._closed = False
+
+    # --- connection management -------------------------------------------------
+
+    async def _open(self) -> Connection:
+        errors: list[ConnectionClosed] = []
+        count = len(self._addresses)
+        for step in range(count):
+            index = (self._address_index + step) % count
+            host, port = self._addresses[index]
+            try:
+                conn = await Connection.open(
+                    host,
+                    port,
+                    tls=self._tls,
+                    token=self._token,
+                    client_name=self._client_name,
+                    connect_timeout_s=self._connect_timeout_s,
+                    request_timeout_s=self._request_timeout_s,
+                )
+            except ConnectionClosed as exc:
+                errors.append(exc)
+                continue
+            self._address_index = index
+            return conn
+        if count == 1:
+            raise errors[0]
+        raise ConnectionClosed(
+            "could not connect to any address: " + "; ".join(str(e) for e in errors)
+        ) from errors[-1]
+
+    async def _connection(self) -> Connection:
+        """The open connection, reopened (with HELLO) if it was lost."""
+        conn = self._conn
+        if conn is not None and conn.usable():
+            return conn
+        async with self._connect_lock:
+            if self._closed:
+                raise ConnectionClosed("the client is closed")
+            conn = self._conn
+            if conn is not None and conn.usable():
+                return conn
+            if conn is not None:
+                await conn.close()
+            self._conn = None
+            self._conn = await self._open()
+            return self._conn
+
+    async def _call(self, msg: Any, timeout_s: float | None = None) -> Any:
+        conn = self._conn
+        if conn is None or not conn.usable():
+            conn = await self._connection()
+        return await conn.request(msg, timeout_s)
+
+    async def connect(self) -> Client:
+        """Open the connection now (calls open it on demand otherwise)."""
+        await self._connection()
+        return self
+
+    async def close(self) -> None:
+        """Close the connection; outstanding calls fail with ConnectionClosed."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def _hello_field(self, name: str) -> Any:
+        conn = self._conn
+        if conn is None or conn.hello is None:
+            return None
+        return getattr(conn.hello, name)
+
+    @property
+    def server_limits(self) -> dict[str, Any]:
+        """The limits the server sent in HELLO (frame_bytes_max, batch_messages_max, …)."""
+        return dict(self._conn.limits) if self._conn is not None else {}
+
+    @property
+    def node_id(self) -> str | None:
+        return self._hello_field("node_id")
+
+    @property
+    def server_version(self) -> str | None:
+        return self._hello_field("server_version")
+
+    @property
+    def server_roles(self) -> list[str] | None:
+        return self._hello_field("roles")
+
+    @property
+    def protocol_version(self) -> int | None:
+        return self._hello_field("version")
+
+    @property
+    def address(self) -> str:
+        """The address of the server this client talks (or will talk) to."""
+        host, port = self._addresses[self._address_index]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # --- queues ------------------------------------------------------------------
+
+    def queue(self, name: str) -> Queue:
+        """A handle on a queue by name; no round trip, the queue need not exist yet."""
+        return Queue(self, _check_name(name))
+
+    async def create_queue(
+        self, name: str, /, *, exist_ok: bool = False, **attributes: Any
+    ) -> Queue:
+        """Create a queue with the given attributes (e.g. visibility_timeout=30).
+
+        With exist_ok=True an existing queue is no error if its attributes match.
+        """
+        await self._call(CreateQueueRequest(_check_name(name), attributes, bool(exist_ok)))
+        return Queue(self, name)
+
+    async def delete_queue(self, name: str) -> None:
+        await self._call(DeleteQueueRequest(_check_name(name)))
+
+    async def get_queue(self, name: str) -> dict[str, Any]:
+        """{"name", "attributes", "stats"} of one queue."""
+        response = await self._call(GetQueueRequest(_check_name(name)))
+        return _queue_info(response.queue)
+
+    async def list_queues(self, prefix: str = "") -> list[str]:
+        response = await self._call(ListQueuesRequest(_check_name(prefix, "prefix")))
+        return list(response.names)
+
+    async def set_queue_attributes(self, name: str, /, **attributes: Any) -> dict[str, Any]:
+        """Change some attributes; returns the queue's {"name", "attributes", "stats"}."""
+        response = await self._call(SetQueueAttributesRequest(_check_name(name), attributes))
+        return _queue_info(response.queue)
+
+    async def purge_queue(self, name: str) -> int:
+        """Delete every message of a queue; returns how many were deleted."""
+        response = await self._call(PurgeQueueRequest(_check_name(name)))
+        return response.purged
+
+    async def ping(self, payload: bytes = b"") -> float:
+        """One round trip; returns its duration in seconds."""
+        if not isinstance(payload, bytes):
+            raise InvalidArgument("ping payload must be bytes")
+        loop = asyncio.get_running_loop()
+        await self._connection()
+        start = loop.time()
+        await self._call(PingRequest(payload))
+        return loop.time() - start
+
+    async def stats(self) -> dict[str, Any]:
+        """Server-wide statistics (STATS)."""
+        response = await self._call(StatsRequest())
+        return response.stats
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected" if self.connected else "idle"
+        return f"<mqd.client.Client {self.address} {state}>"
+
+
+class Queue:
+    """A handle on one queue: send, receive, acknowledge.
+
+    Cheap to make (`client.queue(name)`), holds no state beyond the name.
+    """
+
+    __slots__ = ("_client", "name")
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<mqd.client.Queue {self.name!r}>"
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    # --- sending -------------------------------------------------------------------
+
+    async def send(
+        self,
+        body: bytes,
+        *,
+        attributes: dict[str, str] | None = None,
+        delay: float = 0,
+        group_id: str | None = None,
+        dedup_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Send one message; returns its id. `delay` is in seconds."""
+        entry = make_entry(body, attributes, delay, group_id, dedup_id, priority)
+        response = await self._client._call(SendRequest(self.name, [entry]))
+        return response.message_ids[0]
+
+    async def send_batch(self, bodies: Iterable[Any]) -> list[str]:
+        """Send many messages; returns their ids in the same order.
+
+        Each item is a body (bytes) or a dict of `send`'s arguments (body,
+        attributes, delay, group_id, dedup_id, priority). The batch is cut
+        into requests that respect the server's batch_messages_max and
+        frame_bytes_max, sent one after another so that order is kept. If a
+        request fails, the exception's details carry the ids of the messages
+        already sent ("sent_message_ids").
+        """
+        entries = make_entries(bodies)
+        if not entries:
+            return []
+        client = self._client
+        conn = await client._connection()
+        name = self.name
+        chunks = plan_chunks(entries, name, conn.batch_messages_max, conn.frame_bytes_max)
+        if len(chunks) == 1:
+            response = await client._call(SendRequest(name, entries))
+            return response.message_ids
+        ids: list[str] = []
+        for start, end in chunks:
+            try:
+                response = await client._call(SendRequest(name, entries[start:end]))
+            except MqdError as exc:
+                if ids and isinstance(exc, ServerError):
+                    exc.details = {**exc.details, "sent_message_ids": ids}
+                raise
+            ids.extend(response.message_ids)
+        return ids
+
+    # --- receiving -------------------------------------------------------------------
+
+    async def receive(
+        self,
+        max_messages: int = 1,
+        wait: float = 0.0,
+        visibility_timeout: float | None = None,
+    ) -> list[Message]:
+        """Receive up to `max_messages`, long-polling up to `wait` seconds for the first.
+
+        The messages stay invisible to other consumers for `visibility_timeout`
+        seconds (None: the queue's default); ack them before it runs out.
+        """
+        _check_count(max_messages, "max_messages")
+        wait_ms = 0 if wait == 0 else seconds_to_ms(wait, "wait")
+        if visibility_timeout is None:
+            visibility_ms = VISIBILITY_DEFAULT
+        else:
+            visibility_ms = seconds_to_ms(visibility_timeout, "visibility_timeout")
+        client = self._client
+        timeout_s = None
+        if wait_ms:
+            timeout_s = max(client._request_timeout_s, wait_ms / 1000 + RECEIVE_TIMEOUT_MARGIN_S)
+        response = await client._call(
+            ReceiveRequest(self.name, max_messages, wait_ms, visibility_ms), timeout_s
+        )
+        return messages_from_delivered(response.messages, self.name)
+
+    async def peek(self, max_messages: int = 1, *, after_id: str = "") -> list[Message]:
+        """Look at messages without changing their state (receipt ""), oldest first.
+
+        `after_id` resumes after that message id, to page through a queue.
+        """
+        _check_count(max_messages, "max_messages")
+        response = await self._client._call(
+            PeekRequest(self.name, max_messages, _check_name(after_id, "after_id"))
+        )
+        return messages_from_delivered(response.messages, self.name)
+
+    # --- acknowledging ---------------------------------------------------------------
+
+    async def _receipt_chunks(self, receipts: list[str]) -> list[tuple[int, int]]:
+        """Cut receipts into runs that fit one DELETE / CHANGE_VISIBILITY request."""
+        conn = await self._client._connection()
+        batch_max = conn.batch_messages_max
+        frame_max = conn.frame_bytes_max
+        fixed = _RECEIPTS_REQUEST_OVERHEAD_BYTES + utf8_len(self.name)
+        if len(receipts) <= batch_max:
+            total = fixed + sum(len(r) + 8 for r in receipts)  # 8 bounds u16 + u32 timeout
+            if total <= frame_max:
+                return [(0, len(receipts))]
+        chunks = []
+        start, size = 0, fixed
+        for i, receipt in enumerate(receipts):
+            n = utf8_len(receipt) + 8
+            if i > start and (i - start == batch_max or size + n > frame_max):
+                chunks.append((start, i))
+                start, size = i, fixed
+            size += n
+        chunks.append((start, len(receipts)))
+        return chunks
+
+    async def ack(self, *messages_or_receipts: Message | str) -> None:
+        """Delete received messages (Message objects or receipt strings) in one request.
+
+        If some receipts are refused (expired, forged, already used), the others
+        still take effect and ReceiptInvalid (or the failures' own code) is
+        raised, naming the refused receipts in its message and in
+        `.details["failures"]` ([{"index", "receipt", "code", "message"}]).
+        """
+        receipts = _receipts_of(messages_or_receipts, [])
+        if not receipts:
+            return
+        chunks = await self._receipt_chunks(receipts)
+        if len(chunks) == 1:
+            response = await self._client._call(DeleteRequest(self.name, receipts))
+            if response.failures:
+                raise _entry_failures_error(
+                    "ack", receipts, [(f.index, f.code, f.message) for f in response.failures]
+                )
+            return
+        failures = []
+        for start, end in chunks:
+            response = await self._client._call(DeleteRequest(self.name, receipts[start:end]))
+            failures.extend((start + f.index, f.code, f.message) for f in response.failures)
+        if failures:
+            raise _entry_failures_error("ack", receipts, failures)
+
+    async def change_visibility(self, message_or_receipt: Message | str, seconds: float) -> None:
+        """Make a received message visible again after `seconds` (0: at once)."""
+        await self.change_visibility_many([message_or_receipt], seconds)
+
+    async def change_visibility_many(
+        self, messages_or_receipts: Iterable[Message | str], seconds: float
+    ) -> None:
+        """`change_visibility` for many messages at once (one request per server batch)."""
+        receipts = _receipts_of(messages_or_receipts, [])
+        if not receipts:
+            return
+        timeout_ms = seconds_to_ms(seconds, "seconds")
+        failures = []
+        for start, end in await self._receipt_chunks(receipts):
+            changes = [VisibilityChange(r, timeout_ms) for r in receipts[start:end]]
+            response = await self._client._call(ChangeVisibilityRequest(self.name, changes))
+            failures.extend((start + f.index, f.code, f.message) for f in response.failures)
+        if failures:
+            raise _entry_failures_error("change_visibility", receipts, failures)
+
+    async def nack(self, message_or_receipt: Message | str, delay: float = 0) -> None:
+        """Give a message back: visible again after `delay` seconds (default at once)."""
+        await self.change_visibility_many([message_or_receipt], delay)
+
+    # --- the queue itself --------------------------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        """{"name", "attributes", "stats"} (GET_QUEUE)."""
+        return await self._client.get_queue(self.name)
+
+    async def stats(self) -> dict[str, Any]:
+        """Live counts: visible, in_flight, delayed, oldest_message_age_s, …"""
+        return (await self.info())["stats"]
+
+    async def attributes(self) -> dict[str, Any]:
+        return (await self.info())["attributes"]
+
+    async def set_attributes(self, **attributes: Any) -> dict[str, Any]:
+        return await self._client.set_queue_attributes(self.name, **attributes)
+
+    async def purge(self) -> int:
+        """Delete every message; returns how many were deleted."""
+        return await self._client.purge_queue(self.name)
+
+    async def delete(self) -> None:
+        """Delete the queue itself."""
+        await self._client.delete_queue(self.name)
+
+
+async def connect(
+    address: str | Sequence[str] = DEFAULT_ADDRESS,
+    tls: ssl.SSLContext | None = None,
+    token: str | None = None,
+    *,
+    client_name: str | None = None,
+    connect_timeout: float = 10.0,
+    request_timeout: float = 30.0,
+) -> Client:
+    """Connect to an mqd server and say HELLO; returns a ready Client.
+
+    `address` is "host:port" (or several, comma-separated or in a list, tried
+    in turn). `tls` is an ssl.SSLContext (the server's name is checked
+    against `host`). Raises ConnectionClosed if no address answers and the
+    server's error (e.g. Unauthenticated) if HELLO is refused.
+    """
+    client = Client(
+        address,
+        tls=tls,
+        token=token,
+        client_name=client_name,
+        connect_timeout=connect_timeout,
+        request_timeout=request_timeout,
+    )
+    return await client.connect()

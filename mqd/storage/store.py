@@ -1,0 +1,991 @@
+"""A partition store: one append-only log of segments plus a derived SQLite index.
+
+One instance per queue partition directory (DESIGN.md §4). The queue layer
+keeps ready / delayed / in-flight sets in memory and calls this for
+durability. Structure:
+
+- Callers put an operation on `_pending` and await one future per call.
+- One writer task (the single owner of the segment files) takes everything
+  pending, encodes it into one buffer, does ONE write and, with fsync
+  "always", ONE fdatasync in an executor thread, then resolves the futures
+  of the group. While the disk works the event loop keeps queueing the next
+  group.
+- After the group is durable its index changes go to the index writer task
+  (one SQLite transaction per batch, not awaited by callers). Batches that
+  pile up while SQLite lags are merged and coalesced.
+- In memory the store keeps, per live message, only its position in its
+  segment (`_live`: offset -> position << 32 | size) plus the dedup ids and a
+  write-through cache of recent bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import errno
+import shutil
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mqd.clock import SystemClock
+from mqd.errors import InternalError, MessageTooLarge, StorageError, StorageFull
+from mqd.storage import records as rec
+from mqd.storage.config import StorageConfig
+from mqd.storage.fs import FileSystem, write_all
+from mqd.storage.index import Index, IndexBatch, IndexUnusable
+from mqd.storage.scan import SegmentScan, list_segments, scan_segment
+from mqd.storage.types import Lease, MessageMeta, NewMessage, StoredMessage
+
+_SHIFT = 32
+_MASK = (1 << _SHIFT) - 1
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_CACHE_ENTRY_OVERHEAD = 64
+_FIXED = rec.PREFIX_BYTES + rec.MSG_HEAD_BYTES
+
+_APPEND, _DELETE, _LEASE, _PURGE = range(4)
+
+
+class _Segment:
+    """One segment file. Positions are byte positions in the file."""
+
+    __slots__ = ("bad", "base", "created_ms", "dead_at", "fd", "live", "path", "scan", "size")
+
+    def __init__(self, base: int, path: Path, size: int, created_ms: int) -> None:
+        self.base = base
+        self.path = path
+        self.size = size  # end of the last good record; the active segment appends here
+        self.created_ms = created_ms
+        self.fd: int | None = None
+        self.live = 0  # live messages in this segment
+        self.dead_at = -1  # offset of the record that deleted its last live message
+        self.bad = False  # renamed .bad: read-only, never reclaimed
+        self.scan: SegmentScan | None = None
+
+
+class _Op:
+    __slots__ = ("future", "kind", "payload", "result")
+
+    def __init__(self, kind: int, payload: Any, future: asyncio.Future) -> None:
+        self.kind = kind
+        self.payload = payload
+        self.future = future
+        self.result: Any = None
+
+
+def _io_error(exc: OSError, what: str) -> Exception:
+    if exc.errno in _FULL_ERRNOS:
+        return StorageFull(f"{what}: disk full ({exc.strerror})")
+    return InternalError(f"{what}: {exc.strerror or exc}")
+
+
+class PartitionStore:
+    """The durable log of one queue partition. See the module docstring."""
+
+    def __init__(
+        self, directory: Path, config: StorageConfig, clock: Any, log: Any, fs: FileSystem
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self._clock = clock
+        self._log = log
+        self._fs = fs
+        self._loop = asyncio.get_running_loop()
+        self._segments: list[_Segment] = []
+        self._bases: list[int] = []
+        self._active: _Segment | None = None
+        self._live: dict[int, int] = {}
+        self._dedup: dict[str, tuple[int, int]] = {}
+        self._cache: dict[int, tuple[NewMessage, int]] = {}
+        self._cache_bytes = 0
+        self._next_offset = 0
+        self._pending: list[_Op] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._writer: asyncio.Task | None = None
+        self._unsynced = False
+        self._last_sync = self._loop.time()
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._needs_truncate = False
+        self._recovered: list[MessageMeta] = []
+        self._last_dedup_prune_ms = 0
+        # Index writer state.
+        self._index: Index | None = None
+        self._index_pending: list[IndexBatch] = []
+        self._index_backlog_rows = 0
+        self._index_wake = asyncio.Event()
+        self._index_idle = asyncio.Event()
+        self._index_idle.set()
+        self._index_task: asyncio.Task | None = None
+        self._index_checkpoint = 0
+        self._reclaim_wanted = False
+        # Reads in flight in executor threads; fds of reclaimed segments wait for them.
+        self._reads_in_flight = 0
+        self._fds_to_close: list[int] = []
+        self._stats = {
+            "commits": 0,
+            "records_written": 0,
+            "messages_appended": 0,
+            "bytes_written": 0,
+            "last_group_ops": 0,
+            "last_group_records": 0,
+            "write_errors": 0,
+            "segments_reclaimed": 0,
+            "index_batches": 0,
+            "index_errors": 0,
+            "cache_hits": 0,
+            "cache_misses": 0,
+        }
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    async def open(
+        cls,
+        directory: Path,
+        config: StorageConfig,
+        *,
+        clock: Any = None,
+        log: Any = None,
+        fs: FileSystem | None = None,
+    ) -> PartitionStore:
+        """Open (creating if missing) the partition in `directory` and run recovery.
+
+        Takes no lock: the node locks its data directory.
+        """
+        config.validate()
+        directory = Path(directory)
+        log = (log or structlog.get_logger("mqd.storage")).bind(partition_dir=str(directory))
+        self = cls(directory, config, clock or SystemClock(), log, fs or FileSystem())
+        try:
+            await self._recover()
+        except BaseException:
+            await self._abort_open()
+            raise
+        self._writer = asyncio.create_task(self._run_writer(), name=f"log-writer {directory}")
+        self._index_task = asyncio.create_task(self._run_index(), name=f"index {directory}")
+        return self
+
+    async def _abort_open(self) -> None:
+        if self._index is not None:
+            await self._index.close()
+            self._index = None
+        self._close_fds()
+
+    async def _recover(self) -> None:
+        loop = self._loop
+        await loop.run_in_executor(None, self._prepare_dir)
+        now = self._clock.now_ms()
+        dedup_since = now - self.config.dedup_retention_ms
+        checkpoint, rows, dedups = 0, [], []
+        try:
+            self._index = await Index.open(self.directory)
+            checkpoint, rows, dedups = await self._index.load(dedup_since)
+        except IndexUnusable as exc:
+            self._log.warning("index.rebuild", reason=str(exc))
+            await self._reset_index()
+
+        scans = await loop.run_in_executor(None, self._scan_all, checkpoint)
+        log_end = self._log_end(scans)
+        if checkpoint > log_end:
+            # The index covers records the log no longer has (a power loss with fsync
+            # "never"/"interval", or a torn tail): it cannot be trusted.
+            self._log.warning("index.rebuild", reason="index ahead of log",
+                              checkpoint=checkpoint, log_end=log_end)  # fmt: skip
+            await self._reset_index()
+            checkpoint, rows, dedups = 0, [], []
+            scans = await loop.run_in_executor(None, self._scan_all, 0)
+        await loop.run_in_executor(None, self._settle_segments, scans)
+        self._next_offset = log_end
+
+        metas: dict[int, MessageMeta] = {}
+        batch = IndexBatch(checkpoint=log_end)
+        self._load_rows(rows, metas, batch)
+        for dedup_id, off, sent_at in dedups:
+            self._dedup[dedup_id] = (off, sent_at)
+        self._replay(scans, checkpoint, metas, batch)
+
+        for meta in metas.values():
+            seg = self._segment_of(meta.offset)
+            seg.live += 1
+        if self._active is None or self._active.bad:
+            await loop.run_in_executor(None, self._create_segment, log_end)
+        for seg in self._segments:
+            if seg.live == 0:
+                seg.dead_at = -1
+        batch.dedup_prune_before_ms = dedup_since
+        self._last_dedup_prune_ms = now
+        await self._index.apply(batch)
+        self._index_checkpoint = log_end
+        self._recovered = sorted(metas.values(), key=lambda m: m.offset)
+        self._log.info("partition.opened", next_offset=log_end, live=len(metas),
+                       segments=len(self._segments), replayed_from=checkpoint)  # fmt: skip
+        await self._reclaim()
+
+    async def _reset_index(self) -> None:
+        if self._index is not None:
+            await self._index.close()
+            self._index = None
+        await self._loop.run_in_executor(None, Index.remove_files, self.directory)
+        self._index = await Index.open(self.directory)
+
+    def _prepare_dir(self) -> None:
+        existed = self.directory.exists()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not existed:
+            self._fs.fsync_dir(self.directory.parent)
+
+    def _scan_all(self, checkpoint: int) -> list[tuple[SegmentScan, list]]:
+        """Scan every segment (thread). Keeps record lists only where replay needs them."""
+        out = []
+        files = list_segments(self.directory)
+        for i, (base, path) in enumerate(files):
+            data = path.read_bytes()
+            scan, found = scan_segment(path, data, self.config.record_bytes_max, base)
+            is_last = i == len(files) - 1
+            keep = [r for r in found if r[3] >= checkpoint] if found else []
+            # Decode what replay needs now, while the bytes are at hand.
+            decoded = []
+            for pos, size, _rtype, _off in keep:
+                decoded.append((pos, size, rec.decode_record(data, pos, size, with_body=False)))
+            out.append((scan, decoded, is_last))
+        return out
+
+    @staticmethod
+    def _log_end(scans) -> int:
+        end = 0
+        for scan, _decoded, _is_last in scans:
+            end = max(end, scan.base, scan.last_offset + 1)
+        return end
+
+    def _settle_segments(self, scans) -> None:
+        """Truncate torn tails, rename damaged segments .bad, open the active segment (thread)."""
+        for scan, _decoded, is_last in scans:
+            path = scan.path
+            bad = path.name.endswith(".bad")
+            seg = _Segment(scan.base, path, scan.last_end, scan.created_ms)
+            seg.scan = scan
+            if bad:
+                seg.bad = True
+                self._log.error("segment.damaged", segment=path.name, already_renamed=True,
+                                damage=_describe(scan))  # fmt: skip
+            elif is_last and not scan.header_error and (not scan.damaged or scan.torn_tail_only):
+                if scan.damaged:
+                    fd = self._fs.open(path, create=False)
+                    try:
+                        self._fs.ftruncate(fd, scan.good_end)
+                        self._fs.fdatasync(fd)
+                    finally:
+                        self._fs.close(fd)
+                    self._log.warning(
+                        "segment.truncated", segment=path.name, position=scan.good_end,
+                        bytes_dropped=scan.file_size - scan.good_end,
+                        reason=scan.bad_ranges[0][2],
+                    )  # fmt: skip
+                seg.size = scan.good_end
+            elif is_last and scan.header_error and scan.file_size <= rec.HEADER_BYTES:
+                # A segment torn while being created holds no records: start it again.
+                fd = self._fs.open(path, create=False)
+                try:
+                    self._fs.ftruncate(fd, 0)
+                    write_all(self._fs, fd, rec.encode_header(scan.base, self._clock.now_ms()), 0)
+                    self._fs.fdatasync(fd)
+                finally:
+                    self._fs.close(fd)
+                self._log.warning("segment.truncated", segment=path.name, position=0,
+                                  bytes_dropped=scan.file_size, reason=scan.header_error)  # fmt: skip
+                seg.size = rec.HEADER_BYTES
+                seg.created_ms = self._clock.now_ms()
+                seg.scan = None
+            elif scan.damaged:
+                # Damage inside the log: keep the file for the operator, read what checks out.
+                bad_path = path.with_name(path.name + ".bad")
+                self._fs.rename(path, bad_path)
+                self._fs.fsync_dir(self.directory)
+                seg.path = bad_path
+                seg.bad = True
+                self._log.error("segment.damaged", segment=path.name, renamed_to=bad_path.name,
+                                damage=_describe(scan), records_kept=scan.records)  # fmt: skip
+            self._segments.append(seg)
+            self._bases.append(seg.base)
+        if self._segments and not self._segments[-1].bad:
+            self._active = self._segments[-1]
+            self._active.fd = self._fs.open(self._active.path, create=False)
+
+    def _load_rows(self, rows, metas: dict[int, MessageMeta], batch: IndexBatch) -> None:
+        """Live messages from the index, minus any whose record is gone or damaged."""
+        dropped = 0
+        by_base = {s.base: s for s in self._segments}
+        live = self._live
+        for off, seg_base, pos, length, sent_at, due, prio, grp, dedup, rc, vis, first, size in rows:
+            seg = by_base.get(seg_base)
+            if seg is None or (seg.scan is not None and not seg.scan.readable(pos)) or (
+                seg.scan is None and pos + length > seg.size
+            ):
+                dropped += 1
+                batch.deletes.append(off)
+                continue
+            metas[off] = MessageMeta(off, sent_at, due, prio, grp, dedup, rc, vis, first, size)
+            live[off] = (pos << _SHIFT) | length
+        if dropped:
+            self._log.error("index.rows_lost", count=dropped,
+                            reason="record missing or damaged in the log")  # fmt: skip
+
+    def _replay(self, scans, checkpoint: int, metas: dict[int, MessageMeta], batch) -> None:
+        """Apply the log past the index checkpoint to memory and to the index batch."""
+        live = self._live
+        for scan, decoded, _is_last in scans:
+            for pos, size, r in decoded:
+                if isinstance(r, rec.MessageRecord):
+                    metas[r.offset] = MessageMeta(
+                        r.offset, r.timestamp_ms, r.due_ms, r.priority, r.group_id, r.dedup_id,
+                        r.receive_count, 0, 0, r.size,
+                    )  # fmt: skip
+                    live[r.offset] = (pos << _SHIFT) | size
+                    batch.inserts.append((
+                        r.offset, scan.base, pos, size, r.timestamp_ms, r.due_ms, r.priority,
+                        r.group_id, r.dedup_id, r.receive_count, 0, 0, r.size,
+                    ))  # fmt: skip
+                    if r.dedup_id:
+                        self._dedup[r.dedup_id] = (r.offset, r.timestamp_ms)
+                        batch.dedups.append((r.dedup_id, r.offset, r.timestamp_ms))
+                elif isinstance(r, rec.DeleteRecord):
+                    for off in r.offsets:
+                        if metas.pop(off, None) is not None:
+                            del live[off]
+                            batch.deletes.append(off)
+                elif isinstance(r, rec.LeaseRecord):
+                    for off, rc, vis, first in r.leases:
+                        meta = metas.get(off)
+                        if meta is not None:
+                            meta.receive_count = rc
+                            meta.visible_at_ms = vis
+                            meta.first_received_at_ms = first
+                            batch.leases.append((rc, vis, first, off))
+                else:
+                    for off in [o for o in metas if o < r.up_to_offset]:
+                        del metas[off]
+                        del live[off]
+                    batch.purges.append(r.up_to_offset)
+        batch.coalesce()
+
+    # --------------------------------------------------------------- queries
+
+    def live_messages(self) -> list[MessageMeta]:
+        """Every message recovered at open (not deleted), with its latest lease, by offset.
+
+        This is the state found by recovery: after open the queue layer owns the
+        live state (the store keeps only positions), so later calls return the
+        same list, not the current state.
+        """
+        return self._recovered
+
+    @property
+    def next_offset(self) -> int:
+        """The offset the next record written will get."""
+        return self._next_offset
+
+    def find_dedup(self, dedup_id: str, since_ms: int) -> int | None:
+        """The offset of a durable message with `dedup_id` sent at/after `since_ms`, or None.
+
+        Survives restarts (kept in the index) for `config.dedup_retention_ms`,
+        whether or not the message has been deleted since. Messages still in a
+        commit group that has not finished are not seen.
+        """
+        entry = self._dedup.get(dedup_id)
+        if entry is None or entry[1] < since_ms:
+            return None
+        return entry[0]
+
+    def stats(self) -> dict:
+        s = dict(self._stats)
+        s.update(
+            segments=len(self._segments),
+            bad_segments=sum(1 for x in self._segments if x.bad),
+            log_bytes=sum(x.size for x in self._segments),
+            next_offset=self._next_offset,
+            live_messages=len(self._live),
+            writes=self._fs.writes,
+            fsyncs=self._fs.fsyncs,
+            pending_ops=len(self._pending),
+            index_checkpoint=self._index_checkpoint,
+            index_backlog_rows=self._index_backlog_rows,
+            cache_entries=len(self._cache),
+            cache_bytes=self._cache_bytes,
+            dedup_ids=len(self._dedup),
+        )
+        return s
+
+    # -------------------------------------------------------------- commands
+
+    def _submit(self, kind: int, payload: Any) -> asyncio.Future:
+        if self._closing:
+            raise StorageError("partition store is closed")
+        fut = self._loop.create_future()
+        self._pending.append(_Op(kind, payload, fut))
+        self._wake.set()
+        return fut
+
+    async def append_messages(self, messages: list[NewMessage]) -> list[MessageMeta]:
+        """Append messages; returns their metadata once durable per the fsync policy."""
+        if not messages:
+            return []
+        limit = self.config.record_bytes_max - 4096
+        for m in messages:
+            if len(m.body) > limit:
+                raise MessageTooLarge(f"message body of {len(m.body)} bytes exceeds {limit}")
+        return await self._submit(_APPEND, messages)
+
+    async def delete(self, offsets: list[int]) -> None:
+        """Delete (ack) messages; unknown or already deleted offsets are ignored."""
+        if offsets:
+            await self._submit(_DELETE, offsets)
+
+    async def lease(self, leases: list[Lease]) -> None:
+        """Record receives / visibility changes; leases of unknown offsets are ignored."""
+        if leases:
+            await self._submit(_LEASE, leases)
+
+    async def purge(self, up_to_offset: int | None = None) -> int:
+        """Delete every live message (below `up_to_offset`); returns how many."""
+        return await self._submit(_PURGE, up_to_offset)
+
+    async def read(self, offsets: list[int]) -> list[StoredMessage]:
+        """Bodies of live messages, in the order asked; unknown/deleted offsets are left out.
+
+        The write-through cache answers recent messages; the rest are read with
+        one pread per contiguous run of records and checked against their CRC.
+        """
+        found: dict[int, StoredMessage] = {}
+        misses: list[int] = []
+        cache = self._cache
+        live = self._live
+        for off in offsets:
+            hit = cache.get(off)
+            if hit is not None:
+                m, sent_at = hit
+                found[off] = StoredMessage(off, sent_at, m.body, m.attributes, m.group_id,
+                                           m.dedup_id, m.source_queue, m.original_id)  # fmt: skip
+            elif off in live:
+                misses.append(off)
+        self._stats["cache_hits"] += len(found)
+        if misses:
+            self._stats["cache_misses"] += len(misses)
+            runs = self._plan_runs(sorted(set(misses)))
+            self._reads_in_flight += 1
+            try:
+                blobs = await self._loop.run_in_executor(None, self._pread_runs, runs)
+            except OSError as exc:
+                raise _io_error(exc, "read") from None
+            finally:
+                self._reads_in_flight -= 1
+                if not self._reads_in_flight:
+                    self._close_deferred_fds()
+            for (seg, start, _length, items), blob in zip(runs, blobs, strict=True):
+                for off, pos, size in items:
+                    found[off] = self._decode_read(seg, blob, pos - start, size, off)
+        return [found[o] for o in offsets if o in found]
+
+    def _plan_runs(self, offsets: list[int]) -> list[tuple[_Segment, int, int, list]]:
+        runs: list[tuple[_Segment, int, int, list]] = []
+        live = self._live
+        cur_seg = None
+        cur_start = cur_end = 0
+        items: list = []
+        for off in offsets:
+            packed = live[off]
+            pos = packed >> _SHIFT
+            size = packed & _MASK
+            seg = self._segment_of(off)
+            if seg is cur_seg and pos == cur_end:
+                cur_end += size
+                items.append((off, pos, size))
+                continue
+            if cur_seg is not None:
+                runs.append((cur_seg, cur_start, cur_end - cur_start, items))
+            cur_seg, cur_start, cur_end, items = seg, pos, pos + size, [(off, pos, size)]
+        if cur_seg is not None:
+            runs.append((cur_seg, cur_start, cur_end - cur_start, items))
+        for seg, *_ in runs:
+            if seg.fd is None:
+                seg.fd = self._fs.open_readonly(seg.path)
+        return runs
+
+    def _pread_runs(self, runs) -> list[bytes]:
+        out = []
+        for seg, start, length, _items in runs:
+            data = self._fs.pread(seg.fd, length, start)
+            if len(data) != length:
+                raise OSError(errno.EIO, f"short read from {seg.path.name}")
+            out.append(data)
+        return out
+
+    def _decode_read(self, seg: _Segment, blob: bytes, at: int, size: int, off: int):
+        try:
+            got = rec.check_record(blob, at, at + size, self.config.record_bytes_max)
+            r = rec.decode_message(blob, at, got)
+            if got != size or r.offset != off:
+                raise rec.CorruptRecord("record does not match the index")
+        except rec.CorruptRecord as exc:
+            self._log.error("record.corrupt", segment=seg.path.name, offset=off,
+                            reason=exc.reason)  # fmt: skip
+            raise InternalError(f"message {off} is damaged on disk: {exc.reason}") from None
+        return StoredMessage(off, r.timestamp_ms, r.body, r.attributes, r.group_id,
+                             r.dedup_id, r.source_queue, r.original_id)  # fmt: skip
+
+    def _segment_of(self, offset: int) -> _Segment:
+        return self._segments[bisect.bisect_right(self._bases, offset) - 1]
+
+    # ---------------------------------------------------------------- writer
+
+    async def _run_writer(self) -> None:
+        while True:
+            if not self._pending and not self._closing and not self._reclaim_wanted:
+                await self._wake.wait()
+            self._wake.clear()
+            if self._pending:
+                await self._commit_group()
+            elif self._closing:
+                break
+            if self._unsynced and self.config.fsync == "interval":
+                elapsed_ms = (self._loop.time() - self._last_sync) * 1000
+                if elapsed_ms >= self.config.fsync_interval_ms:
+                    await self._sync_now()
+                elif self._sync_timer is None:
+                    delay = (self.config.fsync_interval_ms - elapsed_ms) / 1000
+                    self._sync_timer = self._loop.call_later(delay, self._sync_timer_fired)
+            if self._reclaim_wanted and not self._pending:
+                self._reclaim_wanted = False
+                await self._reclaim()
+        if self._unsynced:
+            await self._sync_now()
+
+    def _sync_timer_fired(self) -> None:
+        self._sync_timer = None
+        self._wake.set()
+
+    async def _sync_now(self) -> None:
+        seg = self._active
+        self._unsynced = False
+        self._last_sync = self._loop.time()
+        try:
+            await self._loop.run_in_executor(None, self._fs.fdatasync, seg.fd)
+        except OSError as exc:
+            # Acknowledged writes may not be on disk: say so loudly (fsync "interval"/"never").
+            self._stats["write_errors"] += 1
+            self._log.error("segment.fsync_failed", segment=seg.path.name, error=str(exc))
+
+    async def _commit_group(self) -> None:
+        ops = self._pending
+        self._pending = []
+        try:
+            await self._commit(ops)
+        except Exception as exc:  # a bug: fail the callers rather than hang them
+            self._log.exception("log.writer_failed")
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(InternalError(f"storage writer failed: {exc!r}"))
+
+    async def _commit(self, ops: list[_Op]) -> None:
+        now = self._clock.now_ms()
+        first = offset = self._next_offset
+        parts: list[bytes] = []
+        sizes: list[int] = []
+        live = self._live
+        for op in ops:
+            kind = op.kind
+            if kind == _APPEND:
+                op.result = offset
+                rec.encode_messages(op.payload, offset, now, parts, sizes)
+                offset += len(op.payload)
+            elif kind == _DELETE:
+                offs = [o for o in op.payload if o in live]
+                op.result = offs
+                if offs:
+                    parts.append(rec.encode_delete(offset, now, offs))
+                    sizes.append(len(parts[-1]))
+                    offset += 1
+            elif kind == _LEASE:
+                leases = [x for x in op.payload if x.offset in live]
+                op.result = leases
+                if leases:
+                    parts.append(rec.encode_lease(offset, now, leases))
+                    sizes.append(len(parts[-1]))
+                    offset += 1
+            else:
+                up_to = offset if op.payload is None else min(op.payload, offset)
+                op.result = up_to
+                parts.append(rec.encode_purge(offset, now, up_to))
+                sizes.append(len(parts[-1]))
+                offset += 1
+        if not parts:
+            self._resolve_empty(ops)
+            return
+        buf = b"".join(parts)
+        del parts
+        if self.config.verify_before_write:
+            rec.verify_buffer(buf, sizes, self.config.record_bytes_max)
+        try:
+            await self._maybe_roll(len(buf), now, first)
+            seg = self._active
+            position = seg.size
+            do_sync = self.config.fsync == "always"
+            await self._loop.run_in_executor(None, self._write, seg, buf, position, do_sync)
+        except OSError as exc:
+            self._stats["write_errors"] += 1
+            self._log.error("log.write_failed", error=str(exc), errno=exc.errno,
+                            records=len(sizes))  # fmt: skip
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(_io_error(exc, "append"))
+            return
+        seg.size = position + len(buf)
+        self._next_offset = offset
+        if not do_sync:
+            self._unsynced = True
+        else:
+            self._last_sync = self._loop.time()
+        st = self._stats
+        st["commits"] += 1
+        st["records_written"] += len(sizes)
+        st["bytes_written"] += len(buf)
+        st["last_group_ops"] = len(ops)
+        st["last_group_records"] = len(sizes)
+        self._apply(ops, seg, position, sizes, now)
+        if self._index_backlog_rows > self.config.index_backlog_rows_max:
+            await self._index_drained()
+
+    def _resolve_empty(self, ops: list[_Op]) -> None:
+        for op in ops:
+            if not op.future.done():
+                op.future.set_result(0 if op.kind == _PURGE else None)
+
+    def _write(self, seg: _Segment, buf: bytes, position: int, do_sync: bool) -> None:
+        """Write one commit group (executor thread); on failure cut the file back."""
+        fs = self._fs
+        try:
+            if self._needs_truncate:
+                fs.ftruncate(seg.fd, position)
+                self._needs_truncate = False
+            write_all(fs, seg.fd, buf, position)
+            if do_sync:
+                fs.fdatasync(seg.fd)
+        except OSError:
+            # Keep the log valid: drop whatever part of this group reached the file.
+            try:
+                fs.ftruncate(seg.fd, position)
+            except OSError:
+                self._needs_truncate = True
+            raise
+
+    def _apply(self, ops: list[_Op], seg: _Segment, position: int, sizes: list[int], now: int):
+        """The group is durable: update memory, answer callers, queue index changes."""
+        base = seg.base
+        live = self._live
+        cache = self._cache
+        cache_max = self.config.read_cache_bytes_max
+        batch = IndexBatch(checkpoint=self._next_offset)
+        inserts = batch.inserts
+        pos = position
+        first = self._next_offset - len(sizes)  # offset of the group's first record
+        i = 0  # index into sizes (= record number within the group)
+        for op in ops:
+            kind = op.kind
+            if kind == _APPEND:
+                msgs = op.payload
+                off = op.result
+                metas = []
+                add_meta = metas.append
+                add_row = inserts.append
+                cache_bytes = 0
+                for m in msgs:
+                    size = sizes[i]
+                    i += 1
+                    body_size = len(m.body)
+                    msize = body_size
+                    if m.attributes:  # size = body + attribute block, as the record holds it
+                        msize = size - _FIXED - sum(
+                            len(x.encode())
+                            for x in (m.group_id, m.dedup_id, m.source_queue, m.original_id)
+                        )
+                    if m.dedup_id:
+                        self._dedup[m.dedup_id] = (off, now)
+                        batch.dedups.append((m.dedup_id, off, now))
+                    add_meta(MessageMeta(off, now, m.due_ms, m.priority, m.group_id, m.dedup_id,
+                                         m.receive_count, 0, 0, msize))  # fmt: skip
+                    add_row((off, base, pos, size, now, m.due_ms, m.priority, m.group_id,
+                             m.dedup_id, m.receive_count, 0, 0, msize))  # fmt: skip
+                    live[off] = (pos << _SHIFT) | size
+                    if cache_max:
+                        cache[off] = (m, now)
+                        cache_bytes += body_size + _CACHE_ENTRY_OVERHEAD
+                    pos += size
+                    off += 1
+                seg.live += len(msgs)
+                self._cache_bytes += cache_bytes
+                self._stats["messages_appended"] += len(msgs)
+                op.result = metas
+            elif kind == _DELETE:
+                offs = op.result
+                if offs:
+                    rec_off = first + i
+                    pos += sizes[i]
+                    i += 1
+                    for o in offs:
+                        if live.pop(o, None) is not None:
+                            self._forget(o, rec_off)
+                            batch.deletes.append(o)
+                op.result = None
+            elif kind == _LEASE:
+                leases = op.result
+                if leases:
+                    pos += sizes[i]
+                    i += 1
+                    batch.leases += [
+                        (x.receive_count, x.visible_at_ms, x.first_received_at_ms, x.offset)
+                        for x in leases
+                    ]
+                op.result = None
+            else:
+                up_to = op.result
+                rec_off = first + i
+                pos += sizes[i]
+                i += 1
+                doomed = [o for o in live if o < up_to]
+                for o in doomed:
+                    del live[o]
+                    self._forget(o, rec_off)
+                batch.purges.append(up_to)
+                op.result = len(doomed)
+        assert i == len(sizes), "records and operations out of step"
+        assert pos == seg.size, "positions out of step with the segment end"
+        if self._cache_bytes > cache_max:
+            self._trim_cache()
+        if now - self._last_dedup_prune_ms > self.config.dedup_retention_ms // 4:
+            self._prune_dedup(now, batch)
+        self._submit_index(batch)
+        for op in ops:
+            if not op.future.done():
+                op.future.set_result(op.result)
+
+    def _forget(self, offset: int, deleted_by: int) -> None:
+        hit = self._cache.pop(offset, None)
+        if hit is not None:
+            self._cache_bytes -= len(hit[0].body) + _CACHE_ENTRY_OVERHEAD
+        seg = self._segment_of(offset)
+        seg.live -= 1
+        if seg.live == 0:
+            seg.dead_at = deleted_by
+
+    def _trim_cache(self) -> None:
+        cache = self._cache
+        limit = self.config.read_cache_bytes_max
+        while self._cache_bytes > limit and cache:
+            off = next(iter(cache))
+            m, _ = cache.pop(off)
+            self._cache_bytes -= len(m.body) + _CACHE_ENTRY_OVERHEAD
+
+    def _prune_dedup(self, now: int, batch: IndexBatch) -> None:
+        cutoff = now - self.config.dedup_retention_ms
+        self._last_dedup_prune_ms = now
+        old = [k for k, (_off, sent_at) in self._dedup.items() if sent_at < cutoff]
+        for k in old:
+            del self._dedup[k]
+        batch.dedup_prune_before_ms = cutoff
+
+    # ------------------------------------------------------------- segments
+
+    async def _maybe_roll(self, nbytes: int, now: int, first_offset: int) -> None:
+        seg = self._active
+        has_records = seg.size > rec.HEADER_BYTES
+        too_big = seg.size + nbytes > self.config.segment_bytes_max
+        too_old = now - seg.created_ms >= self.config.segment_age_max_s * 1000
+        if has_records and (too_big or too_old):
+            await self._loop.run_in_executor(None, self._roll, first_offset)
+
+    def _roll(self, base: int) -> None:
+        """Seal the active segment and start a new one at `base` (thread)."""
+        old = self._active
+        if self.config.fsync != "always" or self._needs_truncate:
+            if self._needs_truncate:
+                self._fs.ftruncate(old.fd, old.size)
+                self._needs_truncate = False
+            self._fs.fdatasync(old.fd)
+        self._create_segment(base)
+        self._unsynced = False
+        self._log.info("segment.rolled", sealed=old.path.name, new=self._active.path.name)
+
+    def _create_segment(self, base: int) -> None:
+        """Create, sync and install a new active segment (thread)."""
+        path = self.directory / rec.segment_name(base)
+        created_ms = self._clock.now_ms()
+        fs = self._fs
+        fd = fs.open(path, create=True)
+        try:
+            write_all(fs, fd, rec.encode_header(base, created_ms), 0)
+            fs.fdatasync(fd)
+            fs.fsync_dir(self.directory)
+        except OSError:
+            fs.close(fd)
+            with contextlib.suppress(OSError):
+                fs.unlink(path)
+            raise
+        seg = _Segment(base, path, rec.HEADER_BYTES, created_ms)
+        seg.fd = fd
+        self._segments.append(seg)
+        self._bases.append(base)
+        self._active = seg
+
+    async def _reclaim(self) -> None:
+        """Delete fully dead segments from the oldest end.
+
+        Only a prefix of the log goes: a DELETE record in a later segment may refer
+        to a message in an earlier one, so removing a later segment first could
+        bring acked messages back on an index rebuild. A segment also waits until
+        the index checkpoint covers the record that deleted its last message.
+        Until compaction exists, one message that is never deleted (or a .bad
+        segment) holds back the reclaim of every later segment.
+        """
+        doomed = []
+        for seg in self._segments:
+            if seg is self._active or seg.bad or seg.live or seg.dead_at >= self._index_checkpoint:
+                break
+            doomed.append(seg)
+        if not doomed:
+            return
+        del self._segments[: len(doomed)]
+        del self._bases[: len(doomed)]
+        fds = [s.fd for s in doomed if s.fd is not None]
+        for s in doomed:
+            s.fd = None
+        if self._reads_in_flight:
+            self._fds_to_close += fds
+            fds = []
+        try:
+            await self._loop.run_in_executor(None, self._unlink_segments, doomed, fds)
+        except OSError as exc:
+            self._log.error("segment.reclaim_failed", error=str(exc))
+        self._stats["segments_reclaimed"] += len(doomed)
+
+    def _unlink_segments(self, doomed: list[_Segment], fds: list[int]) -> None:
+        for fd in fds:
+            self._fs.close(fd)
+        for seg in doomed:
+            self._fs.unlink(seg.path)
+            self._log.info("segment.reclaimed", segment=seg.path.name)
+        self._fs.fsync_dir(self.directory)
+
+    def _close_deferred_fds(self) -> None:
+        fds, self._fds_to_close = self._fds_to_close, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                self._fs.close(fd)
+
+    # ----------------------------------------------------------------- index
+
+    def _submit_index(self, batch: IndexBatch) -> None:
+        self._index_pending.append(batch)
+        self._index_backlog_rows += batch.rows()
+        self._index_idle.clear()
+        self._index_wake.set()
+
+    async def _index_drained(self) -> None:
+        await self._index_idle.wait()
+
+    async def _run_index(self) -> None:
+        retry_s = 0.05
+        while True:
+            if not self._index_pending:
+                self._index_idle.set()
+                if self._closing and self._writer is not None and self._writer.done():
+                    return
+                await self._index_wake.wait()
+                self._index_wake.clear()
+                continue
+            batches = self._index_pending
+            self._index_pending = []
+            batch = batches[0]
+            for later in batches[1:]:
+                batch.merge(later)
+            if len(batches) > 1:
+                batch.coalesce()
+            try:
+                await self._index.apply(batch)
+            except Exception as exc:
+                # The index is derived: keep the batch, retry, and let the log carry on.
+                self._stats["index_errors"] += 1
+                self._log.error("index.write_failed", error=str(exc), retry_s=retry_s)
+                self._index_pending.insert(0, batch)
+                if self._closing and self._writer is not None and self._writer.done():
+                    return  # the next open replays the log past the old checkpoint
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, 5.0)
+                continue
+            retry_s = 0.05
+            self._index_backlog_rows = sum(b.rows() for b in self._index_pending)
+            self._index_checkpoint = batch.checkpoint
+            self._stats["index_batches"] += 1
+            if self._segments and self._segments[0] is not self._active:
+                first = self._segments[0]
+                if not first.live and not first.bad and first.dead_at < batch.checkpoint:
+                    self._reclaim_wanted = True
+                    self._wake.set()
+
+    # ----------------------------------------------------------------- close
+
+    async def close(self) -> None:
+        """Finish pending commits, fsync, bring the index up to date and close it."""
+        if self._closed:
+            return
+        self._closing = True
+        self._wake.set()
+        self._index_wake.set()
+        try:
+            if self._writer is not None:
+                await self._writer
+            if self._index_task is not None:
+                self._index_wake.set()
+                await self._index_task
+        finally:
+            self._closed = True
+            if self._sync_timer is not None:
+                self._sync_timer.cancel()
+            if self._index is not None:
+                await self._index.close()
+                self._index = None
+            await self._loop.run_in_executor(None, self._final_sync_and_close)
+
+    def _final_sync_and_close(self) -> None:
+        active = self._active
+        if active is not None and active.fd is not None and self.config.fsync != "always":
+            try:
+                self._fs.fdatasync(active.fd)
+            except OSError as exc:
+                self._log.error("segment.fsync_failed", segment=active.path.name, error=str(exc))
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for seg in self._segments:
+            if seg.fd is not None:
+                with contextlib.suppress(OSError):
+                    self._fs.close(seg.fd)
+                seg.fd = None
+        self._close_deferred_fds()
+
+    async def destroy(self) -> None:
+        """Close the store and remove its directory (the queue was deleted)."""
+        await self.close()
+        await self._loop.run_in_executor(None, shutil.rmtree, self.directory)
+        self._log.info("partition.destroyed")
+
+
+def _describe(scan: SegmentScan) -> str:
+    if scan.header_error:
+        return f"header: {scan.header_error}"
+    return "; ".join(f"bytes {a}-{b}: {why}" for a, b, why in scan.bad_ranges)
+
+
+__all__ = ["PartitionStore"]

@@ -1,0 +1,167 @@
+"""Queue semantics of one partition on a manual clock, over a real store in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mqd.clock import ManualClock
+from mqd.errors import ErrorCode
+from mqd.partition import Partition
+from mqd.protocol.messages import SendEntry
+from mqd.receipts import ReceiptSigner
+from mqd.storage import PartitionStore, StorageConfig
+
+QUEUE_ID = b"\x01" * 8
+SIGNER = ReceiptSigner(b"s" * 32)
+BYTES_MAX = 16 * 1024 * 1024
+
+
+async def open_partition(path, clock) -> Partition:
+    store = await PartitionStore.open(path, StorageConfig(), clock=clock)
+    return Partition(QUEUE_ID, 0, store, SIGNER, clock=clock)
+
+
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
+@pytest.fixture
+async def partition(tmp_path, clock):
+    part = await open_partition(tmp_path / "p", clock)
+    yield part
+    await part.close()
+
+
+async def send(part: Partition, *bodies: bytes, delay_ms: int = 0) -> list[str]:
+    return await part.send([SendEntry(body, delay_ms=delay_ms) for body in bodies], 0)
+
+
+async def test_receive_returns_all_ready_up_to_max(partition):
+    await send(partition, *(b"m%d" % i for i in range(10)))
+    got = await partition.receive(7, 0, 30_000, bytes_max=BYTES_MAX)
+    assert [m.body for m in got] == [b"m%d" % i for i in range(7)]
+    got = await partition.receive(7, 0, 30_000, bytes_max=BYTES_MAX)
+    assert [m.body for m in got] == [b"m7", b"m8", b"m9"]
+    assert partition.stats()["in_flight"] == 10
+
+
+async def test_visibility_timeout_redelivers_and_old_receipt_dies(partition, clock):
+    await send(partition, b"job")
+    (first,) = await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX)
+    assert first.receive_count == 1
+    assert await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX) == []
+    clock.advance(29_999)
+    assert await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX) == []
+    clock.advance(1)
+    (second,) = await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX)
+    assert second.id == first.id and second.receive_count == 2
+    failures = await partition.delete([first.receipt])
+    assert [f.code for f in failures] == [ErrorCode.RECEIPT_INVALID]
+    assert await partition.delete([second.receipt]) == []
+    assert partition.stats()["in_flight"] == 0
+    clock.advance(60_000)
+    assert await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX) == []
+
+
+async def test_expired_lease_can_still_ack_until_redelivered(partition, clock):
+    await send(partition, b"slow")
+    (message,) = await partition.receive(1, 0, 1_000, bytes_max=BYTES_MAX)
+    clock.advance(5_000)
+    assert await partition.delete([message.receipt]) == []
+    assert partition.stats()["visible"] == 0
+
+
+async def test_ack_is_idempotent(partition):
+    await send(partition, b"x")
+    (message,) = await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX)
+    assert await partition.delete([message.receipt]) == []
+    assert await partition.delete([message.receipt]) == []
+    assert partition.stats()["acked_total"] == 1
+
+
+async def test_change_visibility_extends_and_releases(partition, clock):
+    await send(partition, b"a")
+    (message,) = await partition.receive(1, 0, 10_000, bytes_max=BYTES_MAX)
+    assert await partition.change_visibility([(message.receipt, 60_000)]) == []
+    clock.advance(30_000)
+    assert await partition.receive(1, 0, 10_000, bytes_max=BYTES_MAX) == []
+    assert await partition.change_visibility([(message.receipt, 0)]) == []
+    (again,) = await partition.receive(1, 0, 10_000, bytes_max=BYTES_MAX)
+    assert again.receive_count == 2
+    failures = await partition.change_visibility([(message.receipt, 5_000), (again.receipt, 5_000)])
+    assert [f.index for f in failures] == [0]
+
+
+async def test_delay_hides_until_due(partition, clock):
+    await send(partition, b"later", delay_ms=5_000)
+    await send(partition, b"now")
+    stats = partition.stats()
+    assert stats["delayed"] == 1 and stats["visible"] == 1
+    got = await partition.receive(10, 0, 30_000, bytes_max=BYTES_MAX)
+    assert [m.body for m in got] == [b"now"]
+    clock.advance(5_000)
+    got = await partition.receive(10, 0, 30_000, bytes_max=BYTES_MAX)
+    assert [m.body for m in got] == [b"later"]
+
+
+async def test_long_poll_wakes_on_send(partition):
+    waiter = asyncio.create_task(partition.receive(1, 10_000, 30_000, bytes_max=BYTES_MAX))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await send(partition, b"wake")
+    got = await asyncio.wait_for(waiter, 5)
+    assert [m.body for m in got] == [b"wake"]
+
+
+async def test_long_poll_wakes_on_release(partition):
+    await send(partition, b"x")
+    (message,) = await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX)
+    waiter = asyncio.create_task(partition.receive(1, 10_000, 30_000, bytes_max=BYTES_MAX))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await partition.change_visibility([(message.receipt, 0)])
+    got = await asyncio.wait_for(waiter, 5)
+    assert got[0].receive_count == 2
+
+
+async def test_state_survives_reopen(tmp_path, clock):
+    part = await open_partition(tmp_path / "p", clock)
+    await send(part, b"a", b"b", b"c")
+    await send(part, b"d", delay_ms=60_000)
+    got = await part.receive(2, 0, 30_000, bytes_max=BYTES_MAX)
+    await part.delete([got[0].receipt])
+    await part.close()
+
+    part = await open_partition(tmp_path / "p", clock)
+    try:
+        stats = part.stats()
+        assert (stats["visible"], stats["in_flight"], stats["delayed"]) == (1, 1, 1)
+        # The surviving receipt of the in-flight message still acks after the restart.
+        assert await part.delete([got[1].receipt]) == []
+        clock.advance(60_000)
+        rest = await part.receive(10, 0, 30_000, bytes_max=BYTES_MAX)
+        assert sorted(m.body for m in rest) == [b"c", b"d"]
+    finally:
+        await part.close()
+
+
+async def test_purge_and_peek(partition):
+    ids = await send(partition, b"1", b"2", b"3")
+    peeked = await partition.peek(2, -1)
+    assert [m.id for m in peeked] == ids[:2]
+    assert all(m.receipt == "" for m in peeked)
+    assert partition.stats()["visible"] == 3
+    assert await partition.purge() == 3
+    assert partition.stats()["visible"] == 0
+    assert await partition.receive(10, 0, 30_000, bytes_max=BYTES_MAX) == []
+
+
+async def test_receive_respects_response_bytes(partition):
+    await send(partition, *(b"x" * 1000 for _ in range(10)))
+    got = await partition.receive(10, 0, 30_000, bytes_max=3 * 1300)
+    assert 1 <= len(got) < 10
+    rest = await partition.receive(10, 0, 30_000, bytes_max=BYTES_MAX)
+    assert len(got) + len(rest) == 10
