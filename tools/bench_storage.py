@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import structlog  # noqa: E402
+import structlog
 
-from mqd.storage import NewMessage, PartitionStore, StorageConfig  # noqa: E402
+from mqd.storage import NewMessage, PartitionStore, StorageConfig
 
 
 async def one_run(args) -> dict[str, float]:

@@ -54,7 +54,9 @@ class StorageConfig:
                 raise ConfigError(f"storage.{key} must be a positive integer, not {value!r}")
         value = self.read_cache_bytes_max
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"storage.read_cache_bytes_max must be an integer >= 0, not {value!r}")
+            raise ConfigError(
+                f"storage.read_cache_bytes_max must be an integer >= 0, not {value!r}"
+            )
         if self.segment_bytes_max < 4096:
             raise ConfigError(
                 f"storage.segment_bytes_max must be at least 4096, not {self.segment_bytes_max}"

@@ -158,9 +158,7 @@ class Index:
                 await db.execute(
                     "DELETE FROM dedup WHERE sent_at < ?", (batch.dedup_prune_before_ms,)
                 )
-            await db.execute(
-                "UPDATE meta SET value=? WHERE key='checkpoint'", (batch.checkpoint,)
-            )
+            await db.execute("UPDATE meta SET value=? WHERE key='checkpoint'", (batch.checkpoint,))
             await db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):

@@ -300,12 +300,20 @@ def decode_record(buf, pos: int, total: int, with_body: bool = True) -> Record:
         raise CorruptRecord(f"bad record fields: {exc}") from None
 
 
-def verify_buffer(buf, sizes: list[int], record_bytes_max: int) -> None:
-    """Re-check every record of an encoded group right before it is written."""
+def verify_buffer(buf: bytes, sizes: list[int]) -> None:
+    """Re-check every record's CRC in an encoded group right before it is written.
+
+    Catches a bug or a memory error between encoding and the write; a failure is
+    an AssertionError (a bug), never written to disk.
+    """
+    view = memoryview(buf)
+    unpack = PREFIX.unpack_from
     pos = 0
-    end = len(buf)
     for size in sizes:
-        got = check_record(buf, pos, end, record_bytes_max)
-        assert got == size, "encoded record size changed"
-        pos += size
-    assert pos == end, "encoded group length mismatch"
+        length, crc = unpack(buf, pos)
+        end = pos + size
+        if length + PREFIX_BYTES != size or crc32(view[pos + PREFIX_BYTES : end]) != crc:
+            raise AssertionError(f"record at {pos} of an encoded group fails its check")
+        pos = end
+    if pos != len(buf):
+        raise AssertionError("encoded group length mismatch")

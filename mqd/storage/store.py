@@ -320,10 +320,26 @@ class PartitionStore:
         dropped = 0
         by_base = {s.base: s for s in self._segments}
         live = self._live
-        for off, seg_base, pos, length, sent_at, due, prio, grp, dedup, rc, vis, first, size in rows:
+        for (
+            off,
+            seg_base,
+            pos,
+            length,
+            sent_at,
+            due,
+            prio,
+            grp,
+            dedup,
+            rc,
+            vis,
+            first,
+            size,
+        ) in rows:
             seg = by_base.get(seg_base)
-            if seg is None or (seg.scan is not None and not seg.scan.readable(pos)) or (
-                seg.scan is None and pos + length > seg.size
+            if (
+                seg is None
+                or (seg.scan is not None and not seg.scan.readable(pos))
+                or (seg.scan is None and pos + length > seg.size)
             ):
                 dropped += 1
                 batch.deletes.append(off)
@@ -627,7 +643,7 @@ class PartitionStore:
         buf = b"".join(parts)
         del parts
         if self.config.verify_before_write:
-            rec.verify_buffer(buf, sizes, self.config.record_bytes_max)
+            rec.verify_buffer(buf, sizes)
         try:
             await self._maybe_roll(len(buf), now, first)
             seg = self._active
@@ -707,9 +723,13 @@ class PartitionStore:
                     body_size = len(m.body)
                     msize = body_size
                     if m.attributes:  # size = body + attribute block, as the record holds it
-                        msize = size - _FIXED - sum(
-                            len(x.encode())
-                            for x in (m.group_id, m.dedup_id, m.source_queue, m.original_id)
+                        msize = (
+                            size
+                            - _FIXED
+                            - sum(
+                                len(x.encode())
+                                for x in (m.group_id, m.dedup_id, m.source_queue, m.original_id)
+                            )
                         )
                     if m.dedup_id:
                         self._dedup[m.dedup_id] = (off, now)

@@ -107,9 +107,7 @@ def _verify_partition(part: Path) -> PartitionReport:
             report.problems.append(f"{seg_path.name}: {scan.header_error}")
         for start, end, why in scan.bad_ranges:
             where = "tail" if end == scan.file_size and i == len(files) - 1 else "middle"
-            report.problems.append(
-                f"{seg_path.name}: bytes {start}-{end} damaged ({why}, {where})"
-            )
+            report.problems.append(f"{seg_path.name}: bytes {start}-{end} damaged ({why}, {where})")
         report.records += scan.records
         report.log_end = max(report.log_end, base, scan.last_offset + 1)
         for pos, size, _rtype, _off in found:

@@ -142,7 +142,9 @@ async def test_corrupt_byte_mid_segment_renames_bad_and_keeps_the_rest(part: Pat
     seg.write_bytes(bytes(data))
 
     log = LogRecorder()
-    store = await open_store(part, clock=clock, log=log, config=StorageConfig(read_cache_bytes_max=0))
+    store = await open_store(
+        part, clock=clock, log=log, config=StorageConfig(read_cache_bytes_max=0)
+    )
     assert [m.offset for m in store.live_messages()] == [0, 1, 3, 4, 5]
     (event,) = log.named("segment.damaged")
     assert "crc mismatch" in event["damage"]
