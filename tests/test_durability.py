@@ -57,6 +57,9 @@ async def test_kill9_under_load_loses_no_acknowledged_send_or_delete(server):
     """Every send the server acknowledged is there after kill -9; every ack stays acked."""
     acknowledged_sends: set[str] = set()
     acknowledged_deletes: set[str] = set()
+    # An ack cut off by the kill may or may not have been applied: such a message
+    # may be gone, but only such a message.
+    attempted_deletes: set[str] = set()
     stop = asyncio.Event()
 
     async with await mqd.client.connect(server.address) as admin:
@@ -81,6 +84,7 @@ async def test_kill9_under_load_loses_no_acknowledged_send_or_delete(server):
             try:
                 batch = await queue.receive(max_messages=20, wait=0.2)
                 if batch:
+                    attempted_deletes.update(m.id for m in batch)
                     await queue.ack(*batch)
                     acknowledged_deletes.update(m.id for m in batch)
             except MqdError:
@@ -93,14 +97,14 @@ async def test_kill9_under_load_loses_no_acknowledged_send_or_delete(server):
         asyncio.create_task(consume(clients[2])),
     ]
     deadline = time.monotonic() + 15
-    while len(acknowledged_sends) < 2000 and time.monotonic() < deadline:
+    while len(acknowledged_sends) < 5000 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     server.kill()
     stop.set()
     await asyncio.wait(tasks, timeout=30)
     for client in clients:
         await client.close()
-    assert len(acknowledged_sends) >= 2000
+    assert len(acknowledged_sends) >= 5000
     assert acknowledged_deletes, "the consumer acked nothing before the kill"
 
     server.start()
@@ -115,7 +119,7 @@ async def test_kill9_under_load_loses_no_acknowledged_send_or_delete(server):
                 break
             remaining.update(m.id for m in batch)
             after = batch[-1].id
-    lost = acknowledged_sends - acknowledged_deletes - remaining
+    lost = acknowledged_sends - attempted_deletes - remaining
     assert not lost, f"{len(lost)} acknowledged sends lost"
     resurrected = acknowledged_deletes & remaining
     assert not resurrected, f"{len(resurrected)} acknowledged deletes came back"

@@ -180,7 +180,9 @@ def test_request_and_response_frames() -> None:
 
 
 def test_error_frames() -> None:
-    frame = one_frame(encode_error(9, Opcode.SEND, ErrorCode.THROTTLED, "slow", {"retry_after_ms": 5}))
+    frame = one_frame(
+        encode_error(9, Opcode.SEND, ErrorCode.THROTTLED, "slow", {"retry_after_ms": 5})
+    )
     assert frame.flags == FLAG_RESPONSE | FLAG_ERROR and frame.opcode == Opcode.SEND
     body = decode_response(frame)
     assert body == ErrorBody(code=14, message="slow", details={"retry_after_ms": 5})
@@ -495,9 +497,7 @@ def message_strategy(cls: type) -> st.SearchStrategy[Any]:
 
 
 any_message = st.sampled_from(MESSAGE_CLASSES).flatmap(message_strategy)
-ROUND_TRIP = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+ROUND_TRIP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("cls", MESSAGE_CLASSES, ids=lambda cls: cls.__name__)
@@ -514,9 +514,13 @@ def test_round_trip_every_message_type(cls: type) -> None:
 
 
 @ROUND_TRIP
-@given(st.sampled_from(sorted(OPS)).flatmap(lambda op: st.tuples(
-    st.integers(0, 0xFFFFFFFF), message_strategy(OPS[op][0]), message_strategy(OPS[op][1])
-)))
+@given(
+    st.sampled_from(sorted(OPS)).flatmap(
+        lambda op: st.tuples(
+            st.integers(0, 0xFFFFFFFF), message_strategy(OPS[op][0]), message_strategy(OPS[op][1])
+        )
+    )
+)
 def test_round_trip_through_frames(case: tuple[int, Any, Any]) -> None:
     correlation_id, request, response = case
     frame = one_frame(encode_request(correlation_id, request))

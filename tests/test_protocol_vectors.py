@@ -216,12 +216,22 @@ def _reference_value(key_chunks: list[bytes], label: str, v: Any, indent: str) -
             ([*key_chunks, b"\x07", struct.pack(">I", len(v)), v], f"{label}: bytes {_short(v)}")
         ]
     if isinstance(v, dict):
-        lines = [([*key_chunks, b"\x05", struct.pack(">I", len(v))], f"{label}: map, {_count(len(v), 'pair')}")]
+        lines = [
+            (
+                [*key_chunks, b"\x05", struct.pack(">I", len(v))],
+                f"{label}: map, {_count(len(v), 'pair')}",
+            )
+        ]
         for k, item in v.items():
             lines += _reference_value(_str_chunks(k), f"{indent}  {k!r}", item, indent + "  ")
         return lines
     if isinstance(v, list):
-        lines = [([*key_chunks, b"\x06", struct.pack(">I", len(v))], f"{label}: list, {_count(len(v), 'item')}")]
+        lines = [
+            (
+                [*key_chunks, b"\x06", struct.pack(">I", len(v))],
+                f"{label}: list, {_count(len(v), 'item')}",
+            )
+        ]
         for i, item in enumerate(v):
             lines += _reference_value([], f"{indent}  [{i}]", item, indent + "  ")
         return lines
@@ -243,21 +253,30 @@ def _reference_lines(cls: type, obj: Any, indent: str = "") -> list[Line]:
         elif kind == "BLOB":
             lines.append(([struct.pack(">I", len(v)), v], f"{label}: BLOB {_short(v)}"))
         elif kind == "STR_LIST":
-            lines.append(([struct.pack(">I", len(v))], f"{label}: STR_LIST, {_count(len(v), 'item')}"))
+            lines.append(
+                ([struct.pack(">I", len(v))], f"{label}: STR_LIST, {_count(len(v), 'item')}")
+            )
             for i, s in enumerate(v):
                 lines.append((_str_chunks(s), f"{indent}  [{i}] {_short(s)}"))
         elif kind == "STR_MAP":
-            lines.append(([struct.pack(">I", len(v))], f"{label}: STR_MAP, {_count(len(v), 'pair')}"))
+            lines.append(
+                ([struct.pack(">I", len(v))], f"{label}: STR_MAP, {_count(len(v), 'pair')}")
+            )
             for k, s in v.items():
                 lines.append(([*_str_chunks(k), *_str_chunks(s)], f"{indent}  {k!r}: {s!r}"))
         elif kind == "VALUE_MAP":
-            lines.append(([struct.pack(">I", len(v))], f"{label}: VALUE_MAP, {_count(len(v), 'pair')}"))
+            lines.append(
+                ([struct.pack(">I", len(v))], f"{label}: VALUE_MAP, {_count(len(v), 'pair')}")
+            )
             for k, item in v.items():
                 lines += _reference_value(_str_chunks(k), f"{indent}  {k!r}", item, indent + "  ")
         elif isinstance(kind, tuple):
             item_cls = kind[1]
             lines.append(
-                ([struct.pack(">I", len(v))], f"{label}: LIST of {item_cls.__name__}, count {len(v)}")
+                (
+                    [struct.pack(">I", len(v))],
+                    f"{label}: LIST of {item_cls.__name__}, count {len(v)}",
+                )
             )
             for i, item in enumerate(v):
                 lines.append(([], f"{indent}  [{i}] {item_cls.__name__}"))
@@ -334,6 +353,9 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     print(
         render_vector(
-            "NAME", args[0], int(args[1]) if len(args) > 1 else 1, args[2] if len(args) > 2 else None
+            "NAME",
+            args[0],
+            int(args[1]) if len(args) > 1 else 1,
+            args[2] if len(args) > 2 else None,
         )
     )
