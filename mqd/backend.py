@@ -7,6 +7,7 @@ will open only the partitions that placement assigns to this node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from mqd.receipts import ReceiptSigner
 from mqd.storage import PartitionStore, StorageConfig
 
 log = structlog.get_logger("mqd.backend")
+
+HOUSEKEEPING_INTERVAL_S = 1.0
 
 
 class BackendRole:
@@ -37,6 +40,7 @@ class BackendRole:
         self._clock = clock
         self._partitions: dict[tuple[bytes, int], Partition] = {}
         self._closing = False
+        self._housekeeping: asyncio.Task[None] | None = None
 
     def _partition_dir(self, queue_id: bytes, index: int) -> Path:
         return self._dir / f"{queue_id.hex()}-{index:04d}"
@@ -56,6 +60,17 @@ class BackendRole:
                 await asyncio.to_thread(shutil.rmtree, child)
         for queue in queues:
             await self.create_partitions(queue)
+        self._housekeeping = asyncio.create_task(self._housekeeping_loop())
+
+    async def _housekeeping_loop(self) -> None:
+        """Once a second: drop messages past retention (SQS granularity is coarser)."""
+        while not self._closing:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            for partition in list(self._partitions.values()):
+                try:
+                    await partition.expire()
+                except Exception:
+                    log.exception("partition.expire_failed", queue_id=partition.queue_id.hex())
 
     async def create_partitions(self, queue: QueueRecord) -> None:
         for index in range(queue.partitions):
@@ -70,6 +85,14 @@ class BackendRole:
             self._partitions[key] = Partition(
                 queue.queue_id, index, store, self._signer, clock=self._clock
             )
+        self.configure_partitions(queue)
+
+    def configure_partitions(self, queue: QueueRecord) -> None:
+        """Apply the queue attributes the partitions act on by themselves."""
+        for index in range(queue.partitions):
+            partition = self._partitions.get((queue.queue_id, index))
+            if partition is not None:
+                partition.retention_ms = int(queue.attributes["retention"] * 1000)
 
     async def drop_partitions(self, queue: QueueRecord) -> None:
         for index in range(queue.partitions):
@@ -99,6 +122,10 @@ class BackendRole:
 
     async def close(self) -> None:
         self._closing = True
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         partitions = list(self._partitions.values())
         self._partitions.clear()
         for partition in partitions:

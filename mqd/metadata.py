@@ -53,6 +53,7 @@ class QueueRecord:
 class BackendApi(Protocol):
     async def create_partitions(self, queue: QueueRecord) -> None: ...
     async def drop_partitions(self, queue: QueueRecord) -> None: ...
+    def configure_partitions(self, queue: QueueRecord) -> None: ...
 
 
 class Catalog:
@@ -177,6 +178,7 @@ class MetadataRole:
         )
         await self._catalog.put(updated)
         self._queues[name] = updated
+        self._backend.configure_partitions(updated)
         return updated
 
     def list_queues(self, prefix: str = "") -> list[str]:

@@ -59,6 +59,9 @@ class Partition:
         self.sent_total = 0
         self.received_total = 0
         self.acked_total = 0
+        self.expired_total = 0
+        # Set from the queue's attributes by the backend (`configure`).
+        self.retention_ms = 4 * 86_400_000
         self._closed = False
         self._rebuild()
 
@@ -411,6 +414,23 @@ class Partition:
         self._in_flight_count = 0
         return max(purged, count)
 
+    async def expire(self) -> int:
+        """Drop messages older than the queue's retention (in any state); returns how many."""
+        cutoff = self._now_ms() - self.retention_ms
+        expired: list[MessageMeta] = []
+        for meta in self._metas.values():
+            if meta.sent_at_ms >= cutoff:
+                break
+            expired.append(meta)
+        if not expired:
+            return 0
+        for meta in expired:
+            self._forget(meta)
+        self.expired_total += len(expired)
+        await self.store.delete([meta.offset for meta in expired])
+        log.info("messages.expired", queue_id=self.queue_id.hex(), count=len(expired))
+        return len(expired)
+
     def stats(self) -> dict[str, Any]:
         now = self._now_ms()
         self._advance(now)
@@ -427,6 +447,7 @@ class Partition:
             "sent_total": self.sent_total,
             "received_total": self.received_total,
             "acked_total": self.acked_total,
+            "expired_total": self.expired_total,
         }
 
     def stop_waiting(self) -> None:

@@ -165,3 +165,19 @@ async def test_receive_respects_response_bytes(partition):
     assert 1 <= len(got) < 10
     rest = await partition.receive(10, 0, 30_000, bytes_max=BYTES_MAX)
     assert len(got) + len(rest) == 10
+
+
+async def test_retention_drops_old_messages_in_any_state(partition, clock):
+    partition.retention_ms = 60_000
+    await send(partition, b"old-ready", b"old-leased")
+    await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX)
+    clock.advance(30_000)
+    await send(partition, b"young")
+    assert await partition.expire() == 0
+    clock.advance(30_001)
+    assert await partition.expire() == 2
+    stats = partition.stats()
+    assert stats["expired_total"] == 2
+    assert (stats["visible"], stats["in_flight"]) == (1, 0)
+    got = await partition.receive(10, 0, 30_000, bytes_max=BYTES_MAX)
+    assert [m.body for m in got] == [b"young"]

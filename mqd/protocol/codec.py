@@ -854,3 +854,10 @@ __all__ = [
     "generated_source",
     "unsupported_version_details",
 ]
+
+
+# Compile every message of the op table at import: a schema mistake in
+# messages.py then fails loudly at startup, and no request pays for compiling.
+for _cls in (ErrorBody, *(cls for pair in OPS.values() for cls in pair)):
+    _compiled(_cls)
+del _cls
