@@ -36,23 +36,31 @@ def _storage(args: argparse.Namespace) -> int:
     from mqd.storage import tools
 
     path = Path(args.dir)
-    if not path.exists():
+    if not path.is_dir():
         raise ConfigError(f"DIR: no such directory {args.dir!r}")
     if args.storage_command == "verify":
-        report = asyncio.run(tools.verify(path)) if asyncio.iscoroutinefunction(tools.verify) else tools.verify(path)
-        print(report)
+        report = tools.verify(path)
+        print(report.text(), end="")
         return 0 if report.ok else 1
     if args.storage_command == "dump":
-        result = tools.dump(path, sys.stdout)
-        if asyncio.iscoroutine(result):
-            asyncio.run(result)
+        tools.dump(path, sys.stdout)
         return 0
-    result = tools.rebuild_index(path)
-    if asyncio.iscoroutine(result):
-        result = asyncio.run(result)
-    if result is not None:
-        print(result)
-    return 0
+    # Rewriting the index under a running server would race its index writer.
+    from mqd.node import DataDirLock
+
+    data_dir = next(
+        (p for p in (path, *path.resolve().parents[:2]) if (p / "LOCK").exists()), None
+    )
+    lock = DataDirLock(data_dir) if data_dir is not None else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        report = tools.rebuild_index(path)
+    finally:
+        if lock is not None:
+            lock.release()
+    print(report.text(), end="")
+    return 0 if report.ok else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
