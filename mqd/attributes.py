@@ -23,7 +23,12 @@ _NUMERIC: dict[str, tuple[float, float, float]] = {
     "retention": (4 * DAY_S, 60, 14 * DAY_S),
     "max_message_bytes": (1024 * 1024, 1, 16 * 1024 * 1024),
     "delay": (0, 0, 7 * DAY_S),
+    # The dedup window is bounded by how long the store remembers dedup ids (15 min).
+    "dedup_window": (300, 0, 900),
 }
+_BOOLEAN: dict[str, bool] = {"content_based_dedup": False}
+REDRIVE_POLICY = "redrive_policy"
+MAX_RECEIVE_COUNT_MAX = 1000
 _INTEGER_ONLY = frozenset({"max_message_bytes"})
 _READ_ONLY = frozenset({"fifo"})
 
@@ -51,6 +56,7 @@ def default_attributes(name: str, limits: Limits) -> dict[str, Any]:
     attributes: dict[str, Any] = {key: spec[0] for key, spec in _NUMERIC.items()}
     attributes["max_message_bytes"] = min(attributes["max_message_bytes"], limits.message_bytes_max)
     attributes["fifo"] = is_fifo_name(name)
+    attributes.update(_BOOLEAN)
     return attributes
 
 
@@ -70,9 +76,17 @@ def validate_attributes(
                     f"{name!r} has fifo={fifo}"
                 )
             continue
+        if key in _BOOLEAN:
+            if not isinstance(value, bool):
+                raise InvalidArgument(f"attribute {key} must be true or false, got {value!r}")
+            validated[key] = value
+            continue
+        if key == REDRIVE_POLICY:
+            validated[key] = _validate_redrive_policy(value)
+            continue
         spec = _NUMERIC.get(key)
         if spec is None:
-            known = ", ".join(sorted([*_NUMERIC, *_READ_ONLY]))
+            known = ", ".join(sorted([*_NUMERIC, *_READ_ONLY, *_BOOLEAN, REDRIVE_POLICY]))
             raise InvalidArgument(f"unknown queue attribute {key!r}; known: {known}")
         _, low, high = spec
         if key == "max_message_bytes":
@@ -85,3 +99,26 @@ def validate_attributes(
             raise InvalidArgument(f"attribute {key} must be from {low} to {high}, got {value!r}")
         validated[key] = int(value) if float(value).is_integer() else float(value)
     return validated
+
+
+def _validate_redrive_policy(value: Any) -> dict[str, Any]:
+    """{dead_letter_queue: NAME, max_receive_count: N}; an empty map removes the policy.
+    Whether the named queue exists and is of the same kind is checked by metadata."""
+    if not isinstance(value, dict):
+        raise InvalidArgument(
+            "attribute redrive_policy must be a map {dead_letter_queue: NAME, max_receive_count: N}"
+        )
+    if not value:
+        return {}
+    unknown = set(value) - {"dead_letter_queue", "max_receive_count"}
+    if unknown:
+        raise InvalidArgument(f"redrive_policy: unknown keys {sorted(unknown)}")
+    target = value.get("dead_letter_queue")
+    if not isinstance(target, str) or not target:
+        raise InvalidArgument("redrive_policy.dead_letter_queue must name a queue")
+    count = value.get("max_receive_count")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_RECEIVE_COUNT_MAX:
+        raise InvalidArgument(
+            f"redrive_policy.max_receive_count must be a whole number from 1 to {MAX_RECEIVE_COUNT_MAX}, got {count!r}"
+        )
+    return {"dead_letter_queue": target, "max_receive_count": count}

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -18,7 +19,7 @@ from mqd.errors import QueueNotFound, Unavailable
 from mqd.metadata import QueueRecord
 from mqd.partition import Partition
 from mqd.receipts import ReceiptSigner
-from mqd.storage import PartitionStore, StorageConfig
+from mqd.storage import NewMessage, PartitionStore, StorageConfig
 
 log = structlog.get_logger("mqd.backend")
 
@@ -41,6 +42,7 @@ class BackendRole:
         self._partitions: dict[tuple[bytes, int], Partition] = {}
         self._closing = False
         self._housekeeping: asyncio.Task[None] | None = None
+        self._lookup: Callable[[str], QueueRecord] | None = None
 
     def _partition_dir(self, queue_id: bytes, index: int) -> Path:
         return self._dir / f"{queue_id.hex()}-{index:04d}"
@@ -60,6 +62,7 @@ class BackendRole:
                 await asyncio.to_thread(shutil.rmtree, child)
         for queue in queues:
             await self.create_partitions(queue)
+        await self.recover_moves()
         self._housekeeping = asyncio.create_task(self._housekeeping_loop())
 
     async def _housekeeping_loop(self) -> None:
@@ -83,16 +86,58 @@ class BackendRole:
                 **({"clock": self._clock} if self._clock else {}),
             )
             self._partitions[key] = Partition(
-                queue.queue_id, index, store, self._signer, clock=self._clock
+                queue.queue_id,
+                index,
+                store,
+                self._signer,
+                clock=self._clock,
+                fifo=bool(queue.attributes.get("fifo")),
+                name=queue.name,
             )
         self.configure_partitions(queue)
 
     def configure_partitions(self, queue: QueueRecord) -> None:
         """Apply the queue attributes the partitions act on by themselves."""
+        attributes = queue.attributes
+        redrive = attributes.get("redrive_policy") or {}
         for index in range(queue.partitions):
             partition = self._partitions.get((queue.queue_id, index))
-            if partition is not None:
-                partition.retention_ms = int(queue.attributes["retention"] * 1000)
+            if partition is None:
+                continue
+            partition.name = queue.name
+            partition.retention_ms = int(attributes["retention"] * 1000)
+            partition.dedup_window_ms = int(attributes.get("dedup_window", 300) * 1000)
+            partition.content_based_dedup = bool(attributes.get("content_based_dedup", False))
+            partition.dead_letter_queue = redrive.get("dead_letter_queue", "")
+            partition.max_receive_count = int(redrive.get("max_receive_count", 0))
+            partition.dead_letter_sink = self.append_moved
+
+    def bind_catalog(self, lookup: Callable[[str], QueueRecord]) -> None:
+        """Where queue names resolve (dead-letter and redrive targets)."""
+        self._lookup = lookup
+
+    async def append_moved(self, queue_name: str, messages: list[NewMessage]) -> None:
+        """Append messages moved from another queue (dead letters, redrive) to `queue_name`."""
+        if self._lookup is None:
+            raise QueueNotFound(f"queue {queue_name!r} cannot be resolved on this node")
+        target = self.partition(self._lookup(queue_name))
+        await target.accept_dead_letters(messages)
+
+    async def recover_moves(self) -> None:
+        """Finish dead-letter moves interrupted by a crash (all partitions are open now)."""
+        for partition in list(self._partitions.values()):
+            if not partition.pending_moves:
+                continue
+
+            async def ids_in(dlq_name: str, source: Partition = partition) -> set[str]:
+                assert self._lookup is not None
+                try:
+                    dlq = self.partition(self._lookup(dlq_name))
+                except QueueNotFound:
+                    return set()
+                return await dlq.original_ids_from(source.name)
+
+            await partition.recover_moves(ids_in)
 
     async def drop_partitions(self, queue: QueueRecord) -> None:
         for index in range(queue.partitions):

@@ -20,7 +20,7 @@ import structlog
 
 from mqd.attributes import default_attributes, validate_attributes, validate_queue_name
 from mqd.clock import SystemClock
-from mqd.errors import QueueExists, QueueNotFound
+from mqd.errors import InvalidArgument, QueueExists, QueueInUse, QueueNotFound
 from mqd.limits import Limits
 
 log = structlog.get_logger("mqd.metadata")
@@ -146,6 +146,7 @@ class MetadataRole:
             detail = f" with different attributes: {sorted(differing)}" if differing else ""
             raise QueueExists(f"queue {name!r} already exists{detail}")
         merged = default_attributes(name, self._limits) | changes
+        self._check_redrive_target(name, merged)
         record = QueueRecord(name, os.urandom(8), merged, self._clock.now_ms())
         self._queues[name] = record
         try:
@@ -157,8 +158,40 @@ class MetadataRole:
         log.info("queue.created", queue=name, queue_id=record.queue_id.hex())
         return record, True
 
+    def _check_redrive_target(self, name: str, attributes: dict[str, Any]) -> None:
+        policy = attributes.get("redrive_policy") or {}
+        target_name = policy.get("dead_letter_queue")
+        if not target_name:
+            return
+        if target_name == name:
+            raise InvalidArgument(f"queue {name!r} cannot be its own dead-letter queue")
+        target = self._queues.get(target_name)
+        if target is None:
+            raise QueueNotFound(
+                f"redrive_policy.dead_letter_queue: queue {target_name!r} does not exist; create it first"
+            )
+        if bool(target.attributes.get("fifo")) != bool(attributes.get("fifo")):
+            kind = "FIFO" if attributes.get("fifo") else "standard"
+            raise InvalidArgument(
+                f"redrive_policy.dead_letter_queue: {target_name!r} must be a {kind} queue like {name!r}"
+            )
+
+    def dependents(self, name: str) -> list[str]:
+        """Queues whose dead-letter queue is `name`."""
+        return sorted(
+            record.name
+            for record in self._queues.values()
+            if (record.attributes.get("redrive_policy") or {}).get("dead_letter_queue") == name
+        )
+
     async def delete_queue(self, name: str) -> QueueRecord:
         record = self.lookup(name)
+        users = [user for user in self.dependents(name) if user != name]
+        if users:
+            raise QueueInUse(
+                f"queue {name!r} is the dead-letter queue of {', '.join(users)}; "
+                "remove their redrive_policy first"
+            )
         del self._queues[name]
         await self._catalog.delete(name)
         await self._backend.drop_partitions(record)
@@ -168,6 +201,7 @@ class MetadataRole:
     async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
         record = self.lookup(name)
         changes = validate_attributes(name, attributes, self._limits, creating=False)
+        self._check_redrive_target(name, record.attributes | changes)
         updated = QueueRecord(
             record.name,
             record.queue_id,

@@ -119,6 +119,7 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
     frontend: FrontendRole | None = None
     try:
         queues = await metadata.start()
+        backend.bind_catalog(metadata.lookup)
         await backend.start(queues)
         frontend = FrontendRole(
             metadata=metadata,

@@ -4,31 +4,48 @@ The store (`mqd.storage.PartitionStore`) makes every change durable; this
 class keeps the derived in-memory view and answers receives from it. Each
 message is in exactly one state, read off its `MessageMeta`:
 delayed (`due_ms != 0`), in flight (`visible_at_ms != 0`) or ready (neither).
-The ready deque and the two heaps are indexes into that state with lazy
+The ready structures and the two heaps are indexes into that state with lazy
 deletion: an entry whose message has moved on is skipped when popped.
+
+Standard queues deliver by priority (9 first), oldest first within one.
+FIFO queues (protocol.md §4 "FIFO queues") deliver each message group in
+order and hold a group back while any of its messages is in flight; a
+receive takes consecutive messages of one group, then moves to the next.
 
 Time comes from the injected clock; transitions that are due are applied
 lazily at the start of every operation, and a timer wakes long-pollers when
-the next delayed message or lease falls due (protocol.md §4 RECEIVE).
+the next delayed message or lease falls due.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
 from mqd.clock import SystemClock
-from mqd.errors import ErrorCode
+from mqd.errors import ErrorCode, QueueNotFound
 from mqd.protocol.messages import DeliveredMessage, EntryFailure, SendEntry
 from mqd.receipts import ReceiptSigner, message_id
-from mqd.storage import Lease, MessageMeta, NewMessage, PartitionStore
+from mqd.storage import Lease, MessageMeta, NewMessage, PartitionStore, StoredMessage
 
 log = structlog.get_logger("mqd.partition")
+
+PRIORITIES = 10
+# A lease deadline that marks a message being moved to its dead-letter queue
+# (protocol.md §4 "Dead-letter queues"): durable before the move starts, so a
+# restart finds and finishes every interrupted move.
+MOVING_MS = (1 << 62) - 1
+# Receives that find only messages due for dead-lettering try again this often.
+_DEAD_LETTER_ROUNDS_MAX = 16
+_DELIVERY_OVERHEAD_BYTES = 256
+
+DeadLetterSink = Callable[[str, list[NewMessage]], Awaitable[None]]
 
 
 class Partition:
@@ -40,15 +57,25 @@ class Partition:
         signer: ReceiptSigner,
         *,
         clock: Any = None,
+        fifo: bool = False,
+        name: str = "",
     ) -> None:
         self.queue_id = queue_id
         self.partition_index = partition_index
         self.store = store
+        self.fifo = fifo
+        self.name = name
         self._signer = signer
         self._clock = clock or SystemClock()
         self._now_ms: Callable[[], int] = self._clock.now_ms
         self._metas: dict[int, MessageMeta] = {}
-        self._ready: deque[int] = deque()
+        # Standard queues: one deque of offsets per priority.
+        self._ready: list[deque[int]] = [deque() for _ in range(PRIORITIES)]
+        # FIFO queues: every live message per group in order, the in-flight count of
+        # busy groups, and groups that may have a deliverable head.
+        self._groups: dict[str, deque[int]] = {}
+        self._group_busy: dict[str, int] = {}
+        self._ready_groups: deque[str] = deque()
         self._delayed: list[tuple[int, int]] = []  # (due_ms, offset)
         self._leases: list[tuple[int, int]] = []  # (visible_at_ms, offset)
         self._delayed_count = 0
@@ -56,12 +83,21 @@ class Partition:
         self._waiters: set[asyncio.Future[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due_ms = 0
+        self._pending_dedup: dict[str, asyncio.Future[int]] = {}
+        self.pending_moves: list[MessageMeta] = []
         self.sent_total = 0
         self.received_total = 0
         self.acked_total = 0
         self.expired_total = 0
-        # Set from the queue's attributes by the backend (`configure`).
+        self.dead_lettered_total = 0
+        self.deduplicated_total = 0
+        # Set from the queue's attributes by the backend (`BackendRole.configure_partitions`).
         self.retention_ms = 4 * 86_400_000
+        self.dedup_window_ms = 300_000
+        self.content_based_dedup = False
+        self.dead_letter_queue = ""
+        self.max_receive_count = 0
+        self.dead_letter_sink: DeadLetterSink | None = None
         self._closed = False
         self._rebuild()
 
@@ -71,16 +107,46 @@ class Partition:
         now = self._now_ms()
         for meta in self.store.live_messages():
             self._metas[meta.offset] = meta
+            if self.fifo:
+                self._groups.setdefault(meta.group_id, deque()).append(meta.offset)
             if meta.visible_at_ms:
-                self._in_flight_count += 1
-                heapq.heappush(self._leases, (meta.visible_at_ms, meta.offset))
+                self._on_leased(meta)
+                if meta.visible_at_ms == MOVING_MS:
+                    self.pending_moves.append(meta)
+                else:
+                    heapq.heappush(self._leases, (meta.visible_at_ms, meta.offset))
             elif meta.due_ms > now:
                 self._delayed_count += 1
                 heapq.heappush(self._delayed, (meta.due_ms, meta.offset))
             else:
                 meta.due_ms = 0
-                self._ready.append(meta.offset)
+                self._make_ready(meta)
         self._advance(now)
+
+    def _make_ready(self, meta: MessageMeta) -> None:
+        """Index a message that just became ready (it may sit behind its group)."""
+        if self.fifo:
+            if not self._group_busy.get(meta.group_id):
+                self._ready_groups.append(meta.group_id)
+        else:
+            self._ready[meta.priority].append(meta.offset)
+
+    def _on_leased(self, meta: MessageMeta) -> None:
+        self._in_flight_count += 1
+        if self.fifo:
+            busy = self._group_busy
+            busy[meta.group_id] = busy.get(meta.group_id, 0) + 1
+
+    def _on_unleased(self, meta: MessageMeta) -> None:
+        self._in_flight_count -= 1
+        if self.fifo:
+            group = meta.group_id
+            left = self._group_busy[group] - 1
+            if left:
+                self._group_busy[group] = left
+            else:
+                del self._group_busy[group]
+                self._ready_groups.append(group)
 
     def _advance(self, now: int) -> bool:
         """Apply every transition due by `now`; True if any message became ready."""
@@ -95,7 +161,7 @@ class Partition:
             meta.due_ms = 0
             self._delayed_count -= 1
             if not meta.visible_at_ms:
-                self._ready.append(offset)
+                self._make_ready(meta)
                 woke = True
         leases = self._leases
         while leases and leases[0][0] <= now:
@@ -104,25 +170,88 @@ class Partition:
             if meta is None or meta.visible_at_ms != deadline:
                 continue
             meta.visible_at_ms = 0
-            self._in_flight_count -= 1
-            self._ready.append(offset)
+            self._on_unleased(meta)
+            self._make_ready(meta)
             woke = True
         return woke
 
     def _take_ready(self, count: int) -> list[MessageMeta]:
+        if self.fifo:
+            return self._take_ready_fifo(count)
         taken: list[MessageMeta] = []
-        ready = self._ready
+        seen: set[int] = set()
         metas = self._metas
-        while ready and len(taken) < count:
-            meta = metas.get(ready.popleft())
-            if meta is None or meta.visible_at_ms or meta.due_ms:
-                continue
-            taken.append(meta)
+        for priority in range(PRIORITIES - 1, -1, -1):
+            ready = self._ready[priority]
+            while ready and len(taken) < count:
+                offset = ready.popleft()
+                meta = metas.get(offset)
+                if meta is None or meta.visible_at_ms or meta.due_ms or offset in seen:
+                    continue
+                seen.add(offset)
+                taken.append(meta)
+            if len(taken) >= count:
+                break
         return taken
 
-    def _mark_ready(self, meta: MessageMeta) -> None:
-        self._ready.append(meta.offset)
-        self._wake_waiters()
+    def _take_ready_fifo(self, count: int) -> list[MessageMeta]:
+        taken: list[MessageMeta] = []
+        taken_groups: set[str] = set()
+        metas = self._metas
+        ready_groups = self._ready_groups
+        while ready_groups and len(taken) < count:
+            group = ready_groups.popleft()
+            if group in taken_groups or self._group_busy.get(group):
+                continue
+            members = self._groups.get(group)
+            while members and members[0] not in metas:
+                members.popleft()
+            if not members:
+                self._groups.pop(group, None)
+                continue
+            taken_groups.add(group)
+            for offset in members:
+                meta = metas.get(offset)
+                if meta is None:
+                    continue
+                if meta.due_ms or meta.visible_at_ms:
+                    break
+                taken.append(meta)
+                if len(taken) >= count:
+                    break
+        return taken
+
+    def _give_back(self, metas: list[MessageMeta]) -> None:
+        """Return taken-but-undelivered messages to the front of the line."""
+        if self.fifo:
+            for group in dict.fromkeys(meta.group_id for meta in metas):
+                self._ready_groups.appendleft(group)
+        else:
+            for meta in reversed(metas):
+                self._ready[meta.priority].appendleft(meta.offset)
+
+    def _admit(self, metas: list[MessageMeta]) -> None:
+        """Index freshly appended messages and wake whoever waits for them."""
+        now = self._now_ms()
+        became_ready = False
+        for meta in metas:
+            self._metas[meta.offset] = meta
+            if self.fifo:
+                members = self._groups.get(meta.group_id)
+                if members is None:
+                    members = self._groups[meta.group_id] = deque()
+                members.append(meta.offset)
+            if meta.due_ms and meta.due_ms > now:
+                self._delayed_count += 1
+                heapq.heappush(self._delayed, (meta.due_ms, meta.offset))
+            else:
+                meta.due_ms = 0
+                self._make_ready(meta)
+                became_ready = True
+        if became_ready:
+            self._wake_waiters()
+        elif self._waiters:
+            self._arm_timer()
 
     # --- long-poll plumbing ---------------------------------------------------
 
@@ -162,55 +291,114 @@ class Partition:
             self._wake_waiters()
         self._arm_timer()
 
-    # --- operations -----------------------------------------------------------
+    # --- send -----------------------------------------------------------------
 
-    async def send(
-        self, entries: list[SendEntry], default_delay_ms: int
-    ) -> list[str]:
+    async def send(self, entries: list[SendEntry], default_delay_ms: int) -> list[str]:
+        """Append a batch; a duplicate within the dedup window returns the original id."""
         now = self._now_ms()
-        new_messages = [
-            NewMessage(
-                body=entry.body,
-                attributes=entry.attributes,
-                due_ms=now + (entry.delay_ms or default_delay_ms)
-                if (entry.delay_ms or default_delay_ms)
-                else 0,
-                group_id=entry.group_id,
-                dedup_id=entry.dedup_id,
-                priority=entry.priority,
-            )
-            for entry in entries
-        ]
-        metas = await self.store.append_messages(new_messages)
-        now = self._now_ms()
-        queue_id, index = self.queue_id, self.partition_index
-        ready_before = len(self._ready)
-        for meta in metas:
-            self._metas[meta.offset] = meta
-            if meta.due_ms and meta.due_ms > now:
-                self._delayed_count += 1
-                heapq.heappush(self._delayed, (meta.due_ms, meta.offset))
-            else:
-                meta.due_ms = 0
-                self._ready.append(meta.offset)
+        if self.content_based_dedup or any(entry.dedup_id for entry in entries):
+            return await self._send_deduplicated(entries, default_delay_ms, now)
+        metas = await self.store.append_messages(
+            [self._new_message(entry, entry.dedup_id, default_delay_ms, now) for entry in entries]
+        )
+        self._admit(metas)
         self.sent_total += len(metas)
-        if len(self._ready) != ready_before:
-            self._wake_waiters()
-        elif self._waiters:
-            self._arm_timer()
+        queue_id, index = self.queue_id, self.partition_index
         return [message_id(queue_id, index, meta.offset) for meta in metas]
+
+    @staticmethod
+    def _new_message(entry: SendEntry, dedup_id: str, default_delay_ms: int, now: int) -> NewMessage:
+        delay_ms = entry.delay_ms or default_delay_ms
+        return NewMessage(
+            body=entry.body,
+            attributes=entry.attributes,
+            due_ms=now + delay_ms if delay_ms else 0,
+            group_id=entry.group_id,
+            dedup_id=dedup_id,
+            priority=entry.priority,
+        )
+
+    async def _send_deduplicated(
+        self, entries: list[SendEntry], default_delay_ms: int, now: int
+    ) -> list[str]:
+        since_ms = now - self.dedup_window_ms
+        offsets: list[int | None] = [None] * len(entries)
+        waits: dict[int, asyncio.Future[int]] = {}
+        first_in_batch: dict[str, int] = {}
+        copies: dict[int, int] = {}
+        to_append: list[NewMessage] = []
+        appended_at: list[int] = []
+        for position, entry in enumerate(entries):
+            dedup_id = entry.dedup_id
+            if not dedup_id and self.content_based_dedup:
+                dedup_id = hashlib.sha256(entry.body).hexdigest()
+            if dedup_id:
+                original = self.store.find_dedup(dedup_id, since_ms)
+                if original is not None:
+                    offsets[position] = original
+                    continue
+                pending = self._pending_dedup.get(dedup_id)
+                if pending is not None:
+                    waits[position] = pending
+                    continue
+                if dedup_id in first_in_batch:
+                    copies[position] = first_in_batch[dedup_id]
+                    continue
+                first_in_batch[dedup_id] = position
+            to_append.append(self._new_message(entry, dedup_id, default_delay_ms, now))
+            appended_at.append(position)
+        loop = asyncio.get_running_loop()
+        mine = {dedup_id: loop.create_future() for dedup_id in first_in_batch}
+        self._pending_dedup.update(mine)
+        try:
+            metas = await self.store.append_messages(to_append) if to_append else []
+        except BaseException as exc:
+            for future in mine.values():
+                future.set_exception(exc)
+                future.exception()  # retrieved: the waiters get it too
+            raise
+        finally:
+            for dedup_id in mine:
+                self._pending_dedup.pop(dedup_id, None)
+        self._admit(metas)
+        self.sent_total += len(metas)
+        for position, meta in zip(appended_at, metas, strict=True):
+            offsets[position] = meta.offset
+        for dedup_id, position in first_in_batch.items():
+            mine[dedup_id].set_result(offsets[position])  # type: ignore[arg-type]
+        for position, source in copies.items():
+            offsets[position] = offsets[source]
+        for position, future in waits.items():
+            offsets[position] = await future
+        self.deduplicated_total += len(entries) - len(metas)
+        queue_id, index = self.queue_id, self.partition_index
+        return [message_id(queue_id, index, offset) for offset in offsets]  # type: ignore[arg-type]
+
+    async def accept_dead_letters(self, messages: list[NewMessage]) -> None:
+        """Append messages moved here from another queue (as dead letters or by redrive)."""
+        metas = await self.store.append_messages(messages)
+        self._admit(metas)
+        self.sent_total += len(metas)
+
+    # --- receive --------------------------------------------------------------
 
     async def receive(
         self, max_messages: int, wait_ms: int, visibility_timeout_ms: int, *, bytes_max: int
     ) -> list[DeliveredMessage]:
-        now = self._now_ms()
-        self._advance(now)
-        taken = self._take_ready(max_messages)
-        if not taken and wait_ms > 0:
-            taken = await self._wait_for_messages(max_messages, now + wait_ms)
-        if not taken:
-            return []
-        return await self._deliver(taken, visibility_timeout_ms, bytes_max)
+        deadline_ms = self._now_ms() + wait_ms
+        for _ in range(_DEAD_LETTER_ROUNDS_MAX):
+            self._advance(self._now_ms())
+            taken = self._take_ready(max_messages)
+            if not taken and wait_ms > 0:
+                taken = await self._wait_for_messages(max_messages, deadline_ms)
+            if not taken:
+                return []
+            if self.max_receive_count:
+                taken = await self._divert_dead_letters(taken)
+                if not taken:
+                    continue
+            return await self._deliver(taken, visibility_timeout_ms, bytes_max)
+        return []
 
     async def _wait_for_messages(self, max_messages: int, deadline_ms: int) -> list[MessageMeta]:
         loop = asyncio.get_running_loop()
@@ -239,10 +427,9 @@ class Partition:
         # Keep the response inside one frame: give back what does not fit.
         total = 0
         for position, meta in enumerate(taken):
-            total += meta.size + 256
+            total += meta.size + _DELIVERY_OVERHEAD_BYTES
             if total > bytes_max and position > 0:
-                for returned in reversed(taken[position:]):
-                    self._ready.appendleft(returned.offset)
+                self._give_back(taken[position:])
                 taken = taken[:position]
                 break
         now = self._now_ms()
@@ -254,15 +441,14 @@ class Partition:
                 meta.first_received_at_ms = now
             if visible_at:
                 meta.visible_at_ms = visible_at
+                self._on_leased(meta)
                 heapq.heappush(self._leases, (visible_at, meta.offset))
-            else:
-                # A zero visibility timeout hands the message out and leaves it ready.
-                self._ready.append(meta.offset)
             leases.append(Lease(meta.offset, meta.receive_count, visible_at, meta.first_received_at_ms))
-        if visible_at:
-            self._in_flight_count += len(taken)
-            if self._waiters:
-                self._arm_timer()
+        if not visible_at:
+            # A zero visibility timeout hands the messages out and leaves them ready.
+            self._give_back(taken)
+        elif self._waiters:
+            self._arm_timer()
         self.received_total += len(taken)
         try:
             await self.store.lease(leases)
@@ -289,12 +475,195 @@ class Partition:
         ]
 
     def _undo_delivery(self, taken: list[MessageMeta]) -> None:
-        for meta in taken:
-            if meta.offset in self._metas and meta.visible_at_ms:
-                meta.visible_at_ms = 0
-                self._in_flight_count -= 1
-                self._ready.appendleft(meta.offset)
+        undone = [m for m in taken if m.offset in self._metas and m.visible_at_ms]
+        for meta in undone:
+            meta.visible_at_ms = 0
+            self._on_unleased(meta)
+        self._give_back(undone)
         self._wake_waiters()
+
+    # --- dead letters ---------------------------------------------------------
+
+    async def _divert_dead_letters(self, taken: list[MessageMeta]) -> list[MessageMeta]:
+        """Move messages whose next delivery would exceed max_receive_count; keep the rest."""
+        limit = self.max_receive_count
+        doomed = [meta for meta in taken if meta.receive_count >= limit]
+        if not doomed:
+            return taken
+        keep = [meta for meta in taken if meta.receive_count < limit]
+        if self.fifo and keep:
+            # A group's later messages wait until its head has left for the DLQ.
+            doomed_groups = {meta.group_id for meta in doomed}
+            held = [meta for meta in keep if meta.group_id in doomed_groups]
+            keep = [meta for meta in keep if meta.group_id not in doomed_groups]
+            self._give_back(held)
+        try:
+            await self._dead_letter(doomed)
+        except Exception:
+            log.exception("dead_letter.failed", queue=self.name, count=len(doomed))
+            self._give_back(keep)
+            raise
+        return keep
+
+    async def _dead_letter(self, doomed: list[MessageMeta]) -> None:
+        sink = self.dead_letter_sink
+        target = self.dead_letter_queue
+        if sink is None or not target:
+            raise QueueNotFound(f"queue {self.name!r} has no dead-letter queue configured")
+        for meta in doomed:
+            if meta.visible_at_ms != MOVING_MS:
+                if meta.visible_at_ms:
+                    self._on_unleased(meta)
+                meta.visible_at_ms = MOVING_MS
+                self._on_leased(meta)
+        # 1. Mark durably, so a crash from here on is finished by `recover_moves`.
+        await self.store.lease(
+            [Lease(m.offset, m.receive_count, MOVING_MS, m.first_received_at_ms) for m in doomed]
+        )
+        try:
+            stored = await self.store.read([meta.offset for meta in doomed])
+            # 2. Append to the DLQ (durable). 3. Delete here (durable).
+            await sink(target, [self._dead_letter_copy(m, r) for m, r in zip(doomed, stored, strict=True)])
+        except BaseException:
+            await self._unmark(doomed)
+            raise
+        await self._remove(doomed)
+        self.dead_lettered_total += len(doomed)
+        log.info("messages.dead_lettered", queue=self.name, dead_letter_queue=target, count=len(doomed))
+
+    def _dead_letter_copy(self, meta: MessageMeta, record: StoredMessage) -> NewMessage:
+        return NewMessage(
+            body=record.body,
+            attributes=record.attributes,
+            due_ms=0,
+            group_id=record.group_id,
+            dedup_id=record.dedup_id,
+            priority=meta.priority,
+            source_queue=self.name,
+            original_id=record.original_id or message_id(self.queue_id, self.partition_index, meta.offset),
+            receive_count=meta.receive_count,
+        )
+
+    async def _unmark(self, metas: list[MessageMeta]) -> None:
+        for meta in metas:
+            if meta.offset in self._metas and meta.visible_at_ms == MOVING_MS:
+                meta.visible_at_ms = 0
+                self._on_unleased(meta)
+                self._make_ready(meta)
+        await self.store.lease([Lease(m.offset, m.receive_count, 0, m.first_received_at_ms) for m in metas])
+        self._wake_waiters()
+
+    async def _remove(self, metas: list[MessageMeta]) -> None:
+        offsets = []
+        for meta in metas:
+            if meta.offset in self._metas:
+                self._forget(meta)
+                offsets.append(meta.offset)
+        if offsets:
+            await self.store.delete(offsets)
+
+    async def recover_moves(self, dead_letter_ids: Callable[[str], Awaitable[set[str]]]) -> int:
+        """Finish moves to the DLQ that a crash interrupted (found marked at start).
+
+        `dead_letter_ids(name)` gives the original ids already in the DLQ `name`
+        that came from this queue: a message found there is deleted here; any
+        other is moved again. Either way it ends in exactly one of the two queues.
+        """
+        pending, self.pending_moves = self.pending_moves, []
+        pending = [meta for meta in pending if meta.offset in self._metas]
+        if not pending:
+            return 0
+        if not self.dead_letter_queue:
+            await self._unmark(pending)
+            return 0
+        already = await dead_letter_ids(self.dead_letter_queue)
+        done = [
+            meta
+            for meta in pending
+            if message_id(self.queue_id, self.partition_index, meta.offset) in already
+        ]
+        await self._remove(done)
+        redo = [meta for meta in pending if meta.offset in self._metas]
+        if redo:
+            await self._dead_letter(redo)
+        self.dead_lettered_total += len(done)
+        log.warning("dead_letter.recovered", queue=self.name, finished=len(done), redone=len(redo))
+        return len(pending)
+
+    async def original_ids_from(self, source_queue: str) -> set[str]:
+        """Original ids of the messages here that came from `source_queue` (recovery only)."""
+        found: set[str] = set()
+        offsets = list(self._metas)
+        for start in range(0, len(offsets), 1000):
+            for record in await self.store.read(offsets[start : start + 1000]):
+                if record.source_queue == source_queue:
+                    found.add(record.original_id)
+        return found
+
+    async def redrive(
+        self,
+        sink: Callable[[str, list[NewMessage]], Awaitable[None]],
+        *,
+        to: str,
+        max_messages: int,
+        rate_per_s: float,
+    ) -> tuple[int, list[str]]:
+        """Move ready messages back to their source queue (or `to`), oldest first.
+
+        Returns (moved, problems). Moves append before they delete: a crash in
+        between leaves a copy in both queues (at least once), never none.
+        """
+        moved = 0
+        problems: list[str] = []
+        chunk_max = 100
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        skipped: set[int] = set()
+        while not self._closed and (not max_messages or moved < max_messages):
+            self._advance(self._now_ms())
+            want = chunk_max if not max_messages else min(chunk_max, max_messages - moved)
+            chunk = [
+                meta
+                for meta in self._metas.values()
+                if not meta.visible_at_ms and not meta.due_ms and meta.offset not in skipped
+            ][:want]
+            if not chunk:
+                break
+            stored = await self.store.read([meta.offset for meta in chunk])
+            by_target: dict[str, list[tuple[MessageMeta, StoredMessage]]] = {}
+            for meta, record in zip(chunk, stored, strict=True):
+                target = to or record.source_queue
+                if not target:
+                    skipped.add(meta.offset)
+                    problems.append(f"message {message_id(self.queue_id, self.partition_index, meta.offset)} has no source queue; give `to`")
+                    continue
+                by_target.setdefault(target, []).append((meta, record))
+            for target, pairs in by_target.items():
+                copies = [
+                    NewMessage(
+                        body=record.body,
+                        attributes=record.attributes,
+                        group_id=record.group_id,
+                        priority=meta.priority,
+                        original_id=record.original_id,
+                    )
+                    for meta, record in pairs
+                ]
+                try:
+                    await sink(target, copies)
+                except QueueNotFound as exc:
+                    skipped.update(meta.offset for meta, _ in pairs)
+                    problems.append(exc.message)
+                    continue
+                await self._remove([meta for meta, _ in pairs])
+                moved += len(pairs)
+            if rate_per_s > 0:
+                ahead_s = moved / rate_per_s - (loop.time() - started)
+                if ahead_s > 0:
+                    await asyncio.sleep(ahead_s)
+        return moved, problems[:20]
+
+    # --- acks and visibility ----------------------------------------------------
 
     def _check_receipt(self, receipt: str) -> tuple[MessageMeta | None, str]:
         """(meta, "") for a current receipt; (None, "") if the message is already gone;
@@ -307,10 +676,10 @@ class Partition:
         meta = self._metas.get(fields.offset)
         if meta is None:
             return None, ""
-        if meta.receive_count != fields.receive_count:
+        if meta.receive_count != fields.receive_count or meta.visible_at_ms == MOVING_MS:
             return None, (
                 f"receipt is from delivery {fields.receive_count}; the message has since "
-                f"been delivered again (delivery {meta.receive_count})"
+                f"been delivered again (delivery {meta.receive_count}) or dead-lettered"
             )
         return meta, ""
 
@@ -336,7 +705,9 @@ class Partition:
     def _forget(self, meta: MessageMeta) -> None:
         del self._metas[meta.offset]
         if meta.visible_at_ms:
-            self._in_flight_count -= 1
+            self._on_unleased(meta)
+            if self.fifo:
+                self._wake_waiters()
         elif meta.due_ms:
             self._delayed_count -= 1
 
@@ -362,12 +733,12 @@ class Partition:
                 meta.visible_at_ms = now + timeout_ms
                 heapq.heappush(self._leases, (meta.visible_at_ms, meta.offset))
                 if not was_in_flight:
-                    self._in_flight_count += 1
+                    self._on_leased(meta)
             else:
                 meta.visible_at_ms = 0
                 if was_in_flight:
-                    self._in_flight_count -= 1
-                    self._ready.append(meta.offset)
+                    self._on_unleased(meta)
+                    self._make_ready(meta)
                     released = True
             leases.append(
                 Lease(meta.offset, meta.receive_count, meta.visible_at_ms, meta.first_received_at_ms)
@@ -380,10 +751,16 @@ class Partition:
             await self.store.lease(leases)
         return failures
 
+    # --- inspection and housekeeping ----------------------------------------------
+
     async def peek(self, max_messages: int, after_offset: int) -> list[DeliveredMessage]:
         self._advance(self._now_ms())
-        metas = [meta for offset, meta in self._metas.items() if offset > after_offset]
-        metas = metas[:max_messages]
+        metas = []
+        for offset, meta in self._metas.items():
+            if offset > after_offset:
+                metas.append(meta)
+                if len(metas) >= max_messages:
+                    break
         stored = await self.store.read([meta.offset for meta in metas])
         queue_id, index = self.queue_id, self.partition_index
         return [
@@ -407,7 +784,11 @@ class Partition:
         purged = await self.store.purge(self.store.next_offset)
         count = len(self._metas)
         self._metas.clear()
-        self._ready.clear()
+        for ready in self._ready:
+            ready.clear()
+        self._groups.clear()
+        self._group_busy.clear()
+        self._ready_groups.clear()
         self._delayed.clear()
         self._leases.clear()
         self._delayed_count = 0
@@ -421,14 +802,15 @@ class Partition:
         for meta in self._metas.values():
             if meta.sent_at_ms >= cutoff:
                 break
-            expired.append(meta)
+            if meta.visible_at_ms != MOVING_MS:
+                expired.append(meta)
         if not expired:
             return 0
         for meta in expired:
             self._forget(meta)
         self.expired_total += len(expired)
         await self.store.delete([meta.offset for meta in expired])
-        log.info("messages.expired", queue_id=self.queue_id.hex(), count=len(expired))
+        log.info("messages.expired", queue=self.name, count=len(expired))
         return len(expired)
 
     def stats(self) -> dict[str, Any]:
@@ -448,6 +830,8 @@ class Partition:
             "received_total": self.received_total,
             "acked_total": self.acked_total,
             "expired_total": self.expired_total,
+            "dead_lettered_total": self.dead_lettered_total,
+            "deduplicated_total": self.deduplicated_total,
         }
 
     def stop_waiting(self) -> None:
