@@ -407,6 +407,8 @@ def _validate_send(conn: ClientConnection, record: QueueRecord, entries: list[me
             raise InvalidArgument(f"entry {position}: priority must be 0-{_PRIORITY_MAX}, got {entry.priority}")
         if fifo and not entry.group_id:
             raise InvalidArgument(f"entry {position}: a FIFO queue needs a group_id on every message")
+        if fifo and entry.priority:
+            raise InvalidArgument(f"entry {position}: FIFO queues keep strict order; priority is for standard queues")
         if len(entry.dedup_id) > 128 or len(entry.group_id) > 128:
             raise InvalidArgument(f"entry {position}: group_id and dedup_id are at most 128 characters")
 
@@ -479,6 +481,22 @@ async def handle_peek(conn: ClientConnection, request: messages.PeekRequest) -> 
     return messages.PeekResponse(messages=delivered)
 
 
+async def handle_redrive(conn: ClientConnection, request: messages.RedriveRequest) -> messages.RedriveResponse:
+    record = conn.queue(request.queue)
+    if request.to:
+        conn.queue(request.to)
+    if request.to == request.queue:
+        raise InvalidArgument("redrive: `to` must be another queue")
+    backend = conn.frontend.backend
+    moved, problems = await backend.partition(record).redrive(
+        backend.append_moved,
+        to=request.to,
+        max_messages=request.max_messages,
+        rate_per_s=request.rate_per_s,
+    )
+    return messages.RedriveResponse(moved=moved, problems=problems)
+
+
 async def handle_stats(conn: ClientConnection, request: messages.StatsRequest) -> messages.StatsResponse:
     return messages.StatsResponse(stats=conn.frontend.stats())
 
@@ -497,6 +515,7 @@ HANDLERS: dict[int, Handler] = {
     Opcode.DELETE: handle_delete,
     Opcode.CHANGE_VISIBILITY: handle_change_visibility,
     Opcode.PEEK: handle_peek,
+    Opcode.REDRIVE: handle_redrive,
     Opcode.STATS: handle_stats,
 }
 assert set(HANDLERS) == set(messages.OPS), "every op in the table has a handler"

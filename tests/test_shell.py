@@ -169,7 +169,7 @@ def json_lines(out: str) -> list[dict]:
 
 def test_every_command_in_a_json_script(server, tmp_path):
     body_file = tmp_path / "body.bin"
-    body_file.write_bytes(b"\x00\x01\x02")
+    body_file.write_bytes(b"\xfe\x01\x02")
     script = [
         "ping hi",
         "create q1 visibility_timeout=5 delay=0",
@@ -218,7 +218,7 @@ def test_every_command_in_a_json_script(server, tmp_path):
     b64 = {m.get("body_b64") for m in received} - {None}
     assert b64 == {
         base64.b64encode(b"\x00\xff").decode(),
-        base64.b64encode(b"\x00\x01\x02").decode(),
+        base64.b64encode(b"\xfe\x01\x02").decode(),
     }
     hello = next(m for m in received if m.get("body") == "hello")
     assert hello["attributes"] == {"k": "v"}

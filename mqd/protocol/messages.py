@@ -32,6 +32,7 @@ class Opcode(IntEnum):
     DELETE = 0x0022
     CHANGE_VISIBILITY = 0x0023
     PEEK = 0x0024
+    REDRIVE = 0x0025
     STATS = 0x0030
 
 
@@ -361,6 +362,31 @@ class PeekResponse:
 
 
 @dataclass(slots=True)
+class RedriveRequest:
+    """Move messages from a dead-letter queue back to their source queue (or `to`)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.REDRIVE
+    FIELDS: ClassVar[tuple] = (
+        ("queue", "STR"),
+        ("to", "STR"),
+        ("max_messages", "U32"),
+        ("rate_per_s", "U32"),
+    )
+    queue: str
+    to: str = ""  # "" = each message's source queue
+    max_messages: int = 0  # 0 = every ready message
+    rate_per_s: int = 0  # 0 = as fast as the disk allows
+
+
+@dataclass(slots=True)
+class RedriveResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.REDRIVE
+    FIELDS: ClassVar[tuple] = (("moved", "U64"), ("problems", "STR_LIST"))
+    moved: int
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class StatsRequest:
     OPCODE: ClassVar[Opcode] = Opcode.STATS
     FIELDS: ClassVar[tuple] = ()
@@ -389,5 +415,6 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.DELETE: (DeleteRequest, DeleteResponse),
     Opcode.CHANGE_VISIBILITY: (ChangeVisibilityRequest, ChangeVisibilityResponse),
     Opcode.PEEK: (PeekRequest, PeekResponse),
+    Opcode.REDRIVE: (RedriveRequest, RedriveResponse),
     Opcode.STATS: (StatsRequest, StatsResponse),
 }
