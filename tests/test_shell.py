@@ -499,3 +499,103 @@ def test_cli_wiring_when_present():
     assert result.returncode == 0, result.stderr
     for option in ("--tls", "--ca", "--cert", "--key", "--token", "--json", "-c", "--keep-going"):
         assert option in result.stdout
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+def _make_pki(directory: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("mqd test CA"))
+        .issuer_name(name("mqd test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    write("ca", ca, ca_key)
+
+    def leaf(stem: str, usage: x509.ObjectIdentifier) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(stem))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+        )
+        if stem == "server":
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        write(stem, builder.sign(ca_key, hashes.SHA256()), key)
+
+    leaf("server", ExtendedKeyUsageOID.SERVER_AUTH)
+    leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH)
+    return {stem: directory / stem for stem in ("ca", "server", "client")}
+
+
+def test_tls_with_client_certificate(server_factory, tmp_path):
+    pki = _make_pki(tmp_path)
+    config = tmp_path / "tls.toml"
+    config.write_text(
+        "[tls]\n"
+        f'cert = "{pki["server"]}.pem"\nkey = "{pki["server"]}.key"\nca = "{pki["ca"]}.pem"\n'
+    )
+    tls_server = server_factory("tls-data", config=config)
+    ca = f"{pki['ca']}.pem"
+    result = run_shell(
+        tls_server.address, "--json", "--ca", ca,
+        "--cert", f"{pki['client']}.pem", "--key", f"{pki['client']}.key", "-c", "ping",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "server_time_ms" in json_lines(result.stdout)[0]
+    # Without a client certificate the server refuses the handshake or the connection.
+    result = run_shell(tls_server.address, "--json", "--ca", ca, "-c", "ping")
+    assert result.returncode == 1
+    assert json_lines(result.stdout)[0]["error"] in ("CONNECTION_FAILED", "CONNECTION_CLOSED")
