@@ -1626,6 +1626,8 @@ class Shell:
                     continue
                 try:
                     self.run_line(line)
+                except KeyboardInterrupt:  # between commands, or while printing
+                    print(" cancelled", file=self.out, flush=True)
                 finally:
                     _save_history(readline, history_path)
         except _Quit:

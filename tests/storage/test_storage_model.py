@@ -13,6 +13,10 @@ from mqd.storage import Lease, NewMessage, StorageConfig
 from mqd.storage.index import Index
 
 
+async def _tagged(batch, call):
+    return batch, await call
+
+
 async def test_random_operations_match_model(part: Path) -> None:
     rng = random.Random(20240501)
     clock = ManualClock()
@@ -25,14 +29,12 @@ async def test_random_operations_match_model(part: Path) -> None:
         chosen_delete = live[: len(live) // 4]
         chosen_lease = live[len(live) // 4 : len(live) // 2]
         calls = []
-        bodies = []
         for _ in range(rng.randint(1, 8)):
             batch = [
                 NewMessage(rng.randbytes(rng.randint(0, 300)), {})
                 for _ in range(rng.randint(1, 20))
             ]
-            bodies.append(batch)
-            calls.append(store.append_messages(batch))
+            calls.append(_tagged(batch, store.append_messages(batch)))
         for i in range(0, len(chosen_delete), 3):
             calls.append(store.delete(chosen_delete[i : i + 3]))
             for o in chosen_delete[i : i + 3]:
@@ -47,10 +49,9 @@ async def test_random_operations_match_model(part: Path) -> None:
         rng.shuffle(calls)
         results = await asyncio.gather(*calls)
         for result in results:
-            if isinstance(result, list):
-                batch = next(b for b in bodies if len(b) == len(result) and b)
-                bodies.remove(batch)
-                for meta, m in zip(result, batch, strict=True):
+            if isinstance(result, tuple):
+                batch, metas = result
+                for meta, m in zip(metas, batch, strict=True):
                     model[meta.offset] = [m.body, 0, 0, 0]
         clock.advance(10)
         got = await store.read(sorted(model))
