@@ -117,7 +117,11 @@ def _validate_redrive_policy(value: Any) -> dict[str, Any]:
     if not isinstance(target, str) or not target:
         raise InvalidArgument("redrive_policy.dead_letter_queue must name a queue")
     count = value.get("max_receive_count")
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_RECEIVE_COUNT_MAX:
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, int)
+        or not 1 <= count <= MAX_RECEIVE_COUNT_MAX
+    ):
         raise InvalidArgument(
             f"redrive_policy.max_receive_count must be a whole number from 1 to {MAX_RECEIVE_COUNT_MAX}, got {count!r}"
         )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog

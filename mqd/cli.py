@@ -48,9 +48,7 @@ def _storage(args: argparse.Namespace) -> int:
     # Rewriting the index under a running server would race its index writer.
     from mqd.node import DataDirLock
 
-    data_dir = next(
-        (p for p in (path, *path.resolve().parents[:2]) if (p / "LOCK").exists()), None
-    )
+    data_dir = next((p for p in (path, *path.resolve().parents[:2]) if (p / "LOCK").exists()), None)
     lock = DataDirLock(data_dir) if data_dir is not None else None
     if lock is not None:
         lock.acquire()
@@ -77,20 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a node (all roles with no config)")
     serve.add_argument("--config", metavar="FILE", help="TOML config file (see config/single.toml)")
     serve.add_argument("--data-dir", metavar="DIR", help="data directory (default ./mqd-data)")
-    serve.add_argument("--listen", metavar="HOST:PORT", help="client address (default 127.0.0.1:6470)")
-    serve.add_argument("--log-format", choices=["console", "json"], help="log format (default: console on a terminal, else json)")
-    serve.add_argument("--fsync", choices=["always", "interval", "never"], help="override [storage] fsync")
+    serve.add_argument(
+        "--listen", metavar="HOST:PORT", help="client address (default 127.0.0.1:6470)"
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["console", "json"],
+        help="log format (default: console on a terminal, else json)",
+    )
+    serve.add_argument(
+        "--fsync", choices=["always", "interval", "never"], help="override [storage] fsync"
+    )
     serve.set_defaults(func=_serve)
 
     storage = commands.add_parser("storage", help="inspect or repair a data directory")
-    storage_commands = storage.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
+    storage_commands = storage.add_subparsers(
+        dest="storage_command", required=True, metavar="ACTION"
+    )
     for name, help_text in (
         ("verify", "check every record's CRC and the index against the log"),
         ("dump", "print records as text"),
         ("rebuild-index", "rebuild the SQLite index from the log"),
     ):
         action = storage_commands.add_parser(name, help=help_text)
-        action.add_argument("dir", metavar="DIR", help="a data directory or one partition directory")
+        action.add_argument(
+            "dir", metavar="DIR", help="a data directory or one partition directory"
+        )
     storage.set_defaults(func=_storage)
 
     bench = commands.add_parser("bench", help="measure throughput and latency against a server")

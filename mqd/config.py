@@ -66,7 +66,9 @@ class Config:
             raise ConfigError("node.roles: name at least one role")
         for role in self.node.roles:
             if role not in ROLES:
-                raise ConfigError(f"node.roles: unknown role {role!r}; roles are {', '.join(ROLES)}")
+                raise ConfigError(
+                    f"node.roles: unknown role {role!r}; roles are {', '.join(ROLES)}"
+                )
         if set(self.node.roles) != set(ROLES):
             raise ConfigError(
                 "node.roles: running a subset of roles needs the cluster (a later release); "
@@ -87,7 +89,9 @@ class Config:
         if self.log.format not in ("auto", "console", "json"):
             raise ConfigError(f"log.format: must be auto, console or json, got {self.log.format!r}")
         if self.log.level not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"log.level: must be debug, info, warning or error, got {self.log.level!r}")
+            raise ConfigError(
+                f"log.level: must be debug, info, warning or error, got {self.log.level!r}"
+            )
         self.limits.validate()
         self.storage.validate()
 

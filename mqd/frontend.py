@@ -38,7 +38,9 @@ from mqd.receipts import parse_message_id
 log = structlog.get_logger("mqd.frontend")
 
 SUPPORTED_VERSIONS = (PROTOCOL_VERSION, PROTOCOL_VERSION)
-_ATTRIBUTE_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_ATTRIBUTE_NAME_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+)
 _PRIORITY_MAX = 9
 
 
@@ -139,7 +141,10 @@ class ClientConnection(asyncio.Protocol):
         self.frontend.connections_total += 1
         if len(self.frontend.connections) >= self.limits.connections_max:
             self._send_fatal(
-                0, 0, ErrorCode.UNAVAILABLE, f"too many connections (connections_max={self.limits.connections_max})"
+                0,
+                0,
+                ErrorCode.UNAVAILABLE,
+                f"too many connections (connections_max={self.limits.connections_max})",
             )
             return
         self.frontend.connections.add(self)
@@ -196,7 +201,12 @@ class ClientConnection(asyncio.Protocol):
     def _on_frame(self, frame: Frame) -> None:
         opcode, correlation_id = frame.opcode, frame.correlation_id
         if frame.flags & FLAG_RESPONSE:
-            self._send_fatal(correlation_id, opcode, ErrorCode.MALFORMED_FRAME, "clients send requests, not responses")
+            self._send_fatal(
+                correlation_id,
+                opcode,
+                ErrorCode.MALFORMED_FRAME,
+                "clients send requests, not responses",
+            )
             return
         if frame.version != PROTOCOL_VERSION:
             self._send_error(
@@ -209,7 +219,9 @@ class ClientConnection(asyncio.Protocol):
             return
         handler = HANDLERS.get(opcode)
         if handler is None:
-            self._send_error(correlation_id, opcode, ErrorCode.UNKNOWN_OPCODE, f"unknown opcode 0x{opcode:04x}")
+            self._send_error(
+                correlation_id, opcode, ErrorCode.UNKNOWN_OPCODE, f"unknown opcode 0x{opcode:04x}"
+            )
             return
         if not self.hello_done and opcode != Opcode.HELLO:
             self._send_error(correlation_id, opcode, ErrorCode.HELLO_REQUIRED, "send HELLO first")
@@ -231,7 +243,9 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         if self.frontend.draining:
-            self._send_error(correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down")
+            self._send_error(
+                correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down"
+            )
             return
         self.frontend.requests_total += 1
         task = self._loop.create_task(self._run(handler, request, opcode, correlation_id))
@@ -245,11 +259,15 @@ class ClientConnection(asyncio.Protocol):
             self._send_error(correlation_id, opcode, exc.code, exc.message, exc.details)
             return
         except asyncio.CancelledError:
-            self._send_error(correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down")
+            self._send_error(
+                correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down"
+            )
             raise
         except Exception:
             log.exception("request.failed", op=Opcode(opcode).name, peer=self.peer)
-            self._send_error(correlation_id, opcode, ErrorCode.INTERNAL, "internal error; see the server log")
+            self._send_error(
+                correlation_id, opcode, ErrorCode.INTERNAL, "internal error; see the server log"
+            )
             return
         self._write(codec.encode_response(correlation_id, response))
 
@@ -270,7 +288,12 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def _send_error(
-        self, correlation_id: int, opcode: int, code: ErrorCode, message: str, details: dict | None = None
+        self,
+        correlation_id: int,
+        opcode: int,
+        code: ErrorCode,
+        message: str,
+        details: dict | None = None,
     ) -> None:
         self._write(codec.encode_error(correlation_id, opcode, int(code), message, details))
 
@@ -313,7 +336,9 @@ def _queue_info(conn: ClientConnection, record: QueueRecord) -> messages.QueueIn
     return messages.QueueInfo(name=record.name, attributes=dict(record.attributes), stats=stats)
 
 
-async def handle_hello(conn: ClientConnection, request: messages.HelloRequest) -> messages.HelloResponse:
+async def handle_hello(
+    conn: ClientConnection, request: messages.HelloRequest
+) -> messages.HelloResponse:
     if not request.version_min <= PROTOCOL_VERSION <= request.version_max:
         raise ServerError(
             f"client speaks versions {request.version_min}-{request.version_max}; server speaks {PROTOCOL_VERSION}",
@@ -331,8 +356,12 @@ async def handle_hello(conn: ClientConnection, request: messages.HelloRequest) -
     )
 
 
-async def handle_ping(conn: ClientConnection, request: messages.PingRequest) -> messages.PingResponse:
-    return messages.PingResponse(payload=request.payload, server_time_ms=conn.frontend.clock.now_ms())
+async def handle_ping(
+    conn: ClientConnection, request: messages.PingRequest
+) -> messages.PingResponse:
+    return messages.PingResponse(
+        payload=request.payload, server_time_ms=conn.frontend.clock.now_ms()
+    )
 
 
 async def handle_create_queue(
@@ -352,7 +381,9 @@ async def handle_delete_queue(
     return messages.DeleteQueueResponse()
 
 
-async def handle_get_queue(conn: ClientConnection, request: messages.GetQueueRequest) -> messages.GetQueueResponse:
+async def handle_get_queue(
+    conn: ClientConnection, request: messages.GetQueueRequest
+) -> messages.GetQueueResponse:
     return messages.GetQueueResponse(queue=_queue_info(conn, conn.queue(request.name)))
 
 
@@ -378,7 +409,9 @@ async def handle_purge_queue(
     return messages.PurgeQueueResponse(purged=purged)
 
 
-def _validate_send(conn: ClientConnection, record: QueueRecord, entries: list[messages.SendEntry]) -> None:
+def _validate_send(
+    conn: ClientConnection, record: QueueRecord, entries: list[messages.SendEntry]
+) -> None:
     limits = conn.limits
     conn.check_batch(len(entries), "SEND")
     message_bytes_max = record.max_message_bytes
@@ -402,18 +435,30 @@ def _validate_send(conn: ClientConnection, record: QueueRecord, entries: list[me
                 f"entry {position}: {size} bytes (body + attributes); the queue's max_message_bytes is {message_bytes_max}"
             )
         if entry.delay_ms > limits.delay_ms_max:
-            raise InvalidArgument(f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={limits.delay_ms_max}")
+            raise InvalidArgument(
+                f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={limits.delay_ms_max}"
+            )
         if entry.priority > _PRIORITY_MAX:
-            raise InvalidArgument(f"entry {position}: priority must be 0-{_PRIORITY_MAX}, got {entry.priority}")
+            raise InvalidArgument(
+                f"entry {position}: priority must be 0-{_PRIORITY_MAX}, got {entry.priority}"
+            )
         if fifo and not entry.group_id:
-            raise InvalidArgument(f"entry {position}: a FIFO queue needs a group_id on every message")
+            raise InvalidArgument(
+                f"entry {position}: a FIFO queue needs a group_id on every message"
+            )
         if fifo and entry.priority:
-            raise InvalidArgument(f"entry {position}: FIFO queues keep strict order; priority is for standard queues")
+            raise InvalidArgument(
+                f"entry {position}: FIFO queues keep strict order; priority is for standard queues"
+            )
         if len(entry.dedup_id) > 128 or len(entry.group_id) > 128:
-            raise InvalidArgument(f"entry {position}: group_id and dedup_id are at most 128 characters")
+            raise InvalidArgument(
+                f"entry {position}: group_id and dedup_id are at most 128 characters"
+            )
 
 
-async def handle_send(conn: ClientConnection, request: messages.SendRequest) -> messages.SendResponse:
+async def handle_send(
+    conn: ClientConnection, request: messages.SendRequest
+) -> messages.SendResponse:
     record = conn.queue(request.queue)
     _validate_send(conn, record, request.entries)
     partition = conn.frontend.backend.partition(record)
@@ -431,7 +476,9 @@ def _visibility_ms(conn: ClientConnection, record: QueueRecord, requested_ms: in
     return requested_ms
 
 
-async def handle_receive(conn: ClientConnection, request: messages.ReceiveRequest) -> messages.ReceiveResponse:
+async def handle_receive(
+    conn: ClientConnection, request: messages.ReceiveRequest
+) -> messages.ReceiveResponse:
     record = conn.queue(request.queue)
     limits = conn.limits
     if not 1 <= request.max_messages <= limits.batch_messages_max:
@@ -439,16 +486,23 @@ async def handle_receive(conn: ClientConnection, request: messages.ReceiveReques
             f"max_messages must be 1-{limits.batch_messages_max}, got {request.max_messages}"
         )
     if request.wait_ms > limits.receive_wait_ms_max:
-        raise InvalidArgument(f"wait_ms {request.wait_ms} exceeds receive_wait_ms_max={limits.receive_wait_ms_max}")
+        raise InvalidArgument(
+            f"wait_ms {request.wait_ms} exceeds receive_wait_ms_max={limits.receive_wait_ms_max}"
+        )
     visibility_ms = _visibility_ms(conn, record, request.visibility_timeout_ms)
     partition = conn.frontend.backend.partition(record)
     delivered = await partition.receive(
-        request.max_messages, request.wait_ms, visibility_ms, bytes_max=limits.frame_bytes_max - 65536
+        request.max_messages,
+        request.wait_ms,
+        visibility_ms,
+        bytes_max=limits.frame_bytes_max - 65536,
     )
     return messages.ReceiveResponse(messages=delivered)
 
 
-async def handle_delete(conn: ClientConnection, request: messages.DeleteRequest) -> messages.DeleteResponse:
+async def handle_delete(
+    conn: ClientConnection, request: messages.DeleteRequest
+) -> messages.DeleteResponse:
     record = conn.queue(request.queue)
     conn.check_batch(len(request.receipts), "DELETE")
     failures = await conn.frontend.backend.partition(record).delete(request.receipts)
@@ -461,13 +515,16 @@ async def handle_change_visibility(
     record = conn.queue(request.queue)
     conn.check_batch(len(request.changes), "CHANGE_VISIBILITY")
     changes = [
-        (change.receipt, _visibility_ms(conn, record, change.timeout_ms)) for change in request.changes
+        (change.receipt, _visibility_ms(conn, record, change.timeout_ms))
+        for change in request.changes
     ]
     failures = await conn.frontend.backend.partition(record).change_visibility(changes)
     return messages.ChangeVisibilityResponse(failures=failures)
 
 
-async def handle_peek(conn: ClientConnection, request: messages.PeekRequest) -> messages.PeekResponse:
+async def handle_peek(
+    conn: ClientConnection, request: messages.PeekRequest
+) -> messages.PeekResponse:
     record = conn.queue(request.queue)
     if not 1 <= request.max_messages <= conn.limits.batch_messages_max:
         raise InvalidArgument(f"max_messages must be 1-{conn.limits.batch_messages_max}")
@@ -475,18 +532,28 @@ async def handle_peek(conn: ClientConnection, request: messages.PeekRequest) -> 
     if request.after_id:
         parsed = parse_message_id(request.after_id)
         if parsed is None or parsed[0] != record.queue_id:
-            raise InvalidArgument(f"after_id {request.after_id!r} is not a message id of this queue")
+            raise InvalidArgument(
+                f"after_id {request.after_id!r} is not a message id of this queue"
+            )
         after_offset = parsed[2]
-    delivered = await conn.frontend.backend.partition(record).peek(request.max_messages, after_offset)
+    delivered = await conn.frontend.backend.partition(record).peek(
+        request.max_messages, after_offset
+    )
     return messages.PeekResponse(messages=delivered)
 
 
-async def handle_redrive(conn: ClientConnection, request: messages.RedriveRequest) -> messages.RedriveResponse:
+async def handle_redrive(
+    conn: ClientConnection, request: messages.RedriveRequest
+) -> messages.RedriveResponse:
     record = conn.queue(request.queue)
-    if request.to:
-        conn.queue(request.to)
     if request.to == request.queue:
         raise InvalidArgument("redrive: `to` must be another queue")
+    if request.to:
+        target = conn.queue(request.to)
+        if bool(target.attributes.get("fifo")) != bool(record.attributes.get("fifo")):
+            raise InvalidArgument(
+                f"redrive: {request.to!r} and {request.queue!r} must both be FIFO or both standard"
+            )
     backend = conn.frontend.backend
     moved, problems = await backend.partition(record).redrive(
         backend.append_moved,
@@ -497,7 +564,9 @@ async def handle_redrive(conn: ClientConnection, request: messages.RedriveReques
     return messages.RedriveResponse(moved=moved, problems=problems)
 
 
-async def handle_stats(conn: ClientConnection, request: messages.StatsRequest) -> messages.StatsResponse:
+async def handle_stats(
+    conn: ClientConnection, request: messages.StatsRequest
+) -> messages.StatsResponse:
     return messages.StatsResponse(stats=conn.frontend.stats())
 
 

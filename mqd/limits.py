@@ -50,7 +50,9 @@ class Limits:
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"limits.{name}: must be an integer from {low} to {high}, got {value!r}")
+                raise ConfigError(
+                    f"limits.{name}: must be an integer from {low} to {high}, got {value!r}"
+                )
 
     def as_wire(self) -> dict[str, int]:
         wire = dataclasses.asdict(self)

@@ -132,7 +132,9 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
         try:
             address = await frontend.start(host, port, ssl_context)
         except OSError as exc:
-            raise ConfigError(f"frontend.listen: cannot listen on {config.frontend.listen}: {exc.strerror}") from None
+            raise ConfigError(
+                f"frontend.listen: cannot listen on {config.frontend.listen}: {exc.strerror}"
+            ) from None
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)

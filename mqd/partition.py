@@ -307,7 +307,9 @@ class Partition:
         return [message_id(queue_id, index, meta.offset) for meta in metas]
 
     @staticmethod
-    def _new_message(entry: SendEntry, dedup_id: str, default_delay_ms: int, now: int) -> NewMessage:
+    def _new_message(
+        entry: SendEntry, dedup_id: str, default_delay_ms: int, now: int
+    ) -> NewMessage:
         delay_ms = entry.delay_ms or default_delay_ms
         return NewMessage(
             body=entry.body,
@@ -443,7 +445,9 @@ class Partition:
                 meta.visible_at_ms = visible_at
                 self._on_leased(meta)
                 heapq.heappush(self._leases, (visible_at, meta.offset))
-            leases.append(Lease(meta.offset, meta.receive_count, visible_at, meta.first_received_at_ms))
+            leases.append(
+                Lease(meta.offset, meta.receive_count, visible_at, meta.first_received_at_ms)
+            )
         if not visible_at:
             # A zero visibility timeout hands the messages out and leaves them ready.
             self._give_back(taken)
@@ -523,13 +527,17 @@ class Partition:
         try:
             stored = await self.store.read([meta.offset for meta in doomed])
             # 2. Append to the DLQ (durable). 3. Delete here (durable).
-            await sink(target, [self._dead_letter_copy(m, r) for m, r in zip(doomed, stored, strict=True)])
+            await sink(
+                target, [self._dead_letter_copy(m, r) for m, r in zip(doomed, stored, strict=True)]
+            )
         except BaseException:
             await self._unmark(doomed)
             raise
         await self._remove(doomed)
         self.dead_lettered_total += len(doomed)
-        log.info("messages.dead_lettered", queue=self.name, dead_letter_queue=target, count=len(doomed))
+        log.info(
+            "messages.dead_lettered", queue=self.name, dead_letter_queue=target, count=len(doomed)
+        )
 
     def _dead_letter_copy(self, meta: MessageMeta, record: StoredMessage) -> NewMessage:
         return NewMessage(
@@ -540,7 +548,8 @@ class Partition:
             dedup_id=record.dedup_id,
             priority=meta.priority,
             source_queue=self.name,
-            original_id=record.original_id or message_id(self.queue_id, self.partition_index, meta.offset),
+            original_id=record.original_id
+            or message_id(self.queue_id, self.partition_index, meta.offset),
             receive_count=meta.receive_count,
         )
 
@@ -550,7 +559,9 @@ class Partition:
                 meta.visible_at_ms = 0
                 self._on_unleased(meta)
                 self._make_ready(meta)
-        await self.store.lease([Lease(m.offset, m.receive_count, 0, m.first_received_at_ms) for m in metas])
+        await self.store.lease(
+            [Lease(m.offset, m.receive_count, 0, m.first_received_at_ms) for m in metas]
+        )
         self._wake_waiters()
 
     async def _remove(self, metas: list[MessageMeta]) -> None:
@@ -577,10 +588,13 @@ class Partition:
             await self._unmark(pending)
             return 0
         already = await dead_letter_ids(self.dead_letter_queue)
+        # The DLQ copy carries the id `_dead_letter_copy` gives it: the message's own
+        # id, or the first id of a message that was redriven before.
+        stored = await self.store.read([meta.offset for meta in pending])
         done = [
             meta
-            for meta in pending
-            if message_id(self.queue_id, self.partition_index, meta.offset) in already
+            for meta, record in zip(pending, stored, strict=True)
+            if self._dead_letter_copy(meta, record).original_id in already
         ]
         await self._remove(done)
         redo = [meta for meta in pending if meta.offset in self._metas]
@@ -629,39 +643,71 @@ class Partition:
             ][:want]
             if not chunk:
                 break
-            stored = await self.store.read([meta.offset for meta in chunk])
-            by_target: dict[str, list[tuple[MessageMeta, StoredMessage]]] = {}
-            for meta, record in zip(chunk, stored, strict=True):
-                target = to or record.source_queue
-                if not target:
-                    skipped.add(meta.offset)
-                    problems.append(f"message {message_id(self.queue_id, self.partition_index, meta.offset)} has no source queue; give `to`")
-                    continue
-                by_target.setdefault(target, []).append((meta, record))
-            for target, pairs in by_target.items():
-                copies = [
-                    NewMessage(
-                        body=record.body,
-                        attributes=record.attributes,
-                        group_id=record.group_id,
-                        priority=meta.priority,
-                        original_id=record.original_id,
-                    )
-                    for meta, record in pairs
-                ]
-                try:
-                    await sink(target, copies)
-                except QueueNotFound as exc:
-                    skipped.update(meta.offset for meta, _ in pairs)
-                    problems.append(exc.message)
-                    continue
-                await self._remove([meta for meta, _ in pairs])
-                moved += len(pairs)
+            # Hold the chunk (in memory only: a redrive is at least once anyway) so no
+            # receive delivers a message while it is being moved.
+            for meta in chunk:
+                meta.visible_at_ms = MOVING_MS
+                self._on_leased(meta)
+            try:
+                moved += await self._redrive_chunk(chunk, sink, to, skipped, problems)
+            finally:
+                self._release_holds(chunk)
             if rate_per_s > 0:
                 ahead_s = moved / rate_per_s - (loop.time() - started)
                 if ahead_s > 0:
                     await asyncio.sleep(ahead_s)
         return moved, problems[:20]
+
+    def _release_holds(self, metas: list[MessageMeta]) -> None:
+        released = False
+        for meta in metas:
+            if meta.offset in self._metas and meta.visible_at_ms == MOVING_MS:
+                meta.visible_at_ms = 0
+                self._on_unleased(meta)
+                self._make_ready(meta)
+                released = True
+        if released:
+            self._wake_waiters()
+
+    async def _redrive_chunk(
+        self,
+        chunk: list[MessageMeta],
+        sink: Callable[[str, list[NewMessage]], Awaitable[None]],
+        to: str,
+        skipped: set[int],
+        problems: list[str],
+    ) -> int:
+        moved = 0
+        stored = await self.store.read([meta.offset for meta in chunk])
+        by_target: dict[str, list[tuple[MessageMeta, StoredMessage]]] = {}
+        for meta, record in zip(chunk, stored, strict=True):
+            target = to or record.source_queue
+            if not target:
+                skipped.add(meta.offset)
+                own_id = message_id(self.queue_id, self.partition_index, meta.offset)
+                problems.append(f"message {own_id} has no source queue; give `to`")
+                continue
+            by_target.setdefault(target, []).append((meta, record))
+        for target, pairs in by_target.items():
+            copies = [
+                NewMessage(
+                    body=record.body,
+                    attributes=record.attributes,
+                    group_id=record.group_id,
+                    priority=meta.priority,
+                    original_id=record.original_id,
+                )
+                for meta, record in pairs
+            ]
+            try:
+                await sink(target, copies)
+            except QueueNotFound as exc:
+                skipped.update(meta.offset for meta, _ in pairs)
+                problems.append(exc.message)
+                continue
+            await self._remove([meta for meta, _ in pairs])
+            moved += len(pairs)
+        return moved
 
     # --- acks and visibility ----------------------------------------------------
 
@@ -741,7 +787,9 @@ class Partition:
                     self._make_ready(meta)
                     released = True
             leases.append(
-                Lease(meta.offset, meta.receive_count, meta.visible_at_ms, meta.first_received_at_ms)
+                Lease(
+                    meta.offset, meta.receive_count, meta.visible_at_ms, meta.first_received_at_ms
+                )
             )
         if released:
             self._wake_waiters()

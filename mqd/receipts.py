@@ -65,7 +65,9 @@ def load_or_create_secret(path: Path) -> bytes:
     if path.exists():
         secret = path.read_bytes()
         if len(secret) != SECRET_BYTES:
-            raise ValueError(f"{path}: receipt secret has {len(secret)} bytes, expected {SECRET_BYTES}")
+            raise ValueError(
+                f"{path}: receipt secret has {len(secret)} bytes, expected {SECRET_BYTES}"
+            )
         return secret
     secret = os.urandom(SECRET_BYTES)
     temp = path.with_suffix(".tmp")

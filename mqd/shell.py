@@ -31,6 +31,7 @@ import json
 import os
 import select
 import shlex
+import signal
 import socket
 import ssl
 import sys
@@ -1605,6 +1606,9 @@ class Shell:
             self._quiet -= 1
 
     def interact(self, history_path: Path | None) -> int:
+        # Ctrl-C must cancel a command even if whatever started us ignored SIGINT
+        # (a background job of a non-interactive sh does; Python then leaves it ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         readline = _setup_readline(self, history_path)
         try:
             self.emit(_hello_answer(*self._first_connect()))

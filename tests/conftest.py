@@ -20,7 +20,9 @@ STOP_TIMEOUT_S = 20.0
 class ServerProcess:
     """One `mqd serve` process; restartable on the same port and data dir."""
 
-    def __init__(self, data_dir: Path, *, extra_args: tuple[str, ...] = (), config: Path | None = None):
+    def __init__(
+        self, data_dir: Path, *, extra_args: tuple[str, ...] = (), config: Path | None = None
+    ):
         self.data_dir = data_dir
         self.extra_args = extra_args
         self.config = config

@@ -36,8 +36,12 @@ async def test_dlq_rules(server):
                 "a", redrive_policy={"dead_letter_queue": "dlq.fifo", "max_receive_count": 3}
             )
         with pytest.raises(InvalidArgument):
-            await client.create_queue("a", redrive_policy={"dead_letter_queue": "dlq", "max_receive_count": 0})
-        await client.create_queue("a", redrive_policy={"dead_letter_queue": "dlq", "max_receive_count": 3})
+            await client.create_queue(
+                "a", redrive_policy={"dead_letter_queue": "dlq", "max_receive_count": 0}
+            )
+        await client.create_queue(
+            "a", redrive_policy={"dead_letter_queue": "dlq", "max_receive_count": 3}
+        )
         with pytest.raises(QueueInUse) as refused:
             await client.delete_queue("dlq")
         assert "a" in str(refused.value)

@@ -92,7 +92,11 @@ async def test_fifo_order_with_many_groups_and_concurrent_consumers(opened):
     part = await opened(fifo=True, name="q.fifo")
     groups = 50
     per_group = 20
-    entries = [SendEntry(b"%d:%d" % (g, i), group_id=f"g{g}") for i in range(per_group) for g in range(groups)]
+    entries = [
+        SendEntry(b"%d:%d" % (g, i), group_id=f"g{g}")
+        for i in range(per_group)
+        for g in range(groups)
+    ]
     random.Random(7).shuffle(entries)
     # Order within a group is send order, so re-sort each group's entries by index first.
     entries.sort(key=lambda e: int(e.body.split(b":")[1]))
@@ -129,7 +133,8 @@ async def test_dedup_window_returns_the_original_id(opened, clock):
     (again,) = await part.send([SendEntry(b"pay (retry)", dedup_id="order-1")], 0)
     assert again == first
     ids = await part.send(
-        [SendEntry(b"x", dedup_id="order-2"), SendEntry(b"x", dedup_id="order-2"), SendEntry(b"y")], 0
+        [SendEntry(b"x", dedup_id="order-2"), SendEntry(b"x", dedup_id="order-2"), SendEntry(b"y")],
+        0,
     )
     assert ids[0] == ids[1] != ids[2]
     assert part.stats()["visible"] == 3
@@ -141,7 +146,9 @@ async def test_dedup_window_returns_the_original_id(opened, clock):
 
 async def test_concurrent_duplicate_sends_enqueue_once(opened):
     part = await opened()
-    results = await asyncio.gather(*(part.send([SendEntry(b"same", dedup_id="d")], 0) for _ in range(20)))
+    results = await asyncio.gather(
+        *(part.send([SendEntry(b"same", dedup_id="d")], 0) for _ in range(20))
+    )
     assert len({ids[0] for ids in results}) == 1
     assert part.stats()["visible"] == 1
 

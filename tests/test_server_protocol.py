@@ -113,7 +113,8 @@ def test_unsupported_version_gets_error_and_connection_stays(raw):
 
 def test_hello_with_no_common_version_is_refused(raw):
     expect_error(
-        raw.request(messages.HelloRequest(version_min=2, version_max=3)), ErrorCode.UNSUPPORTED_VERSION
+        raw.request(messages.HelloRequest(version_min=2, version_max=3)),
+        ErrorCode.UNSUPPORTED_VERSION,
     )
 
 
@@ -152,7 +153,9 @@ def test_garbage_bytes_do_not_crash_the_server(server):
 def test_bad_queue_names_and_attributes(raw):
     raw.hello()
     for name in ("", "has space", "x" * 81, "semi;colon", ".fifo"):
-        expect_error(raw.request(messages.CreateQueueRequest(name=name)), ErrorCode.INVALID_ARGUMENT)
+        expect_error(
+            raw.request(messages.CreateQueueRequest(name=name)), ErrorCode.INVALID_ARGUMENT
+        )
     for attributes in (
         {"visibility_timeout": -1},
         {"visibility_timeout": 43201},
@@ -172,14 +175,18 @@ def test_bad_queue_names_and_attributes(raw):
 
 def test_queue_lifecycle_errors(raw):
     raw.hello()
-    created = raw.request(messages.CreateQueueRequest(name="jobs", attributes={"visibility_timeout": 5}))
+    created = raw.request(
+        messages.CreateQueueRequest(name="jobs", attributes={"visibility_timeout": 5})
+    )
     assert created.queue.attributes["visibility_timeout"] == 5
     expect_error(raw.request(messages.CreateQueueRequest(name="jobs")), ErrorCode.QUEUE_EXISTS)
     again = raw.request(messages.CreateQueueRequest(name="jobs", exist_ok=True))
     assert again.queue.name == "jobs"
     expect_error(
         raw.request(
-            messages.CreateQueueRequest(name="jobs", attributes={"visibility_timeout": 6}, exist_ok=True)
+            messages.CreateQueueRequest(
+                name="jobs", attributes={"visibility_timeout": 6}, exist_ok=True
+            )
         ),
         ErrorCode.QUEUE_EXISTS,
     )
@@ -202,12 +209,16 @@ def test_every_send_limit_has_its_error(raw):
     expect_error(send(), ErrorCode.INVALID_ARGUMENT)
     expect_error(send(*[messages.SendEntry(b"x")] * 1001), ErrorCode.BATCH_TOO_LARGE)
     expect_error(send(messages.SendEntry(b"x" * 101)), ErrorCode.MESSAGE_TOO_LARGE)
-    expect_error(send(messages.SendEntry(b"x" * 90, attributes={"k": "v" * 20})), ErrorCode.MESSAGE_TOO_LARGE)
+    expect_error(
+        send(messages.SendEntry(b"x" * 90, attributes={"k": "v" * 20})), ErrorCode.MESSAGE_TOO_LARGE
+    )
     expect_error(
         send(messages.SendEntry(b"x", attributes={f"a{i}": "v" for i in range(17)})),
         ErrorCode.INVALID_ARGUMENT,
     )
-    expect_error(send(messages.SendEntry(b"x", attributes={"bad name": "v"})), ErrorCode.INVALID_ARGUMENT)
+    expect_error(
+        send(messages.SendEntry(b"x", attributes={"bad name": "v"})), ErrorCode.INVALID_ARGUMENT
+    )
     expect_error(send(messages.SendEntry(b"x", delay_ms=604_800_001)), ErrorCode.INVALID_ARGUMENT)
     expect_error(send(messages.SendEntry(b"x", priority=10)), ErrorCode.INVALID_ARGUMENT)
     # Nothing above was stored.
@@ -229,7 +240,8 @@ def test_receive_limits(raw):
     expect_error(receive(visibility_timeout_ms=43_200_001), ErrorCode.INVALID_ARGUMENT)
     assert receive(max_messages=1000, wait_ms=0).messages == []
     expect_error(
-        raw.request(messages.DeleteRequest(queue="r", receipts=["x"] * 1001)), ErrorCode.BATCH_TOO_LARGE
+        raw.request(messages.DeleteRequest(queue="r", receipts=["x"] * 1001)),
+        ErrorCode.BATCH_TOO_LARGE,
     )
 
 
@@ -239,7 +251,9 @@ def test_pipelined_requests_answer_out_of_order(raw):
     raw.request(messages.CreateQueueRequest(name="pipe"))
     raw.send_bytes(codec.encode_request(100, messages.ReceiveRequest(queue="pipe", wait_ms=5000)))
     raw.send_bytes(
-        codec.encode_request(101, messages.SendRequest(queue="pipe", entries=[messages.SendEntry(b"hi")]))
+        codec.encode_request(
+            101, messages.SendRequest(queue="pipe", entries=[messages.SendEntry(b"hi")])
+        )
     )
     first = raw.read_frame()
     assert first.correlation_id == 101

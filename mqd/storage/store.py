@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import errno
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +219,16 @@ class PartitionStore:
                 seg.dead_at = -1
         batch.dedup_prune_before_ms = dedup_since
         self._last_dedup_prune_ms = now
-        await self._index.apply(batch)
-        self._index_checkpoint = log_end
+        try:
+            await self._index.apply(batch)
+            self._index_checkpoint = log_end
+        except sqlite3.Error as exc:
+            # The index is derived: a full disk must not stop the partition from
+            # opening. The index task retries the batch; until then it covers `checkpoint`.
+            self._log.error("index.catch_up_failed", error=str(exc))
+            self._index_pending.append(batch)
+            self._index_backlog_rows += batch.rows()
+            self._index_checkpoint = checkpoint
         self._recovered = sorted(metas.values(), key=lambda m: m.offset)
         self._log.info("partition.opened", next_offset=log_end, live=len(metas),
                        segments=len(self._segments), replayed_from=checkpoint)  # fmt: skip
