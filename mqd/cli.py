@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
     storage.set_defaults(func=_storage)
 
+    shell = commands.add_parser("shell", help="interactive protocol shell (telnet-like debugger)")
+    from mqd import shell as shell_module
+
+    shell_module.add_arguments(shell)
+    shell.set_defaults(func=shell_module.main)
+
     bench = commands.add_parser("bench", help="measure throughput and latency against a server")
     from mqd import bench as bench_module
 

@@ -737,7 +737,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Option:
-    """A key=value argument. `kind`: seconds (to ms), count, text, value, bool."""
+    """A key=value argument. `kind`: seconds (to ms), count, text, bool."""
 
     key: str
     kind: str
@@ -791,7 +791,6 @@ _OPTION_CONVERTERS: dict[str, Callable[[str, str], Any]] = {
     "seconds": lambda text, what: parse_seconds_ms(text, what),
     "count": lambda text, what: parse_count(text, what),
     "text": lambda text, what: text,
-    "value": lambda text, what: parse_value(text),
     "bool": lambda text, what: parse_onoff(text),
 }
 
@@ -1049,7 +1048,8 @@ def _cmd_redrive(sh: Shell, call: Call) -> Answer:
 
 def _cmd_hello(sh: Shell, call: Call) -> Answer:
     sh.connection()
-    assert sh.hello is not None
+    if sh.hello is None:
+        raise ShellError(USAGE, "this connection skipped HELLO (`reconnect` sends it)")
     return _hello_answer(sh.hello, sh.address)
 
 
@@ -1322,6 +1322,8 @@ _ROWS: tuple[Command, ...] = (
 def _build_table(rows: Iterable[Command]) -> dict[str, Command]:
     table: dict[str, Command] = {}
     for row in rows:
+        for param in row.params[:-1]:
+            assert not param.many and param.kind != "line", f"{row.name}: only the last may"
         if row.op is not None and row.op not in Opcode.__members__:
             continue  # that op does not exist yet (protocol.md §4)
         for name in (row.name, *row.aliases):

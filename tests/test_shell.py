@@ -9,6 +9,7 @@ wiring when it exists.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import pty
@@ -332,6 +333,20 @@ def test_frame_valid_and_before_hello(server):
     assert answer["answer"]["type"] == "PingResponse" and answer["answer"]["correlation_id"] == 99
     assert answer["closed"] is False
     assert unhello["error"] == "HELLO_REQUIRED"
+
+
+def test_reconnects_after_the_server_closed_the_connection(server):
+    out, err = io.StringIO(), io.StringIO()
+    shell = Shell(server.address, json_mode=True, out=out, err=err)
+    try:
+        assert shell.run_command("create rq")
+        server.restart()
+        assert shell.run_command("info rq")  # the queue survived; the connection did not
+        assert "reconnected to" in err.getvalue()
+        answers = json_lines(out.getvalue())
+        assert answers[-1]["queue"]["name"] == "rq"
+    finally:
+        shell.wire.close()
 
 
 # --- interactive: through a pseudo-terminal ---------------------------------------------

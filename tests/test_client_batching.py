@@ -1,0 +1,86 @@
+"""Splitting SEND batches to the server's limits (mqd.client.batching): pure, no server."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqd.client.batching import entry_bytes, make_entries, make_entry, plan_chunks
+from mqd.errors import InvalidArgument
+from mqd.protocol.codec import encode_request
+from mqd.protocol.frame import PREFIX_BYTES
+from mqd.protocol.messages import SendEntry, SendRequest
+
+_text = st.text(max_size=20)
+_entries = st.lists(
+    st.builds(
+        SendEntry,
+        body=st.binary(max_size=300),
+        attributes=st.dictionaries(_text, _text, max_size=3),
+        delay_ms=st.integers(0, 10_000),
+        group_id=_text,
+        dedup_id=_text,
+        priority=st.integers(0, 255),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    entries=_entries,
+    queue=st.text(min_size=1, max_size=30),
+    batch_max=st.integers(1, 25),
+    frame_max=st.integers(64, 5000),
+)
+def test_chunks_cover_the_batch_in_order_and_fit_the_limits(entries, queue, batch_max, frame_max):
+    chunks = plan_chunks(entries, queue, batch_max, frame_max)
+    assert [i for start, end in chunks for i in range(start, end)] == list(range(len(entries)))
+    for start, end in chunks:
+        assert 1 <= end - start <= batch_max
+        frame = encode_request(1, SendRequest(queue, entries[start:end]))
+        # A chunk over the frame limit is a single entry too big for any frame.
+        assert len(frame) - PREFIX_BYTES <= frame_max or end - start == 1
+
+
+@given(entry=_entries.filter(bool).map(lambda e: e[0]))
+def test_entry_estimate_is_never_below_the_encoded_size(entry):
+    alone = len(encode_request(1, SendRequest("q", [])))
+    assert len(encode_request(1, SendRequest("q", [entry]))) - alone <= entry_bytes(entry)
+
+
+def test_make_entries_accepts_bodies_and_dicts_and_converts_seconds():
+    plain, rich = make_entries(
+        [
+            b"plain",
+            {
+                "body": b"rich",
+                "attributes": {"k": "v"},
+                "delay": 1.5,
+                "group_id": "g",
+                "dedup_id": "d",
+                "priority": 3,
+            },
+        ]
+    )
+    assert plain == SendEntry(b"plain")
+    assert rich == SendEntry(b"rich", {"k": "v"}, 1500, "g", "d", 3)
+    assert make_entry(memoryview(b"mv")).body == b"mv"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "text",
+        {"attributes": {}},
+        {"body": b"x", "delay": "soon"},
+        {"body": b"x", "group_id": 5},
+        {"body": b"x", "priority": -1},
+        {"body": b"x", "attributes": [("k", "v")]},
+        {"body": b"x", "delay": 10**10},
+    ],
+)
+def test_make_entries_rejects_what_the_wire_cannot_carry(bad):
+    with pytest.raises(InvalidArgument):
+        make_entries([bad])
