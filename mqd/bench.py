@@ -289,8 +289,21 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = None) -> dic
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(producers_then_mark())
-                for queue in consumers:
+                consuming = [
                     group.create_task(_consume(queue, state, receive_max, deadline))
+                    for queue in consumers
+                ]
+
+                async def stop_consumers_when_done() -> None:
+                    # Consumers still in a long poll when the last message is
+                    # acked would otherwise idle for up to RECEIVE_WAIT_S.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(deadline):
+                            await state.done.wait()
+                    for task in consuming:
+                        task.cancel()
+
+                group.create_task(stop_consumers_when_done())
         except BaseExceptionGroup as group_exc:
             # Report the first real failure as itself, not wrapped in a group.
             first = group_exc.exceptions[0]

@@ -75,6 +75,7 @@ from mqd.protocol.messages import (
     PurgeQueueRequest,
     QueueInfo,
     ReceiveRequest,
+    RedriveRequest,
     SendEntry,
     SendRequest,
     SetQueueAttributesRequest,
@@ -179,7 +180,13 @@ def split_commands(line: str) -> list[str]:
 
 
 def parse_value(text: str) -> Any:
-    """A key=value value: an int, a float, true/false, else the string itself."""
+    """A key=value value: an int, a float, true/false, a JSON map or list
+    (`redrive_policy={"dead_letter_queue":"dlq","max_receive_count":5}`), else the string."""
+    if text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ShellError(USAGE, f"not valid JSON: {text!r} ({exc.msg})") from None
     lowered = text.lower()
     if lowered == "true":
         return True
@@ -835,7 +842,15 @@ def parse_call(tokens: list[str]) -> Call:
             option = options_by_key[key]
             options[key] = _OPTION_CONVERTERS[option.kind](value, key)
         elif eq and key and command.extra == "attributes":
-            extra[key] = parse_value(value)
+            # Dotted keys build maps: redrive_policy.max_receive_count=5.
+            target = extra
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                nested = target.setdefault(parent, {})
+                if not isinstance(nested, dict):
+                    raise ShellError(USAGE, f"{parent} is both a value and a map")
+                target = nested
+            target[leaf] = parse_value(value)
         elif (
             eq and command.extra and key.startswith(command.extra) and len(key) > len(command.extra)
         ):
@@ -1038,12 +1053,21 @@ def _cmd_stats(sh: Shell, call: Call) -> Answer:
 
 
 def _cmd_redrive(sh: Shell, call: Call) -> Answer:
-    # Built from the op table so it follows REDRIVE's schema once it exists:
-    # the queue name goes in the request's first field, key=value in the rest.
-    request_type = OPS[Opcode[call.command.op or ""]][0]
-    first = request_type.FIELDS[0][0]
-    answer = sh.request(request_type(**{first: call.args["NAME"]}, **call.extra))
-    return Answer(data=jsonable(answer), text=_fields_text(answer))
+    """`redrive NAME [to=QUEUE] [max=N] [rate=N]`."""
+    options = dict(call.extra)
+    unknown = set(options) - {"to", "max", "rate"}
+    if unknown:
+        raise ShellError(USAGE, f"redrive takes to=QUEUE max=N rate=N, not {sorted(unknown)}")
+    request = RedriveRequest(
+        queue=call.args["NAME"],
+        to=str(options.get("to", "")),
+        max_messages=parse_count(str(options.get("max", 0)), "max"),
+        rate_per_s=parse_count(str(options.get("rate", 0)), "rate"),
+    )
+    answer = sh.request(request)
+    lines = [f"moved {answer.moved} messages from {request.queue}"]
+    lines += [f"  problem: {problem}" for problem in answer.problems]
+    return Answer(data=jsonable(answer), text="\n".join(lines))
 
 
 def _cmd_hello(sh: Shell, call: Call) -> Answer:
@@ -1292,7 +1316,7 @@ _ROWS: tuple[Command, ...] = (
             (_NAME, Param("N", "count", optional=True)),
             (Option("after", "text", "start after this message id", "ID"),),
             op="PEEK", read_only=True),
-    Command("redrive", "move dead-lettered messages back to their source (REDRIVE)",
+    Command("redrive", "move dead-lettered messages back to their source [to=Q max=N rate=N/s] (REDRIVE)",
             _cmd_redrive, (_NAME,), extra="attributes", op="REDRIVE"),
     Command("stats", "server statistics (STATS)", _cmd_stats, op="STATS", read_only=True),
     Command("hello", "show the server's HELLO answer for this connection", _cmd_hello,

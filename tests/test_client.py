@@ -376,6 +376,29 @@ async def test_a_dropped_connection_fails_outstanding_calls_then_recovers(server
     assert message.body == b"back"
 
 
+def _block_the_loop(seconds: float) -> None:
+    """What a busy application does to its event loop: nothing runs meanwhile."""
+    time.sleep(seconds)
+
+
+async def test_reconnects_after_the_server_closes_an_idle_connection(server_factory, tmp_path):
+    server = server_factory(config=_config(tmp_path, "[limits]\nidle_timeout_ms = 1000\n"))
+    async with await mqd.client.connect(server.address) as client:
+        queue = await client.create_queue("idle")
+        first_conn = client._conn
+        # The loop runs: the server's TIMEOUT (id 0) and close are seen as they come.
+        await asyncio.sleep(1.6)
+        assert first_conn.closed
+        await queue.send(b"one")
+        # The loop is blocked: TIMEOUT and EOF wait unread in the socket, and the
+        # next call must notice before writing into a dead connection.
+        second_conn = client._conn
+        _block_the_loop(1.6)
+        await queue.send(b"two")
+        assert client._conn is not second_conn
+        assert sorted(m.body for m in await queue.receive(max_messages=10)) == [b"one", b"two"]
+
+
 async def test_request_timeout_when_the_server_stops_answering(server):
     async with await mqd.client.connect(server.address, request_timeout=0.5) as client:
         await client.ping()

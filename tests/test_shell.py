@@ -617,3 +617,29 @@ def test_tls_with_client_certificate(server_factory, tmp_path):
     result = run_shell(tls_server.address, "--json", "--ca", ca, "-c", "ping")
     assert result.returncode == 1
     assert json_lines(result.stdout)[0]["error"] in ("CONNECTION_FAILED", "CONNECTION_CLOSED")
+
+
+def test_dead_letter_queue_and_redrive_from_a_script(server):
+    script = "\n".join(
+        [
+            "create dlq",
+            "create work redrive_policy.dead_letter_queue=dlq redrive_policy.max_receive_count=1",
+            "send work poison",
+            "recv work vis=0",
+            "recv work",
+            "redrive dlq",
+            "peek work",
+        ]
+    )
+    result = run_shell(server.address, "--json", stdin=script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    answers = json_lines(result.stdout)
+    created = answers[1]
+    assert created["queue"]["attributes"]["redrive_policy"] == {
+        "dead_letter_queue": "dlq",
+        "max_receive_count": 1,
+    }
+    assert answers[4]["messages"] == []  # moved to the DLQ instead of a second delivery
+    assert answers[5]["moved"] == 1
+    (back,) = answers[6]["messages"]
+    assert back["body"] == "poison"

@@ -457,7 +457,8 @@ class Queue:
         frame_max = conn.frame_bytes_max
         fixed = _RECEIPTS_REQUEST_OVERHEAD_BYTES + utf8_len(self.name)
         if len(receipts) <= batch_max:
-            total = fixed + sum(len(r) + 8 for r in receipts)  # 8 bounds u16 + u32 timeout
+            # 8 bytes per receipt bound its u16 length and a CHANGE_VISIBILITY u32 timeout.
+            total = fixed + sum(map(len, receipts)) + 8 * len(receipts)
             if total <= frame_max:
                 return [(0, len(receipts))]
         chunks = []

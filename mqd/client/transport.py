@@ -17,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 
 from mqd.errors import ConnectionClosed
-from mqd.protocol.frame import Frame, FrameDecoder
+from mqd.protocol.frame import FLAG_ERROR, HEADER_BYTES, PREFIX_BYTES, Frame, FrameDecoder
+
+_PREFIX_AND_HEADER = struct.Struct(">IBBHI")  # length, version, flags, opcode, correlation_id
 
 
 class FrameProtocol(asyncio.Protocol):
@@ -49,12 +52,14 @@ class FrameProtocol(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._lost = False
         self._abort_reason: BaseException | None = None
+        self._plaintext = True
 
     # --- asyncio.Protocol callbacks ------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; no isinstance check.
         self._transport = transport  # type: ignore[assignment]
+        self._plaintext = transport.get_extra_info("sslcontext") is None
 
     def data_received(self, data: bytes) -> None:
         decoder = self._decoder
@@ -153,7 +158,10 @@ class FrameProtocol(asyncio.Protocol):
         since. Writing a request into it would fail the request although the
         server never saw it, so before reusing an idle connection the client
         asks the kernel with a non-blocking MSG_PEEK (one recv, no data
-        consumed). Bytes waiting (a late response, or TLS records) mean alive.
+        consumed). Waiting bytes mean alive, unless (on a plaintext
+        connection) they start an error frame with correlation id 0, which
+        the server sends only right before it closes the connection
+        (protocol.md §1.6, §1.7: the idle timeout).
         """
         if self._lost:
             return True
@@ -171,14 +179,19 @@ class FrameProtocol(asyncio.Protocol):
         except OSError:
             return False
         try:
-            data = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = probe.recv(PREFIX_BYTES + HEADER_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
             return True  # ECONNRESET and friends
         finally:
             probe.detach()  # the fd belongs to the transport
-        return data == b""
+        if not data:
+            return True
+        if self._plaintext and len(data) == PREFIX_BYTES + HEADER_BYTES:
+            _, _, flags, _, correlation_id = _PREFIX_AND_HEADER.unpack(data)
+            return correlation_id == 0 and bool(flags & FLAG_ERROR)
+        return False
 
 
 async def open_frame_connection(
