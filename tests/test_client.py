@@ -382,18 +382,20 @@ def _block_the_loop(seconds: float) -> None:
 
 
 async def test_reconnects_after_the_server_closes_an_idle_connection(server_factory, tmp_path):
-    server = server_factory(config=_config(tmp_path, "[limits]\nidle_timeout_ms = 1000\n"))
+    # The server's first idle check comes at handshake_timeout_ms, then every second.
+    limits = "[limits]\nidle_timeout_ms = 1000\nhandshake_timeout_ms = 500\n"
+    server = server_factory(config=_config(tmp_path, limits))
     async with await mqd.client.connect(server.address) as client:
         queue = await client.create_queue("idle")
         first_conn = client._conn
         # The loop runs: the server's TIMEOUT (id 0) and close are seen as they come.
-        await asyncio.sleep(1.6)
+        await asyncio.sleep(2.2)
         assert first_conn.closed
         await queue.send(b"one")
         # The loop is blocked: TIMEOUT and EOF wait unread in the socket, and the
         # next call must notice before writing into a dead connection.
         second_conn = client._conn
-        _block_the_loop(1.6)
+        _block_the_loop(2.2)
         await queue.send(b"two")
         assert client._conn is not second_conn
         assert sorted(m.body for m in await queue.receive(max_messages=10)) == [b"one", b"two"]

@@ -11,7 +11,8 @@
 
 Layers (STYLE.md): `mqd.protocol` (codec, no I/O) → `transport` (asyncio
 Protocol, coalesced writes) → `connection` (correlation ids, futures, HELLO,
-limits, timeouts) → `client` (Client, Queue, Message).
+limits, timeouts) → `client` (Client, Queue, Message); `sync` is a thin
+blocking facade over it.
 """
 
 from .client import DEFAULT_ADDRESS, Client, Queue, connect, parse_address

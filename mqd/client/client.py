@@ -33,6 +33,7 @@ from mqd.protocol.messages import (
     DeleteQueueRequest,
     DeleteRequest,
     GetQueueRequest,
+    HelloResponse,
     ListQueuesRequest,
     PeekRequest,
     PingRequest,
@@ -172,6 +173,9 @@ class Client:
         self._conn: Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._closed = False
+        # From the latest HELLO; kept after the connection closes.
+        self._hello: HelloResponse | None = None
+        self._limits: dict[str, Any] = {}
 
     # --- connection management -------------------------------------------------
 
@@ -216,8 +220,14 @@ class Client:
             if conn is not None:
                 await conn.close()
             self._conn = None
-            self._conn = await self._open()
-            return self._conn
+            conn = await self._open()
+            if self._closed:  # closed while we were connecting
+                await conn.close()
+                raise ConnectionClosed("the client is closed")
+            self._conn = conn
+            self._hello = conn.hello
+            self._limits = conn.limits
+            return conn
 
     async def _call(self, msg: Any, timeout_s: float | None = None) -> Any:
         conn = self._conn
@@ -252,15 +262,12 @@ class Client:
         return self._conn is not None and not self._conn.closed
 
     def _hello_field(self, name: str) -> Any:
-        conn = self._conn
-        if conn is None or conn.hello is None:
-            return None
-        return getattr(conn.hello, name)
+        return None if self._hello is None else getattr(self._hello, name)
 
     @property
     def server_limits(self) -> dict[str, Any]:
         """The limits the server sent in HELLO (frame_bytes_max, batch_messages_max, …)."""
-        return dict(self._conn.limits) if self._conn is not None else {}
+        return dict(self._limits)
 
     @property
     def node_id(self) -> str | None:

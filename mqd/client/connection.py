@@ -285,7 +285,13 @@ class Connection:
             future.set_result(response)
 
     def _on_lost(self, exc: BaseException | None) -> None:
-        self._mark_closed("the connection was lost" if exc is None else str(exc), exc)
+        if exc is not None:
+            reason = str(exc) or type(exc).__name__
+        elif self._closed_cause is not None:
+            reason = f"the server closed it after {self._closed_cause}"
+        else:
+            reason = "the server closed it"
+        self._mark_closed(reason, exc)
         if not self._lost_waiter.done():
             self._lost_waiter.set_result(None)
 
