@@ -30,10 +30,13 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from mqd.client import Client, Queue, connect
 from mqd.errors import ConfigError, MqdError, ServerError
+
+if TYPE_CHECKING:
+    # The client is imported when a benchmark runs, so `mqd serve` never depends on it.
+    from mqd.client import Client, Queue
 
 _HEAD = struct.Struct(">QQ")  # sequence number, send time in ns since the epoch
 HEAD_BYTES = _HEAD.size
@@ -259,6 +262,8 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = None) -> dic
     clients: list[Client] = []
 
     async def open_client() -> Client:
+        from mqd.client import connect
+
         client = await connect(cfg.address, tls=cfg.tls, token=cfg.token, client_name="mqd-bench")
         clients.append(client)
         return client

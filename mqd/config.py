@@ -36,10 +36,28 @@ class FrontendSection:
 
 
 @dataclass(slots=True)
+class ClusterSection:
+    # Node-to-node address; empty = a single node running every role in-process.
+    listen: str = ""
+    # The address other nodes dial for this node (default: `listen`).
+    advertise: str = ""
+    # Cluster addresses of the metadata nodes.
+    metadata: list[str] = field(default_factory=list)
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    vnodes: int = 128
+
+
+@dataclass(slots=True)
 class TlsSection:
+    # PEM certificate chain and key of this node (client port and cluster port).
     cert: str = ""
     key: str = ""
-    ca: str = ""  # when set, clients must present a certificate signed by it
+    # PEM CA: the cluster CA. Node-to-node connections must present a certificate
+    # signed by it; on the client port a client certificate is checked against it.
+    ca: str = ""
+    # Refuse clients without a certificate signed by `ca` on the client port.
+    require_client_cert: bool = False
 
 
 @dataclass(slots=True)
@@ -52,6 +70,7 @@ class LogSection:
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     frontend: FrontendSection = field(default_factory=FrontendSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     limits: Limits = field(default_factory=Limits)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tls: TlsSection = field(default_factory=TlsSection)
@@ -61,6 +80,10 @@ class Config:
     def data_dir(self) -> Path:
         return Path(self.node.data_dir)
 
+    @property
+    def clustered(self) -> bool:
+        return bool(self.cluster.listen)
+
     def validate(self) -> None:
         if not self.node.roles:
             raise ConfigError("node.roles: name at least one role")
@@ -69,11 +92,15 @@ class Config:
                 raise ConfigError(
                     f"node.roles: unknown role {role!r}; roles are {', '.join(ROLES)}"
                 )
-        if set(self.node.roles) != set(ROLES):
+        if len(set(self.node.roles)) != len(self.node.roles):
+            raise ConfigError("node.roles: a role is named twice")
+        if not self.clustered and set(self.node.roles) != set(ROLES):
             raise ConfigError(
-                "node.roles: running a subset of roles needs the cluster (a later release); "
-                "this build runs all three roles in one process"
+                "node.roles: a node with a subset of the roles is part of a cluster; "
+                "set cluster.listen (and cluster.metadata), or run all three roles"
             )
+        if self.clustered:
+            _validate_cluster_section(self)
         host, _ = parse_address(self.frontend.listen, key="frontend.listen")
         if bool(self.tls.cert) != bool(self.tls.key):
             raise ConfigError("tls.cert and tls.key: give both or neither")
@@ -94,6 +121,39 @@ class Config:
             )
         self.limits.validate()
         self.storage.validate()
+
+
+def _validate_cluster_section(config: Config) -> None:
+    cluster = config.cluster
+    parse_address(cluster.listen, key="cluster.listen")
+    if cluster.advertise:
+        parse_address(cluster.advertise, key="cluster.advertise")
+    roles = set(config.node.roles)
+    if not cluster.metadata:
+        raise ConfigError("cluster.metadata: list the metadata nodes' cluster addresses")
+    for address in cluster.metadata:
+        parse_address(address, key="cluster.metadata")
+    if not config.node.id:
+        raise ConfigError("node.id: every node of a cluster needs an id")
+    for key in ("cert", "key", "ca"):
+        if not getattr(config.tls, key):
+            raise ConfigError(
+                f"tls.{key}: node-to-node traffic is mutual TLS; give the node's cert, key "
+                "and the cluster CA (`mqd certs init` / `mqd certs issue` make them)"
+            )
+    bounds = {
+        "session_timeout_ms": (500, 600_000),
+        "heartbeat_interval_ms": (50, 60_000),
+        "vnodes": (1, 4096),
+    }
+    for name, (low, high) in bounds.items():
+        value = getattr(cluster, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"cluster.{name}: must be an integer from {low} to {high}, got {value!r}")
+    if cluster.heartbeat_interval_ms * 2 > cluster.session_timeout_ms:
+        raise ConfigError("cluster.heartbeat_interval_ms: must be at most half of session_timeout_ms")
+    if "frontend" not in roles and "backend" not in roles and "metadata" not in roles:
+        raise ConfigError("node.roles: name at least one role")
 
 
 def parse_address(text: str, *, key: str) -> tuple[str, int]:

@@ -88,7 +88,9 @@ def _server_ssl_context(config: Config) -> ssl.SSLContext | None:
     context.load_cert_chain(config.tls.cert, config.tls.key)
     if config.tls.ca:
         context.load_verify_locations(config.tls.ca)
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if config.tls.require_client_cert else ssl.CERT_OPTIONAL
+        )
     return context
 
 

@@ -15,11 +15,23 @@ receive takes consecutive messages of one group, then moves to the next.
 Time comes from the injected clock; transitions that are due are applied
 lazily at the start of every operation, and a timer wakes long-pollers when
 the next delayed message or lease falls due.
+
+Cold messages: a message due past the store's cold watermark (about
+`store.cold_horizon_ms`, a minute, ahead) has no state here at all, only a
+count in the store and, on FIFO queues, the lowest cold offset of its group
+(`_cold_heads`, which holds back the rest of the group as a delayed head
+does). The partition pulls them in (`_pull_cold`: `store.load_due`) whenever
+the watermark is less than half a horizon ahead: before a receive, from the
+housekeeping `expire()` (once a second), and from the long-poll timer. A
+pulled message then waits in `_delayed` like any other, so the timer wakes
+long polls at its due time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import hashlib
 import heapq
 from collections import deque
@@ -99,6 +111,15 @@ class Partition:
         self.max_receive_count = 0
         self.dead_letter_sink: DeadLetterSink | None = None
         self._closed = False
+        # Cold tier (module docstring).
+        self._cold_heads: dict[str, int] = {}
+        self._heads_refreshing: dict[str, int | None] = {}
+        self._cold_lock = asyncio.Lock()
+        self._pull_task: asyncio.Task | None = None
+        self._pull_retry_at_ms = 0
+        # Offsets pulled in from cold: `_metas` is in offset order except for these.
+        self._loaded: set[int] = set()
+        self._loaded_sent_min_ms = 0  # a lower bound of their sent times
         self._rebuild()
 
     # --- state ------------------------------------------------------------
@@ -121,6 +142,8 @@ class Partition:
             else:
                 meta.due_ms = 0
                 self._make_ready(meta)
+        if self.fifo:
+            self._cold_heads.update(self.store.recovered_cold_group_heads())
         self._advance(now)
 
     def _make_ready(self, meta: MessageMeta) -> None:
@@ -210,7 +233,10 @@ class Partition:
                 self._groups.pop(group, None)
                 continue
             taken_groups.add(group)
+            cold_head = self._cold_heads.get(group)
             for offset in members:
+                if cold_head is not None and offset > cold_head:
+                    break  # behind a message of the group that is still cold
                 meta = metas.get(offset)
                 if meta is None:
                     continue
@@ -234,7 +260,14 @@ class Partition:
         """Index freshly appended messages and wake whoever waits for them."""
         now = self._now_ms()
         became_ready = False
+        store = self.store
         for meta in metas:
+            if meta.offset in self._metas:
+                continue  # pulled in from cold before this send got here
+            if not store.is_hot(meta.offset):
+                if store.is_cold(meta.offset):
+                    self._on_cold(meta)
+                continue  # else purged before this send got here
             self._metas[meta.offset] = meta
             if self.fifo:
                 members = self._groups.get(meta.group_id)
@@ -253,6 +286,118 @@ class Partition:
         elif self._waiters:
             self._arm_timer()
 
+    def _on_cold(self, meta: MessageMeta) -> None:
+        """A message appended cold: only a FIFO group needs to know (its head)."""
+        if not self.fifo:
+            return
+        group, offset = meta.group_id, meta.offset
+        head = self._cold_heads.get(group)
+        if head is None or offset < head:
+            self._cold_heads[group] = offset
+        if group in self._heads_refreshing:
+            seen = self._heads_refreshing[group]
+            self._heads_refreshing[group] = offset if seen is None else min(seen, offset)
+
+    # --- cold tier ------------------------------------------------------------
+
+    def _pull_at_ms(self) -> int:
+        """When the cold watermark next needs moving up (0: nothing is cold)."""
+        store = self.store
+        if not store.cold_count:
+            return 0
+        return max(store.cold_until - store.cold_horizon_ms // 2, self._pull_retry_at_ms)
+
+    async def _pull_if_due(self, now: int) -> None:
+        pull_at = self._pull_at_ms()
+        if pull_at and now >= pull_at:
+            await self._pull_cold()
+
+    async def _pull_cold(self) -> None:
+        """Bring the cold messages due within the horizon into memory (as delayed)."""
+        async with self._cold_lock:
+            try:
+                metas = await self.store.load_due(self._now_ms() + self.store.cold_horizon_ms)
+            except Exception:
+                self._pull_retry_at_ms = self._now_ms() + 1000
+                raise
+            self._pull_retry_at_ms = 0
+            if not metas:
+                return
+            self._admit_loaded(metas)
+            if self.fifo:
+                await self._refresh_cold_heads(
+                    {m.group_id for m in metas if m.group_id in self._cold_heads}
+                )
+
+    def _admit_loaded(self, metas: list[MessageMeta]) -> None:
+        now = self._now_ms()
+        became_ready = False
+        for meta in metas:
+            assert not meta.visible_at_ms, "a cold message was never received"
+            offset = meta.offset
+            if offset in self._metas:
+                continue
+            self._metas[offset] = meta
+            if not self._loaded:
+                self._loaded_sent_min_ms = meta.sent_at_ms
+            self._loaded.add(offset)
+            self._loaded_sent_min_ms = min(self._loaded_sent_min_ms, meta.sent_at_ms)
+            if self.fifo:
+                members = self._groups.get(meta.group_id)
+                if members is None:
+                    members = self._groups[meta.group_id] = deque()
+                if not members or members[-1] < offset:
+                    members.append(offset)
+                else:
+                    members.insert(bisect.bisect_left(members, offset), offset)
+            if meta.due_ms > now:
+                self._delayed_count += 1
+                heapq.heappush(self._delayed, (meta.due_ms, offset))
+            else:
+                meta.due_ms = 0
+                self._make_ready(meta)
+                became_ready = True
+        log.debug("messages.uncooled", queue=self.name, count=len(metas))
+        if became_ready:
+            self._wake_waiters()
+        elif self._waiters:
+            self._arm_timer()
+
+    async def _refresh_cold_heads(self, groups: set[str]) -> None:
+        """Find the new lowest cold offset of groups whose head left the cold tier.
+
+        Until found, the old head keeps holding the group back (too much, never
+        too little). Cold messages appended meanwhile are noted by `_on_cold`.
+        """
+        released = False
+        for group in groups:
+            self._heads_refreshing[group] = None
+            try:
+                head = await self.store.cold_group_head(group)
+            finally:
+                newer = self._heads_refreshing.pop(group)
+            candidates = [o for o in (head, newer) if o is not None]
+            if candidates:
+                self._cold_heads[group] = min(candidates)
+            elif self._cold_heads.pop(group, None) is not None:
+                self._ready_groups.append(group)
+                released = True
+        if released:
+            self._wake_waiters()
+
+    def _start_pull(self) -> None:
+        if self._pull_task is not None and not self._pull_task.done():
+            return
+        self._pull_task = asyncio.get_running_loop().create_task(self._pull_in_background())
+
+    async def _pull_in_background(self) -> None:
+        try:
+            await self._pull_cold()
+        except Exception:
+            log.exception("cold.pull_failed", queue=self.name)
+        if not self._closed:
+            self._arm_timer()
+
     # --- long-poll plumbing ---------------------------------------------------
 
     def _wake_waiters(self) -> None:
@@ -269,6 +414,9 @@ class Partition:
             candidates.append(self._delayed[0][0])
         if self._leases:
             candidates.append(self._leases[0][0])
+        pull_at = self._pull_at_ms()
+        if pull_at:
+            candidates.append(pull_at)
         return min(candidates) if candidates else 0
 
     def _arm_timer(self) -> None:
@@ -287,7 +435,14 @@ class Partition:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_due_ms = 0
-        if self._advance(self._now_ms()):
+        now = self._now_ms()
+        pull_at = self._pull_at_ms()
+        if pull_at and now >= pull_at:
+            self._start_pull()  # re-arms the timer when done
+            if self._advance(now):
+                self._wake_waiters()
+            return
+        if self._advance(now):
             self._wake_waiters()
         self._arm_timer()
 
@@ -389,6 +544,7 @@ class Partition:
     ) -> list[DeliveredMessage]:
         deadline_ms = self._now_ms() + wait_ms
         for _ in range(_DEAD_LETTER_ROUNDS_MAX):
+            await self._pull_if_due(self._now_ms())
             self._advance(self._now_ms())
             taken = self._take_ready(max_messages)
             if not taken and wait_ms > 0:
@@ -750,6 +906,7 @@ class Partition:
 
     def _forget(self, meta: MessageMeta) -> None:
         del self._metas[meta.offset]
+        self._loaded.discard(meta.offset)
         if meta.visible_at_ms:
             self._on_unleased(meta)
             if self.fifo:
@@ -802,13 +959,18 @@ class Partition:
     # --- inspection and housekeeping ----------------------------------------------
 
     async def peek(self, max_messages: int, after_offset: int) -> list[DeliveredMessage]:
+        """Messages in offset order. Cold messages (due past the horizon) are not shown."""
         self._advance(self._now_ms())
         metas = []
-        for offset, meta in self._metas.items():
-            if offset > after_offset:
-                metas.append(meta)
-                if len(metas) >= max_messages:
-                    break
+        if self._loaded:  # `_metas` is out of offset order
+            offsets = heapq.nsmallest(max_messages, (o for o in self._metas if o > after_offset))
+            metas = [self._metas[o] for o in offsets]
+        else:
+            for offset, meta in self._metas.items():
+                if offset > after_offset:
+                    metas.append(meta)
+                    if len(metas) >= max_messages:
+                        break
         stored = await self.store.read([meta.offset for meta in metas])
         queue_id, index = self.queue_id, self.partition_index
         return [
@@ -841,25 +1003,59 @@ class Partition:
         self._leases.clear()
         self._delayed_count = 0
         self._in_flight_count = 0
+        self._cold_heads.clear()
+        self._loaded.clear()
         return max(purged, count)
 
     async def expire(self) -> int:
-        """Drop messages older than the queue's retention (in any state); returns how many."""
-        cutoff = self._now_ms() - self.retention_ms
+        """Drop messages older than the queue's retention (in any state); returns how many.
+
+        The backend calls this once a second; it also pulls in cold messages
+        that come within the horizon (module docstring).
+        """
+        now = self._now_ms()
+        await self._pull_if_due(now)
+        cutoff = now - self.retention_ms
         expired: list[MessageMeta] = []
         for meta in self._metas.values():
             if meta.sent_at_ms >= cutoff:
                 break
             if meta.visible_at_ms != MOVING_MS:
                 expired.append(meta)
-        if not expired:
-            return 0
+        if self._loaded and self._loaded_sent_min_ms < cutoff:
+            # Pulled-in messages sit out of offset order at the end of `_metas`.
+            seen = {meta.offset for meta in expired}
+            for offset in self._loaded:
+                meta = self._metas[offset]
+                if (
+                    meta.sent_at_ms < cutoff
+                    and meta.visible_at_ms != MOVING_MS
+                    and offset not in seen
+                ):
+                    expired.append(meta)
+            self._loaded_sent_min_ms = min(
+                (self._metas[o].sent_at_ms for o in self._loaded if o not in seen), default=0
+            )
         for meta in expired:
             self._forget(meta)
-        self.expired_total += len(expired)
-        await self.store.delete([meta.offset for meta in expired])
-        log.info("messages.expired", queue=self.name, count=len(expired))
-        return len(expired)
+        if expired:
+            await self.store.delete([meta.offset for meta in expired])
+        count = len(expired) + await self._expire_cold(cutoff)
+        if count:
+            self.expired_total += count
+            log.info("messages.expired", queue=self.name, count=count)
+        return count
+
+    async def _expire_cold(self, cutoff: int) -> int:
+        if not self.store.cold_count:
+            return 0
+        async with self._cold_lock:
+            gone = await self.store.expire_cold(cutoff)
+            if self.fifo and gone:
+                await self._refresh_cold_heads(
+                    {m.group_id for m in gone if m.group_id in self._cold_heads}
+                )
+        return len(gone)
 
     def stats(self) -> dict[str, Any]:
         now = self._now_ms()
@@ -867,12 +1063,15 @@ class Partition:
         total = len(self._metas)
         oldest_age_s = 0.0
         if total:
-            oldest = next(iter(self._metas.values()))
-            oldest_age_s = max(0.0, (now - oldest.sent_at_ms) / 1000)
+            # Not counting cold messages (their sent times are on disk only).
+            oldest_ms = next(iter(self._metas.values())).sent_at_ms
+            if self._loaded:
+                oldest_ms = min(oldest_ms, self._loaded_sent_min_ms)
+            oldest_age_s = max(0.0, (now - oldest_ms) / 1000)
         return {
             "visible": total - self._in_flight_count - self._delayed_count,
             "in_flight": self._in_flight_count,
-            "delayed": self._delayed_count,
+            "delayed": self._delayed_count + self.store.cold_count,
             "oldest_message_age_s": oldest_age_s,
             "sent_total": self.sent_total,
             "received_total": self.received_total,
@@ -890,10 +1089,19 @@ class Partition:
             self._timer = None
         self._wake_waiters()
 
+    async def _stop_pulling(self) -> None:
+        task, self._pull_task = self._pull_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def close(self) -> None:
         self.stop_waiting()
+        await self._stop_pulling()
         await self.store.close()
 
     async def destroy(self) -> None:
         self.stop_waiting()
+        await self._stop_pulling()
         await self.store.destroy()

@@ -8,14 +8,27 @@
         for message in await queue.receive(max_messages=10, wait=5):
             ...
             await queue.ack(message)
+        await queue.run_consumer(handler, concurrency=8)  # ack / retry / leases done for you
 
 Layers (STYLE.md): `mqd.protocol` (codec, no I/O) → `transport` (asyncio
 Protocol, coalesced writes) → `connection` (correlation ids, futures, HELLO,
-limits, timeouts) → `client` (Client, Queue, Message); `sync` is a thin
-blocking facade over it.
+limits, timeouts) → `client` (Client, Queue, Message) and `consumer`
+(MessageStream, Consumer); `sync` is a thin blocking facade over it.
 """
 
-from .client import DEFAULT_ADDRESS, Client, Queue, connect, parse_address
+from .client import DEFAULT_ADDRESS, Client, Queue, RedriveResult, connect, parse_address
+from .consumer import Consumer, ConsumerStats, MessageStream
 from .message import Message
 
-__all__ = ["DEFAULT_ADDRESS", "Client", "Message", "Queue", "connect", "parse_address"]
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "Client",
+    "Consumer",
+    "ConsumerStats",
+    "Message",
+    "MessageStream",
+    "Queue",
+    "RedriveResult",
+    "connect",
+    "parse_address",
+]

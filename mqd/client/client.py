@@ -14,10 +14,13 @@ whether the server acted on them.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import ssl
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import structlog
 
 from mqd.errors import (
     ConnectionClosed,
@@ -39,6 +42,7 @@ from mqd.protocol.messages import (
     PingRequest,
     PurgeQueueRequest,
     ReceiveRequest,
+    RedriveRequest,
     SendRequest,
     SetQueueAttributesRequest,
     StatsRequest,
@@ -47,7 +51,10 @@ from mqd.protocol.messages import (
 
 from .batching import U32_MAX, make_entries, make_entry, plan_chunks, seconds_to_ms, utf8_len
 from .connection import Connection
+from .consumer import Consumer, Handler, MessageStream
 from .message import Message, messages_from_delivered
+
+log = structlog.get_logger("mqd.client")
 
 DEFAULT_ADDRESS = "127.0.0.1:6470"
 # A long-poll RECEIVE may legitimately take `wait` seconds; the client gives
@@ -140,6 +147,29 @@ def _entry_failures_error(
     return ServerError.from_code(
         code, text, {"failures": listed, "succeeded": len(receipts) - len(listed)}
     )
+
+
+class RedriveResult(int):
+    """What `Queue.redrive` returns: the number of messages moved, with the server's remarks.
+
+    It is an int (the `moved` count of protocol.md §4.14), so `n = await
+    dlq.redrive()` reads naturally; `.problems` holds the server's lines
+    about messages it left where they were (empty if none).
+    """
+
+    problems: list[str]
+
+    def __new__(cls, moved: int, problems: Iterable[str] = ()) -> RedriveResult:
+        result = super().__new__(cls, moved)
+        result.problems = list(problems)
+        return result
+
+    @property
+    def moved(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"RedriveResult(moved={int(self)}, problems={self.problems!r})"
 
 
 class Client:
@@ -479,6 +509,29 @@ class Queue:
         chunks.append((start, len(receipts)))
         return chunks
 
+    async def _delete(self, receipts: list[str]) -> list[tuple[int, int, str]]:
+        """DELETE receipts (one request per server batch); the failed ones as (index, code, text)."""
+        chunks = await self._receipt_chunks(receipts)
+        if len(chunks) == 1:
+            response = await self._client._call(DeleteRequest(self.name, receipts))
+            return [(f.index, f.code, f.message) for f in response.failures]
+        failures = []
+        for start, end in chunks:
+            response = await self._client._call(DeleteRequest(self.name, receipts[start:end]))
+            failures.extend((start + f.index, f.code, f.message) for f in response.failures)
+        return failures
+
+    async def _change_visibility(
+        self, receipts: list[str], timeouts_ms: list[int]
+    ) -> list[tuple[int, int, str]]:
+        """CHANGE_VISIBILITY with a timeout per receipt; the failed ones as (index, code, text)."""
+        failures = []
+        for start, end in await self._receipt_chunks(receipts):
+            changes = [VisibilityChange(receipts[i], timeouts_ms[i]) for i in range(start, end)]
+            response = await self._client._call(ChangeVisibilityRequest(self.name, changes))
+            failures.extend((start + f.index, f.code, f.message) for f in response.failures)
+        return failures
+
     async def ack(self, *messages_or_receipts: Message | str) -> None:
         """Delete received messages (Message objects or receipt strings) in one request.
 
@@ -490,18 +543,7 @@ class Queue:
         receipts = _receipts_of(messages_or_receipts, [])
         if not receipts:
             return
-        chunks = await self._receipt_chunks(receipts)
-        if len(chunks) == 1:
-            response = await self._client._call(DeleteRequest(self.name, receipts))
-            if response.failures:
-                raise _entry_failures_error(
-                    "ack", receipts, [(f.index, f.code, f.message) for f in response.failures]
-                )
-            return
-        failures = []
-        for start, end in chunks:
-            response = await self._client._call(DeleteRequest(self.name, receipts[start:end]))
-            failures.extend((start + f.index, f.code, f.message) for f in response.failures)
+        failures = await self._delete(receipts)
         if failures:
             raise _entry_failures_error("ack", receipts, failures)
 
@@ -517,17 +559,127 @@ class Queue:
         if not receipts:
             return
         timeout_ms = seconds_to_ms(seconds, "seconds")
-        failures = []
-        for start, end in await self._receipt_chunks(receipts):
-            changes = [VisibilityChange(r, timeout_ms) for r in receipts[start:end]]
-            response = await self._client._call(ChangeVisibilityRequest(self.name, changes))
-            failures.extend((start + f.index, f.code, f.message) for f in response.failures)
+        failures = await self._change_visibility(receipts, [timeout_ms] * len(receipts))
         if failures:
             raise _entry_failures_error("change_visibility", receipts, failures)
 
     async def nack(self, message_or_receipt: Message | str, delay: float = 0) -> None:
-        """Give a message back: visible again after `delay` seconds (default at once)."""
+        """Give a message back: visible again after `delay` seconds (default at once).
+
+        This is CHANGE_VISIBILITY with timeout `delay` (protocol.md §4.12):
+        0 makes it ready now; its next delivery counts toward the queue's
+        redrive_policy max_receive_count like any other.
+        """
         await self.change_visibility_many([message_or_receipt], delay)
+
+    # --- consuming ---------------------------------------------------------------------
+
+    def consume(
+        self,
+        prefetch: int = 10,
+        wait: float = 20.0,
+        *,
+        visibility_timeout: float | None = None,
+        reconnect_delay_max: float = 5.0,
+    ) -> MessageStream:
+        """A stream of messages: `async for message in queue.consume(): ...; await queue.ack(message)`.
+
+        Underneath it long-polls RECEIVE for up to `prefetch` messages at a
+        time, waiting up to `wait` seconds, and yields them one by one; the
+        caller acks (or nacks) each. A lost connection is retried with a
+        bounded backoff. Messages fetched but not yet yielded when the stream
+        ends are released at once (CHANGE_VISIBILITY 0): deterministically
+        with `async with queue.consume() as stream:` or `await stream.aclose()`,
+        and shortly afterwards (when the stream is garbage collected) after a
+        plain `break` out of the loop or a cancellation.
+        """
+        return MessageStream(
+            self,
+            prefetch=prefetch,
+            wait=wait,
+            visibility_timeout=visibility_timeout,
+            reconnect_delay_max=reconnect_delay_max,
+        )
+
+    def consumer(self, handler: Handler, **options: Any) -> Consumer:
+        """A `Consumer` running `await handler(message)` per message; see `run_consumer`.
+
+        Start it with `await consumer.start()` (or `async with`), end it with
+        `await consumer.stop()`.
+        """
+        return Consumer(self, handler, **options)
+
+    async def run_consumer(self, handler: Handler, concurrency: int = 8, **options: Any) -> None:
+        """Run `await handler(message)` for each message, at most `concurrency` at once, until cancelled.
+
+        The message is acked when the handler returns and released with a
+        backoff delay (`retry_delay` * 2**(receive_count-1), at most
+        `retry_delay_max`) when it raises; its lease is extended while the
+        handler runs. Cancelling the task stops gracefully: no more fetching,
+        running handlers finish (up to `drain_timeout` s), prefetched
+        messages are released. The other options are those of `Consumer`.
+        Returns only if the consumer stops on an error it cannot retry
+        (then raises it).
+        """
+        consumer = Consumer(self, handler, concurrency=concurrency, **options)
+        await consumer.start()
+        try:
+            await consumer.wait()
+        except asyncio.CancelledError:
+            await consumer.stop()
+            raise
+
+    # --- dead letters -------------------------------------------------------------------
+
+    async def redrive(
+        self,
+        to: str | None = None,
+        max_messages: int | None = None,
+        rate: float | None = None,
+    ) -> RedriveResult:
+        """Move this queue's ready messages (normally a dead-letter queue's) back (REDRIVE, §4.14).
+
+        Each goes to its own `source_queue`, or to `to` if given; at most
+        `max_messages` (None: all), at most `rate` per second (None: no
+        limit). Returns how many were moved, as a `RedriveResult` (an int
+        whose `.problems` lists the server's lines about messages it left
+        in place; they are also logged as a warning). A redrive of many
+        messages can take long, so the client sets no timeout of its own
+        (wrap the call in `asyncio.timeout` for one); the call still fails
+        if the connection is lost. It is safe to call again: it moves only what is
+        still there.
+        """
+        if to is None:
+            target = ""
+        else:
+            target = _check_name(to, "to")
+            if not target:
+                raise InvalidArgument("to must be a queue name, or None for each source queue")
+        count = 0 if max_messages is None else _check_count(max_messages, "max_messages")
+        if max_messages == 0:
+            raise InvalidArgument("max_messages must be positive, or None for all")
+        if rate is None:
+            rate_per_s = 0
+        elif (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or not 1 <= rate <= U32_MAX
+        ):
+            raise InvalidArgument(
+                f"rate must be a number of messages per second in [1, {U32_MAX}], got {rate!r}"
+            )
+        else:
+            rate_per_s = int(rate)
+        response = await self._client._call(
+            RedriveRequest(self.name, target, count, rate_per_s), math.inf
+        )
+        if response.problems:
+            log.warning(
+                "queue.redrive_problems",
+                queue=self.name,
+                to=target or None,
+                moved=response.moved,
+                problems=list(response.problems),
+            )
+        return RedriveResult(response.moved, response.problems)
 
     # --- the queue itself --------------------------------------------------------------
 

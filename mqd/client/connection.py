@@ -14,6 +14,7 @@ with ConnectionClosed and the client API opens a new one on its next call.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import deque
 from typing import Any
@@ -168,7 +169,7 @@ class Connection:
 
         Raises the ServerError subclass of an error frame, ConnectionClosed if
         the connection is or becomes closed, RequestTimeout after `timeout_s`
-        (default `request_timeout_s`), FrameTooLarge (without sending) if the
+        (default `request_timeout_s`; `math.inf` for none), FrameTooLarge (without sending) if the
         request would not fit the server's frame limit.
         """
         if self._closed_reason is not None:
@@ -203,17 +204,19 @@ class Connection:
             future = loop.create_future()
             pending[cid] = future
             protocol.write(frame)
-            timer = loop.call_later(
-                self.request_timeout_s if timeout_s is None else timeout_s,
-                self._expire,
-                cid,
-                msg.OPCODE,
-                timeout_s,
+            seconds = self.request_timeout_s if timeout_s is None else timeout_s
+            # An infinite timeout (REDRIVE, which may run for minutes) sets no
+            # timer: only the connection's loss ends the wait.
+            timer = (
+                None
+                if seconds == math.inf
+                else loop.call_later(seconds, self._expire, cid, msg.OPCODE, timeout_s)
             )
             try:
                 return await future
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 pending.pop(cid, None)
         finally:
             self._release_slot()

@@ -34,6 +34,14 @@ class Opcode(IntEnum):
     PEEK = 0x0024
     REDRIVE = 0x0025
     STATS = 0x0030
+    # Internal ops: node to node over the mutually authenticated cluster port
+    # (protocol.md §7). A client port answers them with UNKNOWN_OPCODE.
+    REGISTER_NODE = 0x1001
+    HEARTBEAT = 0x1002
+    GET_PLACEMENT = 0x1003
+    PARTITION_CALL = 0x1010
+    PARTITION_WAIT = 0x1011
+    ACCEPT_MOVED = 0x1012
 
 
 # A receive or peek request asks for the queue's default visibility timeout with this.
@@ -399,6 +407,214 @@ class StatsResponse:
     stats: dict[str, Any]
 
 
+# --- internal ops (node to node) ----------------------------------------------
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    """A cluster member as the catalog knows it."""
+
+    FIELDS: ClassVar[tuple] = (
+        ("node_id", "STR"),
+        ("roles", "STR_LIST"),
+        ("client_address", "STR"),
+        ("cluster_address", "STR"),
+        ("up", "BOOL"),
+    )
+    node_id: str
+    roles: list[str] = field(default_factory=list)
+    client_address: str = ""
+    cluster_address: str = ""
+    up: bool = True
+
+
+@dataclass(slots=True)
+class PartitionPlacement:
+    """Where one partition lives: its replicas (first = preferred leader), leader, epoch."""
+
+    FIELDS: ClassVar[tuple] = (
+        ("index", "U16"),
+        ("replicas", "STR_LIST"),
+        ("leader", "STR"),
+        ("epoch", "U64"),
+    )
+    index: int
+    replicas: list[str] = field(default_factory=list)
+    leader: str = ""
+    epoch: int = 0
+
+
+@dataclass(slots=True)
+class QueuePlacement:
+    """A queue's catalog record and the placement of each of its partitions."""
+
+    FIELDS: ClassVar[tuple] = (
+        ("name", "STR"),
+        ("queue_id", "BLOB"),
+        ("attributes", "VALUE_MAP"),
+        ("created_at_ms", "U64"),
+        ("version", "U64"),
+        ("partitions", ("LIST", PartitionPlacement)),
+    )
+    name: str
+    queue_id: bytes
+    attributes: dict[str, Any] = field(default_factory=dict)
+    created_at_ms: int = 0
+    version: int = 0
+    partitions: list[PartitionPlacement] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RegisterNodeRequest:
+    OPCODE: ClassVar[Opcode] = Opcode.REGISTER_NODE
+    FIELDS: ClassVar[tuple] = (("node", NodeInfo),)
+    node: NodeInfo
+
+
+@dataclass(slots=True)
+class RegisterNodeResponse:
+    """The cluster-wide receipt secret travels only over the mutually authenticated port."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.REGISTER_NODE
+    FIELDS: ClassVar[tuple] = (
+        ("cluster_id", "STR"),
+        ("receipt_secret", "BLOB"),
+        ("placement_version", "U64"),
+    )
+    cluster_id: str
+    receipt_secret: bytes
+    placement_version: int
+
+
+@dataclass(slots=True)
+class HeartbeatRequest:
+    OPCODE: ClassVar[Opcode] = Opcode.HEARTBEAT
+    FIELDS: ClassVar[tuple] = (("node_id", "STR"), ("stats", "VALUE_MAP"))
+    node_id: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class HeartbeatResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.HEARTBEAT
+    FIELDS: ClassVar[tuple] = (("placement_version", "U64"),)
+    placement_version: int
+
+
+@dataclass(slots=True)
+class GetPlacementRequest:
+    """The whole placement once it is newer than `since_version` (a long poll up to `wait_ms`)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.GET_PLACEMENT
+    FIELDS: ClassVar[tuple] = (("since_version", "U64"), ("wait_ms", "U32"))
+    since_version: int = 0
+    wait_ms: int = 0
+
+
+@dataclass(slots=True)
+class GetPlacementResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.GET_PLACEMENT
+    FIELDS: ClassVar[tuple] = (
+        ("version", "U64"),
+        ("queues", ("LIST", QueuePlacement)),
+        ("nodes", ("LIST", NodeInfo)),
+    )
+    version: int
+    queues: list[QueuePlacement] = field(default_factory=list)
+    nodes: list[NodeInfo] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PartitionCallRequest:
+    """A client op addressed to one partition: `body` is the op's request body."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.PARTITION_CALL
+    FIELDS: ClassVar[tuple] = (
+        ("queue_id", "BLOB"),
+        ("partition", "U16"),
+        ("epoch", "U64"),
+        ("opcode", "U16"),
+        ("body", "BLOB"),
+    )
+    queue_id: bytes
+    partition: int
+    epoch: int
+    opcode: int
+    body: bytes
+
+
+@dataclass(slots=True)
+class PartitionCallResponse:
+    """The op's response body (an error comes back as an ordinary error frame)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.PARTITION_CALL
+    FIELDS: ClassVar[tuple] = (("body", "BLOB"),)
+    body: bytes
+
+
+@dataclass(slots=True)
+class PartitionWaitRequest:
+    """Wait up to `wait_ms` until the partition has a ready message; takes nothing."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.PARTITION_WAIT
+    FIELDS: ClassVar[tuple] = (("queue_id", "BLOB"), ("partition", "U16"), ("wait_ms", "U32"))
+    queue_id: bytes
+    partition: int
+    wait_ms: int
+
+
+@dataclass(slots=True)
+class PartitionWaitResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.PARTITION_WAIT
+    FIELDS: ClassVar[tuple] = (("ready", "U32"),)
+    ready: int
+
+
+@dataclass(slots=True)
+class MovedMessage:
+    """A message moved between queues (dead-lettered or redriven), as stored."""
+
+    FIELDS: ClassVar[tuple] = (
+        ("body", "BLOB"),
+        ("attributes", "STR_MAP"),
+        ("group_id", "STR"),
+        ("dedup_id", "STR"),
+        ("priority", "U8"),
+        ("source_queue", "STR"),
+        ("original_id", "STR"),
+        ("receive_count", "U32"),
+    )
+    body: bytes
+    attributes: dict[str, str] = field(default_factory=dict)
+    group_id: str = ""
+    dedup_id: str = ""
+    priority: int = 0
+    source_queue: str = ""
+    original_id: str = ""
+    receive_count: int = 0
+
+
+@dataclass(slots=True)
+class AcceptMovedRequest:
+    """Append moved messages to one partition of the queue `queue_id` (durable on reply)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.ACCEPT_MOVED
+    FIELDS: ClassVar[tuple] = (
+        ("queue_id", "BLOB"),
+        ("partition", "U16"),
+        ("messages", ("LIST", MovedMessage)),
+    )
+    queue_id: bytes
+    partition: int
+    messages: list[MovedMessage]
+
+
+@dataclass(slots=True)
+class AcceptMovedResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.ACCEPT_MOVED
+    FIELDS: ClassVar[tuple] = ()
+
+
 # The op table: one row per opcode, driving the server's dispatch, the client
 # and the shell (STYLE.md "dispatch by table").
 OPS: dict[Opcode, tuple[type, type]] = {
@@ -417,4 +633,11 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.PEEK: (PeekRequest, PeekResponse),
     Opcode.REDRIVE: (RedriveRequest, RedriveResponse),
     Opcode.STATS: (StatsRequest, StatsResponse),
+    Opcode.REGISTER_NODE: (RegisterNodeRequest, RegisterNodeResponse),
+    Opcode.HEARTBEAT: (HeartbeatRequest, HeartbeatResponse),
+    Opcode.GET_PLACEMENT: (GetPlacementRequest, GetPlacementResponse),
+    Opcode.PARTITION_CALL: (PartitionCallRequest, PartitionCallResponse),
+    Opcode.PARTITION_WAIT: (PartitionWaitRequest, PartitionWaitResponse),
+    Opcode.ACCEPT_MOVED: (AcceptMovedRequest, AcceptMovedResponse),
 }
+INTERNAL_OPCODE_MIN = 0x1000

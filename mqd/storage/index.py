@@ -31,7 +31,14 @@ CREATE TABLE IF NOT EXISTS messages (
     visible_at INTEGER NOT NULL, first_recv INTEGER NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dedup (
     dedup_id TEXT PRIMARY KEY, off INTEGER NOT NULL, sent_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (due) WHERE due != 0;
+CREATE INDEX IF NOT EXISTS messages_sent_delayed ON messages (sent_at) WHERE due != 0;
+CREATE INDEX IF NOT EXISTS messages_grp ON messages (grp, off) WHERE grp != '';
 """
+# The three indexes serve the cold tier (`PartitionStore.load_due`): messages due later
+# than the store's cold horizon live only here. Adding them did not change the version:
+# `CREATE INDEX IF NOT EXISTS` adds them to an index file of an earlier build. The partial
+# indexes cost nothing for messages sent without a delay or (standard queues) a group.
 _INSERT = "INSERT OR REPLACE INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 _LEASE = "UPDATE messages SET rc=?, visible_at=?, first_recv=? WHERE off=?"
 _DELETE = "DELETE FROM messages WHERE off=?"
@@ -125,12 +132,17 @@ class Index:
             with contextlib.suppress(FileNotFoundError):
                 (directory / (INDEX_FILE + suffix)).unlink()
 
-    async def load(self, dedup_since_ms: int) -> tuple[int, list[Row], list[tuple[str, int, int]]]:
-        """(checkpoint, live message rows in offset order, dedup rows sent at/after since)."""
+    async def load(
+        self, dedup_since_ms: int, hot_until_ms: int
+    ) -> tuple[int, list[Row], list[tuple[str, int, int]]]:
+        """(checkpoint, live rows due by `hot_until_ms` (or not delayed) in offset order,
+        dedup rows sent at/after since). Rows due later (cold) stay here."""
         try:
             async with self._db.execute("SELECT value FROM meta WHERE key='checkpoint'") as cur:
                 (checkpoint,) = await cur.fetchone()
-            async with self._db.execute("SELECT * FROM messages ORDER BY off") as cur:
+            async with self._db.execute(
+                "SELECT * FROM messages WHERE due <= ? ORDER BY off", (hot_until_ms,)
+            ) as cur:
                 rows = await cur.fetchall()
             async with self._db.execute(
                 "SELECT dedup_id, off, sent_at FROM dedup WHERE sent_at >= ?", (dedup_since_ms,)
@@ -164,6 +176,43 @@ class Index:
             with contextlib.suppress(sqlite3.Error):
                 await db.execute("ROLLBACK")
             raise
+
+    async def cold_by_segment(self, after_ms: int) -> list[tuple[int, int]]:
+        """(segment base, rows due after `after_ms`) for every segment holding such rows."""
+        sql = "SELECT seg, count(*) FROM messages WHERE due != 0 AND due > ? GROUP BY seg"
+        async with self._db.execute(sql, (after_ms,)) as cur:
+            return list(await cur.fetchall())
+
+    async def due_between(self, after_ms: int, until_ms: int) -> list[Row]:
+        """Rows with after < due <= until, in offset order."""
+        sql = "SELECT * FROM messages WHERE due != 0 AND due > ? AND due <= ? ORDER BY off"
+        async with self._db.execute(sql, (after_ms, until_ms)) as cur:
+            return list(await cur.fetchall())
+
+    async def cold_sent_before(self, after_ms: int, sent_before_ms: int) -> list[Row]:
+        """Rows due after `after_ms` (cold) sent before `sent_before_ms`, in offset order."""
+        sql = "SELECT * FROM messages WHERE due != 0 AND sent_at < ? AND due > ? ORDER BY off"
+        async with self._db.execute(sql, (sent_before_ms, after_ms)) as cur:
+            return list(await cur.fetchall())
+
+    async def cold_group_heads(self, after_ms: int) -> list[tuple[str, int]]:
+        """(group, lowest offset) of the rows due after `after_ms`, per non-empty group."""
+        sql = (
+            "SELECT grp, min(off) FROM messages WHERE due != 0 AND due > ? AND grp != '' "
+            "GROUP BY grp"
+        )
+        async with self._db.execute(sql, (after_ms,)) as cur:
+            return list(await cur.fetchall())
+
+    async def cold_group_head(self, group: str, after_ms: int) -> int | None:
+        """The lowest offset in `group` of a row due after `after_ms`, or None."""
+        sql = (
+            "SELECT off FROM messages WHERE grp = ? AND grp != '' AND due != 0 AND due > ? "
+            "ORDER BY off LIMIT 1"
+        )
+        async with self._db.execute(sql, (group, after_ms)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else row[0]
 
     async def count_rows(self) -> int:
         async with self._db.execute("SELECT count(*) FROM messages") as cur:

@@ -16,6 +16,15 @@ durability. Structure:
 - In memory the store keeps, per live message, only its position in its
   segment (`_live`: offset -> position << 32 | size) plus the dedup ids and a
   write-through cache of recent bodies.
+- Cold tier: a message due later than the cold watermark `_cold_until` (kept
+  about `cold_horizon_ms` ahead of the clock) is not kept in memory at all,
+  here or in the queue layer; only the log and the index row hold it. The
+  queue layer calls `load_due` to move the watermark forward, which brings
+  the messages now due within it back into `_live` (and hands their metas
+  over). Invariant: a live message is cold iff its due time is past the
+  watermark; the watermark never goes back, and `load_due` returns every
+  cold message it passes over exactly once (from SQLite, or from the index
+  batches not yet written to it).
 """
 
 from __future__ import annotations
@@ -46,13 +55,21 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _CACHE_ENTRY_OVERHEAD = 64
 _FIXED = rec.PREFIX_BYTES + rec.MSG_HEAD_BYTES
 
-_APPEND, _DELETE, _LEASE, _PURGE = range(4)
+_APPEND, _DELETE, _LEASE, _PURGE, _DELETE_COLD = range(5)
+
+# Messages due further ahead than this are kept only on disk (log + index) until they
+# come within it; see the module docstring. A minute gives the queue layer's periodic
+# pull (at least every half horizon) ample room to have them in memory before they fall
+# due. Not a config key yet: `PartitionStore.open(cold_horizon_ms=...)` overrides it.
+COLD_HORIZON_MS = 60_000
 
 
 class _Segment:
     """One segment file. Positions are byte positions in the file."""
 
-    __slots__ = ("bad", "base", "created_ms", "dead_at", "fd", "live", "path", "scan", "size")
+    __slots__ = (
+        "bad", "base", "cold", "created_ms", "dead_at", "fd", "live", "path", "scan", "size",
+    )  # fmt: skip
 
     def __init__(self, base: int, path: Path, size: int, created_ms: int) -> None:
         self.base = base
@@ -60,7 +77,8 @@ class _Segment:
         self.size = size  # end of the last good record; the active segment appends here
         self.created_ms = created_ms
         self.fd: int | None = None
-        self.live = 0  # live messages in this segment
+        self.live = 0  # live messages in this segment, cold ones included
+        self.cold = 0  # of which cold (in the index only)
         self.dead_at = -1  # offset of the record that deleted its last live message
         self.bad = False  # renamed .bad: read-only, never reclaimed
         self.scan: SegmentScan | None = None
@@ -86,9 +104,17 @@ class PartitionStore:
     """The durable log of one queue partition. See the module docstring."""
 
     def __init__(
-        self, directory: Path, config: StorageConfig, clock: Any, log: Any, fs: FileSystem
+        self,
+        directory: Path,
+        config: StorageConfig,
+        clock: Any,
+        log: Any,
+        fs: FileSystem,
+        cold_horizon_ms: int = COLD_HORIZON_MS,
     ) -> None:
+        assert cold_horizon_ms > 0, "the cold horizon must be positive"
         self.directory = directory
+        self.cold_horizon_ms = cold_horizon_ms
         self.config = config
         self._clock = clock
         self._log = log
@@ -113,9 +139,17 @@ class PartitionStore:
         self._needs_truncate = False
         self._recovered: list[MessageMeta] = []
         self._last_dedup_prune_ms = 0
+        # Cold tier (module docstring): the watermark, how many live messages are past it,
+        # the end of the last purge, and one lock so loads and cold expiry do not interleave.
+        self._cold_until = 0
+        self._cold_count = 0
+        self._purged_below = 0
+        self._cold_lock = asyncio.Lock()
+        self._recovered_cold_heads: dict[str, int] = {}
         # Index writer state.
         self._index: Index | None = None
         self._index_pending: list[IndexBatch] = []
+        self._index_applying: IndexBatch | None = None
         self._index_backlog_rows = 0
         self._index_wake = asyncio.Event()
         self._index_idle = asyncio.Event()
@@ -152,15 +186,19 @@ class PartitionStore:
         clock: Any = None,
         log: Any = None,
         fs: FileSystem | None = None,
+        cold_horizon_ms: int = COLD_HORIZON_MS,
     ) -> PartitionStore:
         """Open (creating if missing) the partition in `directory` and run recovery.
 
-        Takes no lock: the node locks its data directory.
+        Takes no lock: the node locks its data directory. Messages due more than
+        `cold_horizon_ms` from now stay cold (not in `live_messages()`).
         """
         config.validate()
         directory = Path(directory)
         log = (log or structlog.get_logger("mqd.storage")).bind(partition_dir=str(directory))
-        self = cls(directory, config, clock or SystemClock(), log, fs or FileSystem())
+        self = cls(
+            directory, config, clock or SystemClock(), log, fs or FileSystem(), cold_horizon_ms
+        )
         try:
             await self._recover()
         except BaseException:
@@ -181,10 +219,11 @@ class PartitionStore:
         await loop.run_in_executor(None, self._prepare_dir)
         now = self._clock.now_ms()
         dedup_since = now - self.config.dedup_retention_ms
+        cold_after = self._cold_until = now + self.cold_horizon_ms
         checkpoint, rows, dedups = 0, [], []
         try:
             self._index = await Index.open(self.directory)
-            checkpoint, rows, dedups = await self._index.load(dedup_since)
+            checkpoint, rows, dedups = await self._index.load(dedup_since, cold_after)
         except IndexUnusable as exc:
             self._log.warning("index.rebuild", reason=str(exc))
             await self._reset_index()
@@ -208,6 +247,11 @@ class PartitionStore:
         for dedup_id, off, sent_at in dedups:
             self._dedup[dedup_id] = (off, sent_at)
         self._replay(scans, checkpoint, metas, batch)
+        # Messages replayed from the log that are due past the watermark go cold too.
+        replayed_cold = [m for m in metas.values() if m.due_ms > cold_after]
+        for meta in replayed_cold:
+            del metas[meta.offset]
+            del self._live[meta.offset]
 
         for meta in metas.values():
             seg = self._segment_of(meta.offset)
@@ -219,6 +263,7 @@ class PartitionStore:
                 seg.dead_at = -1
         batch.dedup_prune_before_ms = dedup_since
         self._last_dedup_prune_ms = now
+        caught_up = True
         try:
             await self._index.apply(batch)
             self._index_checkpoint = log_end
@@ -229,10 +274,38 @@ class PartitionStore:
             self._index_pending.append(batch)
             self._index_backlog_rows += batch.rows()
             self._index_checkpoint = checkpoint
+            caught_up = False
+        await self._count_cold(cold_after, [] if caught_up else replayed_cold)
         self._recovered = sorted(metas.values(), key=lambda m: m.offset)
         self._log.info("partition.opened", next_offset=log_end, live=len(metas),
-                       segments=len(self._segments), replayed_from=checkpoint)  # fmt: skip
+                       cold=self._cold_count, segments=len(self._segments),
+                       replayed_from=checkpoint)  # fmt: skip
         await self._reclaim()
+
+    async def _count_cold(self, cold_after: int, not_indexed: list[MessageMeta]) -> None:
+        """Count the cold messages per segment, from the index (only counts are loaded).
+
+        `not_indexed` are cold messages replayed from the log whose index batch
+        failed to apply. Then the index still holds some rows the replay deleted,
+        so the counts come out high until the next open; high only holds back the
+        reclaim of a segment, where low would lose messages.
+        """
+        by_base = {s.base: s for s in self._segments}
+        counts = await self._index.cold_by_segment(cold_after)
+        for meta in not_indexed:
+            counts.append((self._segment_of(meta.offset).base, 1))
+        for base, n in counts:
+            seg = by_base.get(base)
+            if seg is None:  # rows of a lost segment: `load_due` drops them when met
+                continue
+            seg.cold += n
+            seg.live += n
+            self._cold_count += n
+        heads = dict(await self._index.cold_group_heads(cold_after)) if self._cold_count else {}
+        for meta in not_indexed:
+            if meta.group_id:
+                heads[meta.group_id] = min(heads.get(meta.group_id, meta.offset), meta.offset)
+        self._recovered_cold_heads = heads
 
     async def _reset_index(self) -> None:
         if self._index is not None:
@@ -381,7 +454,8 @@ class PartitionStore:
                     for off in r.offsets:
                         if metas.pop(off, None) is not None:
                             del live[off]
-                            batch.deletes.append(off)
+                        # Not in memory: it may be a cold row of the index (cold expiry).
+                        batch.deletes.append(off)
                 elif isinstance(r, rec.LeaseRecord):
                     for off, rc, vis, first in r.leases:
                         meta = metas.get(off)
@@ -409,6 +483,137 @@ class PartitionStore:
         return self._recovered
 
     @property
+    def cold_count(self) -> int:
+        """Live messages held only on disk because they are due past `cold_until`."""
+        return self._cold_count
+
+    @property
+    def cold_until(self) -> int:
+        """The cold watermark (ms): a live message due after it is cold."""
+        return self._cold_until
+
+    def is_hot(self, offset: int) -> bool:
+        """True if the message is live and in memory (not cold, not deleted)."""
+        return offset in self._live
+
+    def _unwritten_rows(self) -> list[tuple]:
+        """Index rows inserted by batches that SQLite may not show yet."""
+        rows: list[tuple] = []
+        if self._index_applying is not None:
+            rows += self._index_applying.inserts
+        for batch in self._index_pending:
+            rows += batch.inserts
+        return rows
+
+    async def load_due(self, until_ms: int) -> list[MessageMeta]:
+        """Move the cold watermark up to `until_ms`; return the cold messages it passes.
+
+        They are hot again from here on (readable, in `_live`); the caller owns
+        their state. Each cold message is returned by exactly one call: the ones
+        whose index rows are not written yet are taken from the pending batches.
+        All messages due within the new watermark are loaded at once (they would
+        be in memory anyway had they been sent later); no paging.
+        """
+        async with self._cold_lock:
+            after = self._cold_until
+            if until_ms <= after:
+                return []
+            self._cold_until = until_ms
+            if not self._cold_count:
+                return []
+            found = {row[0]: row for row in self._unwritten_rows() if after < row[5] <= until_ms}
+            try:
+                rows = await self._index.due_between(after, until_ms)
+            except sqlite3.Error as exc:
+                # Step the watermark back so the next call looks again. Messages appended
+                # meanwhile and due within `until_ms` are hot; every cold lookup skips
+                # offsets found in `_live`, so they are not loaded twice.
+                if self._cold_until == until_ms:
+                    self._cold_until = after
+                self._log.error("index.cold_load_failed", error=str(exc))
+                raise InternalError(f"loading delayed messages from the index: {exc}") from None
+            for row in rows:
+                found.setdefault(row[0], row)
+            return self._make_hot(sorted(found.values()))
+
+    def _make_hot(self, rows: list[tuple]) -> list[MessageMeta]:
+        live = self._live
+        by_base = {s.base: s for s in self._segments}
+        metas = []
+        lost = []
+        for (
+            off,
+            seg_base,
+            pos,
+            length,
+            sent_at,
+            due,
+            prio,
+            grp,
+            dedup,
+            rc,
+            vis,
+            first,
+            size,
+        ) in rows:
+            if off in live or off < self._purged_below:
+                continue  # hot already (appended after the watermark moved) or purged
+            seg = by_base.get(seg_base)
+            if seg is None:  # its segment is gone: never counted (`_count_cold`)
+                lost.append(off)
+                continue
+            seg.cold -= 1
+            self._cold_count -= 1
+            if seg.scan is not None and not seg.scan.readable(pos):
+                seg.live -= 1  # damaged on disk: a bad segment, never reclaimed
+                lost.append(off)
+                continue
+            live[off] = (pos << _SHIFT) | length
+            metas.append(MessageMeta(off, sent_at, due, prio, grp, dedup, rc, vis, first, size))
+        if lost:
+            # The record is gone or damaged: as `_load_rows` does at open.
+            self._log.error("index.rows_lost", count=len(lost),
+                            reason="record missing or damaged in the log")  # fmt: skip
+            self._submit_index(IndexBatch(checkpoint=self._next_offset, deletes=lost))
+        return metas
+
+    async def expire_cold(self, sent_before_ms: int) -> list[MessageMeta]:
+        """Delete the cold messages sent before `sent_before_ms` (retention); return them."""
+        async with self._cold_lock:
+            if not self._cold_count:
+                return []
+            until = self._cold_until
+            rows = [r for r in self._unwritten_rows() if r[5] > until and r[4] < sent_before_ms]
+            rows += await self._index.cold_sent_before(until, sent_before_ms)
+            found = {row[0]: row for row in rows}
+            doomed = sorted(o for o in found if o not in self._live and o >= self._purged_below)
+            if not doomed:
+                return []
+            done = await self._submit(_DELETE_COLD, doomed) or []
+            return [MessageMeta(o, *found[o][4:]) for o in done]
+
+    def recovered_cold_group_heads(self) -> dict[str, int]:
+        """Per message group, the lowest offset of a cold message in it, as of open."""
+        return self._recovered_cold_heads
+
+    def is_cold(self, offset: int) -> bool:
+        """For an offset the caller knows was appended: True if it is live but cold.
+
+        (Not in memory and not purged. A cold message deleted by `expire_cold`
+        also answers True; the queue layer asks only right after the append.)
+        """
+        return offset not in self._live and offset >= self._purged_below
+
+    async def cold_group_head(self, group: str) -> int | None:
+        """The lowest offset of a cold message in `group`, or None."""
+        until = self._cold_until
+        pending = [r[0] for r in self._unwritten_rows() if r[5] > until and r[7] == group]
+        head = await self._index.cold_group_head(group, until)
+        # Rows written while the query ran were pending before it.
+        candidates = [o for o in [*pending, head] if o is not None and o not in self._live]
+        return min(candidates) if candidates else None
+
+    @property
     def next_offset(self) -> int:
         """The offset the next record written will get."""
         return self._next_offset
@@ -432,7 +637,9 @@ class PartitionStore:
             bad_segments=sum(1 for x in self._segments if x.bad),
             log_bytes=sum(x.size for x in self._segments),
             next_offset=self._next_offset,
-            live_messages=len(self._live),
+            live_messages=len(self._live) + self._cold_count,
+            cold_messages=self._cold_count,
+            cold_until_ms=self._cold_until,
             writes=self._fs.writes,
             fsyncs=self._fs.fsyncs,
             pending_ops=len(self._pending),
@@ -640,6 +847,15 @@ class PartitionStore:
                     parts.append(rec.encode_lease(offset, now, leases))
                     sizes.append(len(parts[-1]))
                     offset += 1
+            elif kind == _DELETE_COLD:
+                # Cold messages found in the index by `expire_cold` (under the cold lock,
+                # so none was loaded since); a purge may have taken them meanwhile.
+                offs = [o for o in op.payload if o not in live and o >= self._purged_below]
+                op.result = offs
+                if offs:
+                    parts.append(rec.encode_delete(offset, now, offs))
+                    sizes.append(len(parts[-1]))
+                    offset += 1
             else:
                 up_to = offset if op.payload is None else min(op.payload, offset)
                 op.result = up_to
@@ -717,6 +933,10 @@ class PartitionStore:
         pos = position
         first = self._next_offset - len(sizes)  # offset of the group's first record
         i = 0  # index into sizes (= record number within the group)
+        if not self._cold_count:
+            # Nothing is cold, so the watermark can move up without asking the index.
+            self._cold_until = max(self._cold_until, now + self.cold_horizon_ms)
+        cold_until = self._cold_until
         for op in ops:
             kind = op.kind
             if kind == _APPEND:
@@ -726,6 +946,7 @@ class PartitionStore:
                 add_meta = metas.append
                 add_row = inserts.append
                 cache_bytes = 0
+                cold = 0
                 for m in msgs:
                     size = sizes[i]
                     i += 1
@@ -747,13 +968,18 @@ class PartitionStore:
                                          m.receive_count, 0, 0, msize))  # fmt: skip
                     add_row((off, base, pos, size, now, m.due_ms, m.priority, m.group_id,
                              m.dedup_id, m.receive_count, 0, 0, msize))  # fmt: skip
-                    live[off] = (pos << _SHIFT) | size
-                    if cache_max:
-                        cache[off] = (m, now)
-                        cache_bytes += body_size + _CACHE_ENTRY_OVERHEAD
+                    if m.due_ms > cold_until:
+                        cold += 1  # in the log and (soon) the index only
+                    else:
+                        live[off] = (pos << _SHIFT) | size
+                        if cache_max:
+                            cache[off] = (m, now)
+                            cache_bytes += body_size + _CACHE_ENTRY_OVERHEAD
                     pos += size
                     off += 1
                 seg.live += len(msgs)
+                seg.cold += cold
+                self._cold_count += cold
                 self._cache_bytes += cache_bytes
                 self._stats["messages_appended"] += len(msgs)
                 op.result = metas
@@ -768,6 +994,22 @@ class PartitionStore:
                             self._forget(o, rec_off)
                             batch.deletes.append(o)
                 op.result = None
+            elif kind == _DELETE_COLD:
+                offs = op.result
+                done = []
+                if offs:
+                    rec_off = first + i
+                    pos += sizes[i]
+                    i += 1
+                    for o in offs:
+                        if o >= self._purged_below:  # else a purge in this group took it
+                            seg_of = self._segment_of(o)
+                            seg_of.cold -= 1
+                            self._cold_count -= 1
+                            self._forget(o, rec_off)
+                            batch.deletes.append(o)
+                            done.append(o)
+                op.result = done
             elif kind == _LEASE:
                 leases = op.result
                 if leases:
@@ -787,8 +1029,9 @@ class PartitionStore:
                 for o in doomed:
                     del live[o]
                     self._forget(o, rec_off)
+                op.result = len(doomed) + self._purge_cold(up_to, rec_off)
+                self._purged_below = max(self._purged_below, up_to)
                 batch.purges.append(up_to)
-                op.result = len(doomed)
         assert i == len(sizes), "records and operations out of step"
         assert pos == seg.size, "positions out of step with the segment end"
         if self._cache_bytes > cache_max:
@@ -799,6 +1042,34 @@ class PartitionStore:
         for op in ops:
             if not op.future.done():
                 op.future.set_result(op.result)
+
+    def _purge_cold(self, up_to: int, rec_off: int) -> int:
+        """Account for the cold messages below `up_to` (the index deletes their rows).
+
+        Exact for every segment wholly below `up_to` (the queue layer always purges
+        everything). The cold messages of a segment that `up_to` cuts through are
+        not known without the index; they stay counted, which only holds back the
+        reclaim of that segment and leaves the cold count high. Logged if it happens.
+        """
+        gone = 0
+        segs = self._segments
+        for n, seg in enumerate(segs):
+            if seg.base >= up_to:
+                break
+            if not seg.cold:
+                continue
+            end = segs[n + 1].base if n + 1 < len(segs) else rec_off
+            if end > up_to:
+                self._log.warning("purge.cold_left_counted", segment=seg.path.name,
+                                  up_to=up_to, cold=seg.cold)  # fmt: skip
+                break
+            gone += seg.cold
+            seg.live -= seg.cold
+            self._cold_count -= seg.cold
+            seg.cold = 0
+            if seg.live == 0:
+                seg.dead_at = rec_off
+        return gone
 
     def _forget(self, offset: int, deleted_by: int) -> None:
         hit = self._cache.pop(offset, None)
@@ -941,10 +1212,13 @@ class PartitionStore:
                 batch.merge(later)
             if len(batches) > 1:
                 batch.coalesce()
+            # `load_due` looks into this batch while SQLite may not show it yet.
+            self._index_applying = batch
             try:
                 await self._index.apply(batch)
             except Exception as exc:
                 # The index is derived: keep the batch, retry, and let the log carry on.
+                self._index_applying = None
                 self._stats["index_errors"] += 1
                 self._log.error("index.write_failed", error=str(exc), retry_s=retry_s)
                 self._index_pending.insert(0, batch)
@@ -953,6 +1227,7 @@ class PartitionStore:
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, 5.0)
                 continue
+            self._index_applying = None
             retry_s = 0.05
             self._index_backlog_rows = sum(b.rows() for b in self._index_pending)
             self._index_checkpoint = batch.checkpoint

@@ -1,0 +1,818 @@
+"""Consuming a queue: a message stream and a managed consumer with leases.
+
+Two ways to consume, on top of `Queue.receive` / `ack` / CHANGE_VISIBILITY
+(protocol.md §4.10-§4.12):
+
+- `MessageStream` (`Queue.consume`): `async for message in stream`, long
+  polling underneath; the caller acks. Messages fetched but not yet yielded
+  are released (CHANGE_VISIBILITY 0) when the stream ends.
+- `Consumer` (`Queue.consumer`, `Queue.run_consumer`): runs an async handler
+  per message with bounded concurrency and does the bookkeeping: it extends
+  the leases of the messages it holds (heartbeat), acks when the handler
+  returns, releases with a backoff delay when it raises, and stops gracefully.
+
+One owner per mutable thing (STYLE.md): in a Consumer, one fetcher task
+receives, `concurrency` worker tasks run the handler, and one settler task
+sends every DELETE and CHANGE_VISIBILITY. The settler batches: one round
+sends at most one DELETE (the acks gathered within `ack_window` s) and one
+CHANGE_VISIBILITY (releases and lease extensions together, each with its own
+timeout), and the next round starts only when both have answered. Since a
+message is in exactly one of "to ack", "to release" or "held" at a time,
+a lease extension can never overtake the release of the same message (the
+server does not order concurrent requests, §1.5).
+
+Not measured: the throughput of either path against a remote server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from mqd.errors import (
+    ClientError,
+    ConnectionClosed,
+    ErrorCode,
+    InternalError,
+    InvalidArgument,
+    MqdError,
+    NotLeader,
+    RequestTimeout,
+    StorageFull,
+    Throttled,
+    TooManyRequests,
+    Unavailable,
+)
+
+from .batching import seconds_to_ms
+from .message import Message
+
+if TYPE_CHECKING:
+    from .client import Queue
+
+log = structlog.get_logger("mqd.client.consumer")
+
+Handler = Callable[[Message], Awaitable[Any]]
+
+# Errors after which a consumer backs off and tries again: the connection or
+# the server is (for now) unable, but nothing is wrong with the request. Any
+# other MqdError (QUEUE_NOT_FOUND, FORBIDDEN, ...) ends a Consumer and is
+# raised from a MessageStream.
+TRANSIENT_ERRORS: tuple[type[MqdError], ...] = (
+    ConnectionClosed,
+    RequestTimeout,
+    Throttled,
+    Unavailable,
+    NotLeader,
+    TooManyRequests,
+    StorageFull,
+    InternalError,
+)
+# The first retry after a transient error waits about this long; each
+# further one doubles it, up to the `reconnect_delay_max` option.
+RECONNECT_DELAY_MIN_S = 0.05
+# While stopping, acks and releases are retried for at least this long
+# (or drain_timeout, if longer) before they are given up.
+SETTLE_AT_STOP_MIN_S = 5.0
+# The longest retry delay: the default visibility_timeout_ms_max (protocol.md §5.1).
+RETRY_DELAY_MAX_S = 43200.0
+# A RECEIVE asks for at most this many messages if the server named no
+# batch_messages_max (protocol.md §5.1).
+_BATCH_MESSAGES_DEFAULT = 100
+# 2**this bounds the retry-delay doubling (far beyond any retry_delay_max).
+_RETRY_EXPONENT_MAX = 40
+
+
+class Backoff:
+    """Exponential backoff with jitter, bounded: waits in [d/2, d], d = min(max, base * 2**n)."""
+
+    def __init__(self, base_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        assert 0 < base_s <= max_s
+        self._base_s = base_s
+        self._max_s = max_s
+        self._rng = rng or random.Random()
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        delay = min(self._max_s, self._base_s * 2 ** min(self._attempt, _RETRY_EXPONENT_MAX))
+        self._attempt += 1
+        return delay / 2 + self._rng.random() * delay / 2
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+def _check_positive_int(value: Any, what: str, minimum: int = 1) -> int:
+    if type(value) is not int or value < minimum:
+        raise InvalidArgument(f"{what} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_seconds(value: Any, what: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidArgument(f"{what} must be a non-negative number of seconds, got {value!r}")
+    if positive and value == 0:
+        raise InvalidArgument(f"{what} must be positive, got {value!r}")
+    return float(value)
+
+
+async def _release(queue: Queue, messages: list[Message]) -> None:
+    """Make messages ready again at once (CHANGE_VISIBILITY 0); failures are only logged."""
+    if not messages:
+        return
+    receipts = [m.receipt for m in messages]
+    try:
+        failures = await queue._change_visibility(receipts, [0] * len(receipts))
+    except MqdError as exc:
+        log.warning(
+            "consumer.release_failed", queue=queue.name, messages=len(receipts), error=str(exc)
+        )
+        return
+    if failures:
+        log.debug("consumer.release_refused", queue=queue.name, refused=len(failures))
+
+
+# --- the stream ----------------------------------------------------------------------
+
+
+class MessageStream:
+    """`async for message in queue.consume(prefetch, wait)`: messages one by one.
+
+    Also an async context manager, whose exit (like `aclose()`) releases the
+    messages fetched but not yet yielded before it returns.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        prefetch: int = 10,
+        wait: float = 20.0,
+        visibility_timeout: float | None = None,
+        reconnect_delay_max: float = 5.0,
+    ) -> None:
+        self._queue = queue
+        self._prefetch = _check_positive_int(prefetch, "prefetch")
+        self._wait_s = _check_seconds(wait, "wait")
+        if visibility_timeout is not None:
+            seconds_to_ms(visibility_timeout, "visibility_timeout")
+        self._visibility_timeout = visibility_timeout
+        self._reconnect_delay_max_s = max(
+            RECONNECT_DELAY_MIN_S, _check_seconds(reconnect_delay_max, "reconnect_delay_max")
+        )
+        # The fetched messages not yet yielded; released when the stream ends.
+        self._buffer: deque[Message] = deque()
+        # The generator must not refer to `self`: with no reference cycle, a
+        # stream left behind by `break` is freed (and closed) at once.
+        self._messages = _stream_messages(
+            queue,
+            self._buffer,
+            self._prefetch,
+            self._wait_s,
+            self._visibility_timeout,
+            self._reconnect_delay_max_s,
+        )
+
+    def __aiter__(self) -> MessageStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self._messages.__anext__()
+
+    async def aclose(self) -> None:
+        """End the stream and release the messages it fetched but did not yield."""
+        await self._messages.aclose()
+
+    async def __aenter__(self) -> MessageStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def buffered(self) -> int:
+        """Messages fetched and not yet yielded."""
+        return len(self._buffer)
+
+    def __repr__(self) -> str:
+        return f"<mqd.client.MessageStream {self._queue.name!r} buffered={len(self._buffer)}>"
+
+
+async def _stream_messages(
+    queue: Queue,
+    buffer: deque[Message],
+    prefetch: int,
+    wait_s: float,
+    visibility_timeout: float | None,
+    reconnect_delay_max_s: float,
+) -> AsyncIterator[Message]:
+    """The body of a MessageStream.
+
+    An async generator, so that a stream left behind by `break` or a
+    cancellation is still closed, and its buffer released, by the event
+    loop's finalizer hook.
+    """
+    backoff = Backoff(RECONNECT_DELAY_MIN_S, reconnect_delay_max_s)
+    try:
+        while True:
+            if buffer:
+                yield buffer.popleft()
+                continue
+            try:
+                messages = await queue.receive(prefetch, wait_s, visibility_timeout)
+            except TRANSIENT_ERRORS as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "consumer.receive_failed",
+                    queue=queue.name,
+                    error=str(exc),
+                    retry_in_s=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            buffer.extend(messages)
+    finally:
+        left = list(buffer)
+        buffer.clear()
+        await _release(queue, left)
+
+
+# --- the managed consumer --------------------------------------------------------------
+
+_BUFFERED = "buffered"  # received, waiting for a worker
+_RUNNING = "running"  # its handler runs
+_SETTLING = "settling"  # handed to the settler to ack or release
+
+
+class _Lease:
+    """A message this consumer holds, and when its lease was last set."""
+
+    __slots__ = ("extended_at", "lost", "message", "state")
+
+    def __init__(self, message: Message, extended_at: float) -> None:
+        self.message = message
+        self.extended_at = extended_at
+        self.state = _BUFFERED
+        self.lost = False
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """Counters of one Consumer; read them any time."""
+
+    received: int = 0  # messages received
+    handled: int = 0  # handler returned
+    failed: int = 0  # handler raised
+    acked: int = 0  # DELETE confirmed
+    ack_failed: int = 0  # DELETE refused (the lease was lost) or given up
+    released: int = 0  # released (after a failure, or unstarted at stop), confirmed
+    extended: int = 0  # lease extensions confirmed
+    leases_lost: int = 0  # an extension was refused: someone else may get the message
+
+
+class Consumer:
+    """Runs `await handler(message)` for the messages of a queue, with leases kept.
+
+    Options (seconds unless said otherwise):
+
+    - `concurrency`: handlers running at once.
+    - `prefetch`: messages received ahead of free workers (default: `concurrency`).
+    - `wait`: long-poll time of each RECEIVE (at most the server's 20 s).
+    - `visibility_timeout`: the lease of each message (default: the queue's,
+      read once at start); must be positive.
+    - `heartbeat`: extend the leases of held messages (received, not yet
+      acked or released) by `visibility_timeout` every `heartbeat_interval`
+      (default `visibility_timeout` / 3), all in one CHANGE_VISIBILITY.
+    - `retry_delay`, `retry_delay_max`: a message whose handler raised is
+      released with delay min(retry_delay * 2**(receive_count-1), retry_delay_max).
+    - `ack_window`: acks gathered this long go in one DELETE.
+    - `drain_timeout`: how long `stop()` lets running handlers finish before
+      cancelling them (their messages are then released).
+    - `reconnect_delay_max`: the longest backoff after a connection error.
+    - `rng`: a random.Random for the backoff jitter (tests seed it).
+
+    `await start()` (or `async with`) starts it; `await stop()` stops it
+    gracefully: fetch no more, release the prefetched messages that no
+    handler started, let running handlers finish and settle their messages.
+    `await wait()` returns when it has stopped and raises the error that
+    stopped it, if any (one it cannot retry, e.g. QueueNotFound).
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        handler: Handler,
+        *,
+        concurrency: int = 8,
+        prefetch: int | None = None,
+        wait: float = 20.0,
+        visibility_timeout: float | None = None,
+        heartbeat: bool = True,
+        heartbeat_interval: float | None = None,
+        retry_delay: float = 1.0,
+        retry_delay_max: float = 300.0,
+        ack_window: float = 0.005,
+        drain_timeout: float = 30.0,
+        reconnect_delay_max: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not callable(handler):
+            raise InvalidArgument(f"handler must be an async callable, got {handler!r}")
+        self.queue = queue
+        self._handler = handler
+        self.concurrency = _check_positive_int(concurrency, "concurrency")
+        self.prefetch = (
+            self.concurrency if prefetch is None else _check_positive_int(prefetch, "prefetch", 0)
+        )
+        self._wait_s = _check_seconds(wait, "wait")
+        self.visibility_timeout: float | None = None
+        if visibility_timeout is not None:
+            seconds_to_ms(visibility_timeout, "visibility_timeout")
+            self.visibility_timeout = _check_seconds(
+                visibility_timeout, "visibility_timeout", positive=True
+            )
+        self._heartbeat = bool(heartbeat)
+        self._heartbeat_interval_s = (
+            None
+            if heartbeat_interval is None
+            else _check_seconds(heartbeat_interval, "heartbeat_interval", positive=True)
+        )
+        self._retry_delay_s = _check_seconds(retry_delay, "retry_delay")
+        self._retry_delay_max_s = _check_seconds(retry_delay_max, "retry_delay_max")
+        if self._retry_delay_max_s > RETRY_DELAY_MAX_S:
+            # A longer delay would make the server refuse the whole batch of
+            # CHANGE_VISIBILITY it travels in (visibility_timeout_ms_max, §5.1).
+            raise InvalidArgument(
+                f"retry_delay_max must be at most {RETRY_DELAY_MAX_S:g} s, got {retry_delay_max!r}"
+            )
+        self._ack_window_s = _check_seconds(ack_window, "ack_window")
+        self._drain_timeout_s = _check_seconds(drain_timeout, "drain_timeout")
+        self._reconnect_delay_max_s = max(
+            RECONNECT_DELAY_MIN_S, _check_seconds(reconnect_delay_max, "reconnect_delay_max")
+        )
+        self._rng = rng or random.Random()
+        self.stats = ConsumerStats()
+
+        self._started = False
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._stop_requested: asyncio.Event | None = None
+        # Received messages: leases not yet handed to the settler, by receipt.
+        self._held: dict[str, _Lease] = {}
+        self._buffer: asyncio.Queue[_Lease | None] | None = None
+        self._running = 0
+        self._room: asyncio.Event | None = None  # set when the fetcher may have room
+        # The settler's inbox.
+        self._acks: list[_Lease] = []
+        self._releases: list[tuple[_Lease, int]] = []
+        self._settle_wakeup: asyncio.Event | None = None
+        self._settler_closing = False
+        self._settling_now = 0  # messages in the DELETE / CHANGE_VISIBILITY under way
+
+    # --- life cycle ------------------------------------------------------------------
+
+    async def start(self) -> Consumer:
+        """Start fetching and handling; returns at once (after reading the queue's lease)."""
+        if self._started:
+            raise ClientError("this Consumer was already started")
+        self._started = True
+        if self.visibility_timeout is None:
+            attributes = await self.queue.attributes()
+            seconds = float(attributes.get("visibility_timeout", 0))
+            if seconds <= 0:
+                raise InvalidArgument(
+                    f"queue {self.queue.name!r} has visibility_timeout {seconds:g}: "
+                    "give the Consumer a positive visibility_timeout"
+                )
+            self.visibility_timeout = seconds
+        if self._heartbeat_interval_s is None:
+            self._heartbeat_interval_s = self.visibility_timeout / 3
+        self._buffer = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._settle_wakeup = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._run_task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"mqd-consumer {self.queue.name}"
+        )
+        log.debug(
+            "consumer.started",
+            queue=self.queue.name,
+            concurrency=self.concurrency,
+            prefetch=self.prefetch,
+            visibility_timeout_s=self.visibility_timeout,
+        )
+        return self
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop gracefully and wait until done (see the class); idempotent.
+
+        Does not raise the error that may have stopped the consumer earlier
+        (`wait()` does). Cancelling `stop()` itself cancels the running
+        handlers at once.
+        """
+        if self._run_task is None:
+            return
+        if drain_timeout is not None:
+            self._drain_timeout_s = _check_seconds(drain_timeout, "drain_timeout")
+        self._request_stop()
+        try:
+            await asyncio.shield(self._run_task)
+        except asyncio.CancelledError:
+            if not self._run_task.done():
+                self._run_task.cancel()
+            raise
+
+    async def wait(self) -> None:
+        """Wait until the consumer has stopped; raise the error that stopped it, if any."""
+        if self._run_task is None:
+            raise ClientError("this Consumer was not started")
+        await asyncio.shield(self._run_task)
+        if self._error is not None:
+            raise self._error
+
+    async def __aenter__(self) -> Consumer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet stopped."""
+        return self._run_task is not None and not self._run_task.done()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages held: received and not yet settled (acked or released)."""
+        return len(self._held) + len(self._acks) + len(self._releases) + self._settling_now
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped" if self._started else "new"
+        return (
+            f"<mqd.client.Consumer {self.queue.name!r} {state} "
+            f"concurrency={self.concurrency} in_flight={self.in_flight}>"
+        )
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+        if self._room is not None:
+            self._room.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop because of an error that retrying will not cure; wait() raises it."""
+        if self._error is None:
+            self._error = exc
+        log.error("consumer.failed", queue=self.queue.name, error=str(exc), exc_info=exc)
+        self._request_stop()
+
+    # --- the supervisor ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._stop_requested is not None and self._buffer is not None
+        loop = asyncio.get_running_loop()
+        fetcher = loop.create_task(self._guard(self._fetch_loop()))
+        settler = loop.create_task(self._guard(self._settle_loop()))
+        workers = [loop.create_task(self._work_loop()) for _ in range(self.concurrency)]
+        tasks = [fetcher, settler, *workers]
+        try:
+            await self._stop_requested.wait()
+            # 1. Fetch no more. A RECEIVE cut short here may have been answered
+            # already: those messages come back when their lease runs out.
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
+            # 2. Release what no handler started, and tell the workers to end.
+            buffer = self._buffer
+            while not buffer.empty():
+                lease = buffer.get_nowait()
+                if lease is not None:
+                    self._settle(lease, release_ms=0)
+            for _ in workers:
+                buffer.put_nowait(None)
+            # 3. Let running handlers finish, for a while.
+            _, late = await asyncio.wait(workers, timeout=self._drain_timeout_s)
+            if late:
+                log.warning(
+                    "consumer.drain_timeout",
+                    queue=self.queue.name,
+                    handlers=len(late),
+                    drain_timeout_s=self._drain_timeout_s,
+                )
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late)
+            # 4. Settle everything, then stop the settler.
+            self._settler_closing = True
+            assert self._settle_wakeup is not None
+            self._settle_wakeup.set()
+            await asyncio.gather(settler, return_exceptions=True)
+            log.debug("consumer.stopped", queue=self.queue.name, **_stats_fields(self.stats))
+        finally:
+            # Only after a hard cancel is anything left running here.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _guard(self, coro: Awaitable[None]) -> None:
+        """Run a loop of ours; a bug in it stops the consumer instead of vanishing."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+
+    # --- fetching ----------------------------------------------------------------------
+
+    def _room_to_fetch(self) -> int:
+        """How many messages to ask for now (0: wait for a worker to take some)."""
+        assert self._buffer is not None
+        buffered = self._buffer.qsize()
+        if buffered > self.prefetch // 2:
+            return 0
+        return self.concurrency + self.prefetch - buffered - self._running
+
+    async def _fetch_loop(self) -> None:
+        assert self._buffer is not None and self._room is not None
+        queue = self.queue
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(RECONNECT_DELAY_MIN_S, self._reconnect_delay_max_s, self._rng)
+        visibility_timeout = self.visibility_timeout
+        while not self._stopping:
+            room = self._room_to_fetch()
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            batch_max = queue.client.server_limits.get("batch_messages_max")
+            if type(batch_max) is not int or batch_max < 1:
+                batch_max = _BATCH_MESSAGES_DEFAULT
+            try:
+                messages = await queue.receive(
+                    min(room, batch_max), self._wait_s, visibility_timeout
+                )
+            except TRANSIENT_ERRORS as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "consumer.receive_failed",
+                    queue=queue.name,
+                    error=str(exc),
+                    retry_in_s=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+                continue
+            except MqdError as exc:
+                self._fail(exc)
+                return
+            backoff.reset()
+            if not messages:
+                continue
+            now = loop.time()
+            self.stats.received += len(messages)
+            for message in messages:
+                lease = _Lease(message, now)
+                self._held[message.receipt] = lease
+                self._buffer.put_nowait(lease)
+            assert self._settle_wakeup is not None
+            self._settle_wakeup.set()  # so the settler plans the next heartbeat
+
+    # --- handling ----------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        assert self._buffer is not None and self._room is not None
+        buffer = self._buffer
+        while True:
+            lease = await buffer.get()
+            if lease is None:
+                return
+            self._running += 1
+            self._room.set()
+            try:
+                await self._handle(lease)
+            finally:
+                self._running -= 1
+                self._room.set()
+
+    async def _handle(self, lease: _Lease) -> None:
+        message = lease.message
+        lease.state = _RUNNING
+        try:
+            await self._handler(message)
+        except asyncio.CancelledError:
+            # The drain timeout ran out (or a hard stop): give it back now.
+            self._settle(lease, release_ms=0)
+            raise
+        except Exception:
+            self.stats.failed += 1
+            delay_s = self._retry_delay_for(message.receive_count)
+            log.exception(
+                "consumer.handler_failed",
+                queue=self.queue.name,
+                message_id=message.id,
+                receive_count=message.receive_count,
+                retry_in_s=delay_s,
+            )
+            self._settle(lease, release_ms=round(delay_s * 1000))
+        else:
+            self.stats.handled += 1
+            self._settle(lease, ack=True)
+
+    def _retry_delay_for(self, receive_count: int) -> float:
+        exponent = min(max(receive_count - 1, 0), _RETRY_EXPONENT_MAX)
+        return min(self._retry_delay_s * 2**exponent, self._retry_delay_max_s)
+
+    # --- settling: acks, releases, lease extensions -----------------------------------
+
+    def _settle(self, lease: _Lease, *, ack: bool = False, release_ms: int = 0) -> None:
+        """Hand a message to the settler to ack or release; it is no longer extended."""
+        assert lease.state != _SETTLING
+        lease.state = _SETTLING
+        self._held.pop(lease.message.receipt, None)
+        if ack:
+            self._acks.append(lease)
+        else:
+            self._releases.append((lease, release_ms))
+        assert self._settle_wakeup is not None
+        self._settle_wakeup.set()
+
+    def _extensions_due(self, now: float) -> tuple[list[_Lease], float | None]:
+        """The leases to extend now, and when the next one falls due (None: none held)."""
+        if not self._heartbeat or not self._held:
+            return [], None
+        interval = self._heartbeat_interval_s
+        assert interval is not None
+        due = []
+        next_at = None
+        for lease in self._held.values():
+            if lease.lost:
+                continue
+            at = lease.extended_at + interval
+            if at <= now:
+                due.append(lease)
+            elif next_at is None or at < next_at:
+                next_at = at
+        return due, next_at
+
+    async def _settle_loop(self) -> None:
+        wakeup = self._settle_wakeup
+        assert wakeup is not None
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(RECONNECT_DELAY_MIN_S, self._reconnect_delay_max_s, self._rng)
+        give_up_at: float | None = None
+        while True:
+            now = loop.time()
+            if self._settler_closing and give_up_at is None:
+                give_up_at = now + max(self._drain_timeout_s, SETTLE_AT_STOP_MIN_S)
+            due, next_at = self._extensions_due(now)
+            if not self._acks and not self._releases and not due:
+                if self._settler_closing:
+                    return
+                wakeup.clear()
+                try:
+                    async with asyncio.timeout_at(next_at):
+                        await wakeup.wait()
+                except TimeoutError:
+                    pass
+                continue
+            if self._acks and self._ack_window_s and not self._settler_closing:
+                # Let more acks arrive to share the DELETE.
+                await asyncio.sleep(self._ack_window_s)
+                due, _ = self._extensions_due(loop.time())
+            if await self._settle_round(due):
+                backoff.reset()
+            elif give_up_at is not None and loop.time() >= give_up_at:
+                # Stopping, and the server stays out of reach: the leases run
+                # out by themselves and the messages are delivered again.
+                log.warning(
+                    "consumer.settle_abandoned",
+                    queue=self.queue.name,
+                    acks=len(self._acks),
+                    releases=len(self._releases),
+                )
+                self.stats.ack_failed += len(self._acks)
+                self._acks, self._releases = [], []
+                return
+            else:
+                await asyncio.sleep(backoff.next_delay())
+
+    async def _settle_round(self, due: list[_Lease]) -> bool:
+        """One DELETE and one CHANGE_VISIBILITY, at once; False after a transient error."""
+        acks, self._acks = self._acks, []
+        releases, self._releases = self._releases, []
+        self._settling_now = len(acks) + len(releases)
+        try:
+            results = await asyncio.gather(
+                self._send_acks(acks), self._send_changes(releases, due), return_exceptions=True
+            )
+        finally:
+            self._settling_now = 0
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return all(results)
+
+    async def _send_acks(self, acks: list[_Lease]) -> bool:
+        if not acks:
+            return True
+        queue = self.queue
+        try:
+            failures = await queue._delete([lease.message.receipt for lease in acks])
+        except TRANSIENT_ERRORS as exc:
+            # DELETE is safe to retry (protocol.md §1.5): try them all again.
+            log.warning("consumer.ack_retry", queue=queue.name, acks=len(acks), error=str(exc))
+            self._acks[:0] = acks
+            return False
+        except MqdError as exc:
+            self.stats.ack_failed += len(acks)
+            log.error("consumer.ack_failed", queue=queue.name, acks=len(acks), error=str(exc))
+            return True
+        self.stats.acked += len(acks) - len(failures)
+        for index, code, text in failures:
+            self.stats.ack_failed += 1
+            log.warning(
+                "consumer.ack_refused",
+                queue=queue.name,
+                message_id=acks[index].message.id,
+                code=_code_name(code),
+                error=text,
+            )
+        return True
+
+    async def _send_changes(self, releases: list[tuple[_Lease, int]], due: list[_Lease]) -> bool:
+        if not releases and not due:
+            return True
+        queue = self.queue
+        assert self.visibility_timeout is not None
+        extend_ms = round(self.visibility_timeout * 1000)
+        leases = [lease for lease, _ in releases] + due
+        receipts = [lease.message.receipt for lease in leases]
+        timeouts_ms = [ms for _, ms in releases] + [extend_ms] * len(due)
+        sent_at = asyncio.get_running_loop().time()
+        try:
+            failures = await queue._change_visibility(receipts, timeouts_ms)
+        except TRANSIENT_ERRORS as exc:
+            # Safe to retry as well; the extensions are recomputed next round.
+            log.warning(
+                "consumer.change_visibility_retry",
+                queue=queue.name,
+                releases=len(releases),
+                extensions=len(due),
+                error=str(exc),
+            )
+            self._releases[:0] = releases
+            return False
+        except MqdError as exc:
+            log.error(
+                "consumer.change_visibility_failed",
+                queue=queue.name,
+                releases=len(releases),
+                extensions=len(due),
+                error=str(exc),
+            )
+            for lease in due:
+                lease.lost = True
+            return True
+        failed = {index: (code, text) for index, code, text in failures}
+        for index, lease in enumerate(leases):
+            if index < len(releases):
+                if index not in failed:
+                    self.stats.released += 1
+                continue
+            if index in failed:
+                if lease.state == _SETTLING:
+                    continue  # acked or released meanwhile: its receipt no longer matters
+                lease.lost = True
+                self.stats.leases_lost += 1
+                code, text = failed[index]
+                log.warning(
+                    "consumer.lease_lost",
+                    queue=queue.name,
+                    message_id=lease.message.id,
+                    code=_code_name(code),
+                    error=text,
+                )
+            else:
+                lease.extended_at = sent_at
+                self.stats.extended += 1
+        return True
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"ERROR_{code}"
+
+
+def _stats_fields(stats: ConsumerStats) -> dict[str, int]:
+    return {name: getattr(stats, name) for name in ConsumerStats.__slots__}

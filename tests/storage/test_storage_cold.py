@@ -1,0 +1,85 @@
+"""PartitionStore cold tier: due past the watermark = on disk only; `load_due` once each."""
+
+from __future__ import annotations
+
+from mqd.clock import ManualClock
+from mqd.storage import NewMessage, PartitionStore, StorageConfig
+from mqd.storage.tools import verify
+
+DAY_MS = 86_400_000
+
+
+async def test_cold_messages_stay_out_of_memory_and_load_once(part):
+    clock = ManualClock()
+    now = clock.now_ms()
+    store = await PartitionStore.open(part, StorageConfig(), clock=clock)
+    try:
+        metas = await store.append_messages(
+            [NewMessage(b"a"), NewMessage(b"b", due_ms=now + DAY_MS)]
+            + [NewMessage(b"c%d" % i, due_ms=now + 2 * DAY_MS) for i in range(5)]
+        )
+        assert len(metas) == 7
+        assert store.is_hot(0) and not any(store.is_hot(m.offset) for m in metas[1:])
+        assert store.cold_count == 6 and len(store._live) == 1
+        # Before the index writer has run: the rows come from its pending batches.
+        got = await store.load_due(now + DAY_MS)
+        assert [m.offset for m in got] == [1]
+        assert store.cold_count == 5
+        assert [r.body for r in await store.read([1])] == [b"b"]
+        assert await store.load_due(now + DAY_MS) == []  # never twice
+        await store._index_drained()
+        got = await store.load_due(now + 2 * DAY_MS)
+        assert [m.offset for m in got] == [2, 3, 4, 5, 6]
+        assert store.cold_count == 0 and len(store._live) == 7
+    finally:
+        await store.close()
+
+
+async def test_reopen_counts_cold_rows_without_loading_them(part):
+    clock = ManualClock()
+    now = clock.now_ms()
+    store = await PartitionStore.open(part, StorageConfig(segment_bytes_max=4096), clock=clock)
+    await store.append_messages(
+        [NewMessage(b"x" * 100, due_ms=now + DAY_MS + i) for i in range(200)]
+        + [NewMessage(b"soon", due_ms=now + 1000)]
+    )
+    await store.close()
+
+    for _ in range(2):  # with the index, then rebuilt from the log alone
+        store = await PartitionStore.open(part, StorageConfig(), clock=clock)
+        try:
+            assert [m.offset for m in store.live_messages()] == [200]
+            assert store.cold_count == 200 and len(store._live) == 1
+            assert store.stats()["live_messages"] == 201
+            assert store.stats()["segments"] > 1
+        finally:
+            await store.close()
+        assert verify(part).ok, verify(part).text()
+        (part / "index.sqlite").unlink()
+
+
+async def test_cold_expiry_writes_deletes_and_frees_segments(part):
+    clock = ManualClock()
+    now = clock.now_ms()
+    store = await PartitionStore.open(part, StorageConfig(segment_bytes_max=4096), clock=clock)
+    try:
+        await store.append_messages(
+            [NewMessage(b"x" * 100, due_ms=now + DAY_MS) for _ in range(100)]
+        )
+        clock.advance(1000)
+        young = await store.append_messages([NewMessage(b"y", due_ms=now + DAY_MS)])
+        gone = await store.expire_cold(now + 1)
+        assert len(gone) == 100 and store.cold_count == 1
+        await store.append_messages([NewMessage(b"roll")])  # let the reclaim run
+        await store._index_drained()
+    finally:
+        await store.close()
+    assert verify(part).ok, verify(part).text()
+    store = await PartitionStore.open(part, StorageConfig(), clock=clock)
+    try:
+        assert store.cold_count == 1
+        clock.advance(DAY_MS)
+        got = await store.load_due(clock.now_ms() + 60_000)
+        assert [m.offset for m in got] == [young[0].offset]
+    finally:
+        await store.close()
