@@ -27,6 +27,9 @@ _NUMERIC: dict[str, tuple[float, float, float]] = {
     "dedup_window": (300, 0, 900),
 }
 _BOOLEAN: dict[str, bool] = {"content_based_dedup": False}
+# Fixed at creation: moving messages between partitions is a rebalance, not an edit.
+PARTITIONS = "partitions"
+PARTITIONS_MAX = 64
 REDRIVE_POLICY = "redrive_policy"
 MAX_RECEIVE_COUNT_MAX = 1000
 _INTEGER_ONLY = frozenset({"max_message_bytes"})
@@ -56,6 +59,7 @@ def default_attributes(name: str, limits: Limits) -> dict[str, Any]:
     attributes: dict[str, Any] = {key: spec[0] for key, spec in _NUMERIC.items()}
     attributes["max_message_bytes"] = min(attributes["max_message_bytes"], limits.message_bytes_max)
     attributes["fifo"] = is_fifo_name(name)
+    attributes[PARTITIONS] = 1
     attributes.update(_BOOLEAN)
     return attributes
 
@@ -81,12 +85,27 @@ def validate_attributes(
                 raise InvalidArgument(f"attribute {key} must be true or false, got {value!r}")
             validated[key] = value
             continue
+        if key == PARTITIONS:
+            if not creating:
+                raise InvalidArgument("attribute partitions is fixed when the queue is created")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 1 <= value <= PARTITIONS_MAX
+            ):
+                raise InvalidArgument(
+                    f"attribute partitions must be a whole number from 1 to {PARTITIONS_MAX}, got {value!r}"
+                )
+            validated[key] = value
+            continue
         if key == REDRIVE_POLICY:
             validated[key] = _validate_redrive_policy(value)
             continue
         spec = _NUMERIC.get(key)
         if spec is None:
-            known = ", ".join(sorted([*_NUMERIC, *_READ_ONLY, *_BOOLEAN, REDRIVE_POLICY]))
+            known = ", ".join(
+                sorted([*_NUMERIC, *_READ_ONLY, *_BOOLEAN, REDRIVE_POLICY, PARTITIONS])
+            )
             raise InvalidArgument(f"unknown queue attribute {key!r}; known: {known}")
         _, low, high = spec
         if key == "max_message_bytes":

@@ -149,9 +149,13 @@ def _validate_cluster_section(config: Config) -> None:
     for name, (low, high) in bounds.items():
         value = getattr(cluster, name)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ConfigError(f"cluster.{name}: must be an integer from {low} to {high}, got {value!r}")
+            raise ConfigError(
+                f"cluster.{name}: must be an integer from {low} to {high}, got {value!r}"
+            )
     if cluster.heartbeat_interval_ms * 2 > cluster.session_timeout_ms:
-        raise ConfigError("cluster.heartbeat_interval_ms: must be at most half of session_timeout_ms")
+        raise ConfigError(
+            "cluster.heartbeat_interval_ms: must be at most half of session_timeout_ms"
+        )
     if "frontend" not in roles and "backend" not in roles and "metadata" not in roles:
         raise ConfigError("node.roles: name at least one role")
 

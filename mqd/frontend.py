@@ -18,7 +18,6 @@ from typing import Any
 import structlog
 
 from mqd import __version__
-from mqd.backend import BackendRole
 from mqd.errors import (
     BatchTooLarge,
     ErrorCode,
@@ -29,11 +28,11 @@ from mqd.errors import (
     Unavailable,
 )
 from mqd.limits import Limits
-from mqd.metadata import MetadataRole, QueueRecord
+from mqd.metadata import QueueRecord
 from mqd.protocol import codec, messages
 from mqd.protocol.frame import FLAG_RESPONSE, PROTOCOL_VERSION, Frame, FrameDecoder
 from mqd.protocol.messages import VISIBILITY_DEFAULT, Opcode
-from mqd.receipts import parse_message_id
+from mqd.router import Router
 
 log = structlog.get_logger("mqd.frontend")
 
@@ -42,6 +41,8 @@ _ATTRIBUTE_NAME_CHARS = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 )
 _PRIORITY_MAX = 9
+# Room left in a RECEIVE response frame for everything but the messages.
+RESPONSE_HEADROOM_BYTES = 64 * 1024
 
 
 class FrontendRole:
@@ -50,15 +51,13 @@ class FrontendRole:
     def __init__(
         self,
         *,
-        metadata: MetadataRole,
-        backend: BackendRole,
+        router: Router,
         limits: Limits,
         node_id: str,
         roles: list[str],
         clock: Any,
     ) -> None:
-        self.metadata = metadata
-        self.backend = backend
+        self.router = router
         self.limits = limits
         self.node_id = node_id
         self.roles = roles
@@ -89,7 +88,7 @@ class FrontendRole:
         self.draining = True
         if self._server is not None:
             self._server.close()
-        self.backend.stop_long_polls()
+        self.router.catalog.stop_long_polls()
         pending = [task for conn in self.connections for task in conn.tasks]
         if pending:
             _, still_running = await asyncio.wait(pending, timeout=timeout_s)
@@ -108,8 +107,7 @@ class FrontendRole:
             "connections": len(self.connections),
             "connections_total": self.connections_total,
             "requests_total": self.requests_total,
-            "queues": len(self.metadata.queues()),
-            "storage": self.backend.storage_stats(),
+            **self.router.catalog.stats(),
         }
 
 
@@ -314,10 +312,8 @@ class ClientConnection(asyncio.Protocol):
 
     # --- helpers for handlers -------------------------------------------------------------
 
-    def queue(self, name: str) -> QueueRecord:
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument("queue name is required")
-        return self.frontend.metadata.lookup(name)
+    async def queue(self, name: str) -> QueueRecord:
+        return await self.frontend.router.lookup(name)
 
     def check_batch(self, count: int, what: str) -> None:
         if count == 0:
@@ -329,11 +325,6 @@ class ClientConnection(asyncio.Protocol):
 
 
 # --- handlers (one per opcode) -----------------------------------------------------
-
-
-def _queue_info(conn: ClientConnection, record: QueueRecord) -> messages.QueueInfo:
-    stats = conn.frontend.backend.partition(record).stats()
-    return messages.QueueInfo(name=record.name, attributes=dict(record.attributes), stats=stats)
 
 
 async def handle_hello(
@@ -367,53 +358,58 @@ async def handle_ping(
 async def handle_create_queue(
     conn: ClientConnection, request: messages.CreateQueueRequest
 ) -> messages.CreateQueueResponse:
-    record, _ = await conn.frontend.metadata.create_queue(
-        request.name, request.attributes, exist_ok=request.exist_ok
-    )
-    return messages.CreateQueueResponse(queue=_queue_info(conn, record))
+    router = conn.frontend.router
+    record = await router.catalog.create_queue(request.name, request.attributes, request.exist_ok)
+    return messages.CreateQueueResponse(queue=await router.queue_info(record))
 
 
 async def handle_delete_queue(
     conn: ClientConnection, request: messages.DeleteQueueRequest
 ) -> messages.DeleteQueueResponse:
-    conn.queue(request.name)
-    await conn.frontend.metadata.delete_queue(request.name)
+    await conn.queue(request.name)
+    await conn.frontend.router.catalog.delete_queue(request.name)
     return messages.DeleteQueueResponse()
 
 
 async def handle_get_queue(
     conn: ClientConnection, request: messages.GetQueueRequest
 ) -> messages.GetQueueResponse:
-    return messages.GetQueueResponse(queue=_queue_info(conn, conn.queue(request.name)))
+    record = await conn.queue(request.name)
+    return messages.GetQueueResponse(queue=await conn.frontend.router.queue_info(record))
 
 
 async def handle_list_queues(
     conn: ClientConnection, request: messages.ListQueuesRequest
 ) -> messages.ListQueuesResponse:
-    return messages.ListQueuesResponse(names=conn.frontend.metadata.list_queues(request.prefix))
+    return messages.ListQueuesResponse(
+        names=await conn.frontend.router.catalog.list_queues(request.prefix)
+    )
 
 
 async def handle_set_queue_attributes(
     conn: ClientConnection, request: messages.SetQueueAttributesRequest
 ) -> messages.SetQueueAttributesResponse:
-    conn.queue(request.name)
-    record = await conn.frontend.metadata.set_attributes(request.name, request.attributes)
-    return messages.SetQueueAttributesResponse(queue=_queue_info(conn, record))
+    await conn.queue(request.name)
+    router = conn.frontend.router
+    record = await router.catalog.set_attributes(request.name, request.attributes)
+    return messages.SetQueueAttributesResponse(queue=await router.queue_info(record))
 
 
 async def handle_purge_queue(
     conn: ClientConnection, request: messages.PurgeQueueRequest
 ) -> messages.PurgeQueueResponse:
-    record = conn.queue(request.name)
-    purged = await conn.frontend.backend.partition(record).purge()
-    return messages.PurgeQueueResponse(purged=purged)
+    record = await conn.queue(request.name)
+    return messages.PurgeQueueResponse(purged=await conn.frontend.router.purge(record))
 
 
-def _validate_send(
-    conn: ClientConnection, record: QueueRecord, entries: list[messages.SendEntry]
-) -> None:
-    limits = conn.limits
-    conn.check_batch(len(entries), "SEND")
+def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.SendEntry]) -> None:
+    """SEND is all or nothing: every entry is checked before anything is stored (protocol.md §4.9)."""
+    if not entries:
+        raise InvalidArgument("SEND: the batch is empty")
+    if len(entries) > limits.batch_messages_max:
+        raise BatchTooLarge(
+            f"SEND: {len(entries)} entries; at most batch_messages_max={limits.batch_messages_max}"
+        )
     message_bytes_max = record.max_message_bytes
     fifo = record.attributes.get("fifo", False)
     for position, entry in enumerate(entries):
@@ -459,28 +455,24 @@ def _validate_send(
 async def handle_send(
     conn: ClientConnection, request: messages.SendRequest
 ) -> messages.SendResponse:
-    record = conn.queue(request.queue)
-    _validate_send(conn, record, request.entries)
-    partition = conn.frontend.backend.partition(record)
-    ids = await partition.send(request.entries, record.delay_ms)
-    return messages.SendResponse(message_ids=ids)
+    record = await conn.queue(request.queue)
+    validate_send(conn.limits, record, request.entries)
+    return messages.SendResponse(
+        message_ids=await conn.frontend.router.send(record, request.entries)
+    )
 
 
-def _visibility_ms(conn: ClientConnection, record: QueueRecord, requested_ms: int) -> int:
+def visibility_ms(limits: Limits, record: QueueRecord, requested_ms: int) -> int:
     if requested_ms == VISIBILITY_DEFAULT:
         return record.visibility_timeout_ms
-    if requested_ms > conn.limits.visibility_timeout_ms_max:
+    if requested_ms > limits.visibility_timeout_ms_max:
         raise InvalidArgument(
-            f"visibility timeout {requested_ms} ms exceeds visibility_timeout_ms_max={conn.limits.visibility_timeout_ms_max}"
+            f"visibility timeout {requested_ms} ms exceeds visibility_timeout_ms_max={limits.visibility_timeout_ms_max}"
         )
     return requested_ms
 
 
-async def handle_receive(
-    conn: ClientConnection, request: messages.ReceiveRequest
-) -> messages.ReceiveResponse:
-    record = conn.queue(request.queue)
-    limits = conn.limits
+def validate_receive(limits: Limits, request: messages.ReceiveRequest) -> None:
     if not 1 <= request.max_messages <= limits.batch_messages_max:
         raise InvalidArgument(
             f"max_messages must be 1-{limits.batch_messages_max}, got {request.max_messages}"
@@ -489,13 +481,20 @@ async def handle_receive(
         raise InvalidArgument(
             f"wait_ms {request.wait_ms} exceeds receive_wait_ms_max={limits.receive_wait_ms_max}"
         )
-    visibility_ms = _visibility_ms(conn, record, request.visibility_timeout_ms)
-    partition = conn.frontend.backend.partition(record)
-    delivered = await partition.receive(
+
+
+async def handle_receive(
+    conn: ClientConnection, request: messages.ReceiveRequest
+) -> messages.ReceiveResponse:
+    record = await conn.queue(request.queue)
+    limits = conn.limits
+    validate_receive(limits, request)
+    delivered = await conn.frontend.router.receive(
+        record,
         request.max_messages,
         request.wait_ms,
-        visibility_ms,
-        bytes_max=limits.frame_bytes_max - 65536,
+        visibility_ms(limits, record, request.visibility_timeout_ms),
+        limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES,
     )
     return messages.ReceiveResponse(messages=delivered)
 
@@ -503,63 +502,50 @@ async def handle_receive(
 async def handle_delete(
     conn: ClientConnection, request: messages.DeleteRequest
 ) -> messages.DeleteResponse:
-    record = conn.queue(request.queue)
+    record = await conn.queue(request.queue)
     conn.check_batch(len(request.receipts), "DELETE")
-    failures = await conn.frontend.backend.partition(record).delete(request.receipts)
-    return messages.DeleteResponse(failures=failures)
+    return messages.DeleteResponse(
+        failures=await conn.frontend.router.delete(record, request.receipts)
+    )
 
 
 async def handle_change_visibility(
     conn: ClientConnection, request: messages.ChangeVisibilityRequest
 ) -> messages.ChangeVisibilityResponse:
-    record = conn.queue(request.queue)
+    record = await conn.queue(request.queue)
     conn.check_batch(len(request.changes), "CHANGE_VISIBILITY")
     changes = [
-        (change.receipt, _visibility_ms(conn, record, change.timeout_ms))
+        (change.receipt, visibility_ms(conn.limits, record, change.timeout_ms))
         for change in request.changes
     ]
-    failures = await conn.frontend.backend.partition(record).change_visibility(changes)
+    failures = await conn.frontend.router.change_visibility(record, changes)
     return messages.ChangeVisibilityResponse(failures=failures)
 
 
 async def handle_peek(
     conn: ClientConnection, request: messages.PeekRequest
 ) -> messages.PeekResponse:
-    record = conn.queue(request.queue)
+    record = await conn.queue(request.queue)
     if not 1 <= request.max_messages <= conn.limits.batch_messages_max:
         raise InvalidArgument(f"max_messages must be 1-{conn.limits.batch_messages_max}")
-    after_offset = -1
-    if request.after_id:
-        parsed = parse_message_id(request.after_id)
-        if parsed is None or parsed[0] != record.queue_id:
-            raise InvalidArgument(
-                f"after_id {request.after_id!r} is not a message id of this queue"
-            )
-        after_offset = parsed[2]
-    delivered = await conn.frontend.backend.partition(record).peek(
-        request.max_messages, after_offset
-    )
+    delivered = await conn.frontend.router.peek(record, request.max_messages, request.after_id)
     return messages.PeekResponse(messages=delivered)
 
 
 async def handle_redrive(
     conn: ClientConnection, request: messages.RedriveRequest
 ) -> messages.RedriveResponse:
-    record = conn.queue(request.queue)
+    record = await conn.queue(request.queue)
     if request.to == request.queue:
         raise InvalidArgument("redrive: `to` must be another queue")
     if request.to:
-        target = conn.queue(request.to)
+        target = await conn.queue(request.to)
         if bool(target.attributes.get("fifo")) != bool(record.attributes.get("fifo")):
             raise InvalidArgument(
                 f"redrive: {request.to!r} and {request.queue!r} must both be FIFO or both standard"
             )
-    backend = conn.frontend.backend
-    moved, problems = await backend.partition(record).redrive(
-        backend.append_moved,
-        to=request.to,
-        max_messages=request.max_messages,
-        rate_per_s=request.rate_per_s,
+    moved, problems = await conn.frontend.router.redrive(
+        record, request.to, request.max_messages, request.rate_per_s
     )
     return messages.RedriveResponse(moved=moved, problems=problems)
 

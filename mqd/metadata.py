@@ -81,7 +81,14 @@ class Catalog:
         ) as cursor:
             rows = await cursor.fetchall()
         return [
-            QueueRecord(name, bytes(qid), json.loads(attrs), created, partitions, version)
+            QueueRecord(
+                name,
+                bytes(qid),
+                {"partitions": partitions} | json.loads(attrs),
+                created,
+                partitions,
+                version,
+            )
             for name, qid, attrs, created, partitions, version in rows
         ]
 
@@ -147,7 +154,9 @@ class MetadataRole:
             raise QueueExists(f"queue {name!r} already exists{detail}")
         merged = default_attributes(name, self._limits) | changes
         self._check_redrive_target(name, merged)
-        record = QueueRecord(name, os.urandom(8), merged, self._clock.now_ms())
+        record = QueueRecord(
+            name, os.urandom(8), merged, self._clock.now_ms(), partitions=merged["partitions"]
+        )
         self._queues[name] = record
         try:
             await self._catalog.put(record)

@@ -28,6 +28,7 @@ from mqd.frontend import FrontendRole
 from mqd.log import configure_logging
 from mqd.metadata import Catalog, MetadataRole
 from mqd.receipts import ReceiptSigner, load_or_create_secret
+from mqd.router import LocalCatalog, Router
 
 log = structlog.get_logger("mqd.node")
 
@@ -124,8 +125,7 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
         backend.bind_catalog(metadata.lookup)
         await backend.start(queues)
         frontend = FrontendRole(
-            metadata=metadata,
-            backend=backend,
+            router=Router(LocalCatalog(metadata, backend)),
             limits=config.limits,
             node_id=node_id,
             roles=config.node.roles,

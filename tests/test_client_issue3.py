@@ -182,7 +182,9 @@ async def test_consume_yields_messages_sent_before_and_after_it_starts(client):
             if len(seen) == 10:
                 break
     await sender
-    assert sorted(seen) == sorted([b"early-%d" % i for i in range(5)] + [b"late-%d" % i for i in range(5)])
+    assert sorted(seen) == sorted(
+        [b"early-%d" % i for i in range(5)] + [b"late-%d" % i for i in range(5)]
+    )
     stats = await queue.stats()
     assert stats["visible"] == 0 and stats["in_flight"] == 0
 

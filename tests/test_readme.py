@@ -24,6 +24,8 @@ def test_readme_client_example_runs(server):
 def test_readme_set_up_commands_are_the_ci_ones():
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    test_command = next(line for line in text.splitlines() if "pytest" in line and "pip install" in line)
+    test_command = next(
+        line for line in text.splitlines() if "pytest" in line and "pip install" in line
+    )
     assert test_command.strip() in ci
     assert "mqd serve" in text

@@ -604,7 +604,7 @@ def test_tls_with_client_certificate(server_factory, tmp_path):
     config = tmp_path / "tls.toml"
     config.write_text(
         "[tls]\n"
-        f'cert = "{pki["server"]}.pem"\nkey = "{pki["server"]}.key"\nca = "{pki["ca"]}.pem"\n'
+        f'cert = "{pki["server"]}.pem"\nkey = "{pki["server"]}.key"\nca = "{pki["ca"]}.pem"\nrequire_client_cert = true\n'
     )
     tls_server = server_factory("tls-data", config=config)
     ca = f"{pki['ca']}.pem"

@@ -17,7 +17,7 @@ import asyncio
 import math
 import os
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -60,6 +60,8 @@ DEFAULT_ADDRESS = "127.0.0.1:6470"
 # A long-poll RECEIVE may legitimately take `wait` seconds; the client gives
 # up on it only this much later.
 RECEIVE_TIMEOUT_MARGIN_S = 10.0
+# close() waits at most this long for background releases to finish.
+BACKGROUND_AT_CLOSE_S = 2.0
 # Bytes of one receipt in a DELETE request beyond its text (u16 length), and
 # of the request around the receipts (header, queue name prefix, list count).
 _RECEIPT_OVERHEAD_BYTES = 2
@@ -203,6 +205,7 @@ class Client:
         self._conn: Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._closed = False
+        self._background: set[asyncio.Task[None]] = set()
         # From the latest HELLO; kept after the connection closes.
         self._hello: HelloResponse | None = None
         self._limits: dict[str, Any] = {}
@@ -259,11 +262,22 @@ class Client:
             self._limits = conn.limits
             return conn
 
-    async def _call(self, msg: Any, timeout_s: float | None = None) -> Any:
+    async def _call(
+        self,
+        msg: Any,
+        timeout_s: float | None = None,
+        on_abandoned: Callable[[Any], None] | None = None,
+    ) -> Any:
         conn = self._conn
         if conn is None or not conn.usable():
             conn = await self._connection()
-        return await conn.request(msg, timeout_s)
+        return await conn.request(msg, timeout_s, on_abandoned)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background chore of the client (a release); close() waits for it briefly."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def connect(self) -> Client:
         """Open the connection now (calls open it on demand otherwise)."""
@@ -272,6 +286,9 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection; outstanding calls fail with ConnectionClosed."""
+        if self._background:
+            # Let releases under way reach the server first.
+            await asyncio.wait(set(self._background), timeout=BACKGROUND_AT_CLOSE_S)
         self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -457,7 +474,9 @@ class Queue:
         """Receive up to `max_messages`, long-polling up to `wait` seconds for the first.
 
         The messages stay invisible to other consumers for `visibility_timeout`
-        seconds (None: the queue's default); ack them before it runs out.
+        seconds (None: the queue's default); ack them before it runs out. If
+        the call is cancelled while it waits, messages the server delivers to
+        it afterwards are released at once (see `_release_abandoned`).
         """
         _check_count(max_messages, "max_messages")
         wait_ms = 0 if wait == 0 else seconds_to_ms(wait, "wait")
@@ -470,9 +489,36 @@ class Queue:
         if wait_ms:
             timeout_s = max(client._request_timeout_s, wait_ms / 1000 + RECEIVE_TIMEOUT_MARGIN_S)
         response = await client._call(
-            ReceiveRequest(self.name, max_messages, wait_ms, visibility_ms), timeout_s
+            ReceiveRequest(self.name, max_messages, wait_ms, visibility_ms),
+            timeout_s,
+            self._release_abandoned,
         )
         return messages_from_delivered(response.messages, self.name)
+
+    def _release_abandoned(self, response: Any) -> None:
+        """Give back what a RECEIVE delivered after its caller was cancelled.
+
+        The server does not know the caller gave up: a long poll still
+        waiting when its caller is cancelled takes the next messages that
+        become ready (each delivery counts in receive_count). Releasing them
+        at once keeps them from waiting out a lease nobody holds.
+        """
+        if response.messages:
+            self._client._spawn(self._release_receipts([d.receipt for d in response.messages]))
+
+    async def _release_receipts(self, receipts: list[str]) -> None:
+        """CHANGE_VISIBILITY 0 for each receipt; failures are only logged."""
+        if not receipts:
+            return
+        try:
+            failures = await self._change_visibility(receipts, [0] * len(receipts))
+        except MqdError as exc:
+            log.warning(
+                "queue.release_failed", queue=self.name, messages=len(receipts), error=str(exc)
+            )
+            return
+        if failures:
+            log.debug("queue.release_refused", queue=self.name, refused=len(failures))
 
     async def peek(self, max_messages: int = 1, *, after_id: str = "") -> list[Message]:
         """Look at messages without changing their state (receipt ""), oldest first.

@@ -17,6 +17,7 @@ import asyncio
 import math
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from mqd.errors import (
@@ -164,14 +165,26 @@ class Connection:
 
     # --- requests ----------------------------------------------------------------
 
-    async def request(self, msg: Any, timeout_s: float | None = None) -> Any:
+    async def request(
+        self,
+        msg: Any,
+        timeout_s: float | None = None,
+        on_abandoned: Callable[[Any], None] | None = None,
+    ) -> Any:
         """Send one request and return its response dataclass.
 
         Raises the ServerError subclass of an error frame, ConnectionClosed if
         the connection is or becomes closed, RequestTimeout after `timeout_s`
-        (default `request_timeout_s`; `math.inf` for none), FrameTooLarge (without sending) if the
-        request would not fit the server's frame limit.
+        (default `request_timeout_s`; `math.inf` for none), FrameTooLarge
+        (without sending) if the request would not fit the server's frame limit.
+
+        If the caller is cancelled after the request was sent, the server
+        still acts on it; with `on_abandoned`, its successful response (if it
+        comes before the timeout) is handed to `on_abandoned(response)`
+        instead of being dropped. RECEIVE uses this to give back messages a
+        cancelled long poll was sent (protocol.md §4.10).
         """
+        abandoned = False
         if self._closed_reason is not None:
             raise self._closed_error()
         if self._in_flight < self._in_flight_max:
@@ -214,12 +227,53 @@ class Connection:
             )
             try:
                 return await future
+            except asyncio.CancelledError:
+                if on_abandoned is not None:
+                    abandoned = self._abandon(cid, future, timer, on_abandoned)
+                raise
             finally:
-                if timer is not None:
-                    timer.cancel()
-                pending.pop(cid, None)
+                if not abandoned:
+                    if timer is not None:
+                        timer.cancel()
+                    pending.pop(cid, None)
         finally:
+            if not abandoned:
+                self._release_slot()
+
+    def _abandon(
+        self,
+        cid: int,
+        future: asyncio.Future[Any],
+        timer: asyncio.TimerHandle | None,
+        on_abandoned: Callable[[Any], None],
+    ) -> bool:
+        """Keep waiting, without a caller, for the response of a cancelled request.
+
+        Returns True if a listener now holds the request's id and its
+        in-flight slot (both freed when the response, the timeout or the
+        connection's loss comes), False if there is nothing to wait for.
+        """
+        if future.done() and not future.cancelled():
+            # The response came in the same turn as the cancellation.
+            if future.exception() is None:
+                on_abandoned(future.result())
+            return False
+        if self._closed_reason is not None or self._pending.get(cid) is not future:
+            return False
+        late: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[cid] = late
+
+        def on_done(late: asyncio.Future[Any]) -> None:
+            # Whoever completed `late` (_on_frame, _expire, _mark_closed) has
+            # already removed it from _pending.
+            if timer is not None:
+                timer.cancel()
             self._release_slot()
+            if not late.cancelled() and late.exception() is None:
+                on_abandoned(late.result())
+
+        late.add_done_callback(on_done)
+        return True
 
     async def _wait_for_slot(self) -> None:
         """Wait until a finishing request hands its in-flight slot over to us."""

@@ -124,18 +124,7 @@ def _check_seconds(value: Any, what: str, *, positive: bool = False) -> float:
 
 async def _release(queue: Queue, messages: list[Message]) -> None:
     """Make messages ready again at once (CHANGE_VISIBILITY 0); failures are only logged."""
-    if not messages:
-        return
-    receipts = [m.receipt for m in messages]
-    try:
-        failures = await queue._change_visibility(receipts, [0] * len(receipts))
-    except MqdError as exc:
-        log.warning(
-            "consumer.release_failed", queue=queue.name, messages=len(receipts), error=str(exc)
-        )
-        return
-    if failures:
-        log.debug("consumer.release_refused", queue=queue.name, refused=len(failures))
+    await queue._release_receipts([m.receipt for m in messages])
 
 
 # --- the stream ----------------------------------------------------------------------
@@ -375,6 +364,7 @@ class Consumer:
         self._releases: list[tuple[_Lease, int]] = []
         self._settle_wakeup: asyncio.Event | None = None
         self._settler_closing = False
+        self._unstarted: list[_Lease] = []  # taken from the buffer after stop()
         self._settling_now = 0  # messages in the DELETE / CHANGE_VISIBILITY under way
 
     # --- life cycle ------------------------------------------------------------------
@@ -487,19 +477,12 @@ class Consumer:
         tasks = [fetcher, settler, *workers]
         try:
             await self._stop_requested.wait()
-            # 1. Fetch no more. A RECEIVE cut short here may have been answered
-            # already: those messages come back when their lease runs out.
-            fetcher.cancel()
-            await asyncio.gather(fetcher, return_exceptions=True)
-            # 2. Release what no handler started, and tell the workers to end.
+            # 1. Start no more handlers (a worker that finishes now exits), and
+            # fetch no more: the fetcher ends after the RECEIVE it is in, if any.
             buffer = self._buffer
-            while not buffer.empty():
-                lease = buffer.get_nowait()
-                if lease is not None:
-                    self._settle(lease, release_ms=0)
             for _ in workers:
                 buffer.put_nowait(None)
-            # 3. Let running handlers finish, for a while.
+            # 2. Let running handlers finish, for a while.
             _, late = await asyncio.wait(workers, timeout=self._drain_timeout_s)
             if late:
                 log.warning(
@@ -511,7 +494,22 @@ class Consumer:
                 for task in late:
                     task.cancel()
                 await asyncio.wait(late)
-            # 4. Settle everything, then stop the settler.
+            # 3. A long poll still waiting is cut short now. The server goes on
+            # waiting: if it is sent a message after all, the client releases
+            # it (Queue._release_abandoned), one delivery later. That is why
+            # the fetcher had until now to finish: a prefetched message
+            # released while the poll waits would be taken by it.
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
+            # 4. Release what no handler started.
+            unstarted, self._unstarted = self._unstarted, []
+            while not buffer.empty():
+                lease = buffer.get_nowait()
+                if lease is not None:
+                    unstarted.append(lease)
+            for lease in unstarted:
+                self._settle(lease, release_ms=0)
+            # 5. Settle everything, then stop the settler.
             self._settler_closing = True
             assert self._settle_wakeup is not None
             self._settle_wakeup.set()
@@ -594,6 +592,9 @@ class Consumer:
         while True:
             lease = await buffer.get()
             if lease is None:
+                return
+            if self._stopping:
+                self._unstarted.append(lease)  # released once the fetcher is done
                 return
             self._running += 1
             self._room.set()

@@ -1,0 +1,380 @@
+"""The frontend's view of queues: catalog lookups and partition endpoints.
+
+Handlers in `mqd.frontend` speak only to a `Router`. The router holds the
+multi-partition logic (which partition a send goes to, one long poll across
+partitions, acks routed by receipt, stats summed), over two seams:
+
+- a `Catalog` (queue records by name, admin ops), and
+- `PartitionEndpoint`s (the queue ops of one partition).
+
+The single node plugs in the metadata role and local partitions, in-process
+(`LocalCatalog`, `LocalEndpoint`); a cluster frontend plugs in the same
+interfaces over the network (`mqd.cluster.remote`). So there is one code
+path for queue semantics (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import itertools
+import zlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from mqd.errors import ErrorCode, InvalidArgument, QueueNotFound
+from mqd.metadata import QueueRecord
+from mqd.protocol.messages import DeliveredMessage, EntryFailure, QueueInfo, SendEntry
+from mqd.receipts import parse_message_id
+
+# Stats that add up across partitions; the rest take the maximum.
+_MAX_STATS = frozenset({"oldest_message_age_s"})
+
+
+class PartitionEndpoint(Protocol):
+    """The queue ops of one partition of one queue (local or remote)."""
+
+    index: int
+
+    async def send(self, queue: QueueRecord, entries: list[SendEntry]) -> list[str]: ...
+    async def receive(
+        self,
+        queue: QueueRecord,
+        max_messages: int,
+        wait_ms: int,
+        visibility_ms: int,
+        bytes_max: int,
+    ) -> list[DeliveredMessage]: ...
+    async def wait_ready(self, queue: QueueRecord, wait_ms: int) -> int: ...
+    async def delete(self, queue: QueueRecord, receipts: list[str]) -> list[EntryFailure]: ...
+    async def change_visibility(
+        self, queue: QueueRecord, changes: list[tuple[str, int]]
+    ) -> list[EntryFailure]: ...
+    async def peek(
+        self, queue: QueueRecord, max_messages: int, after_id: str
+    ) -> list[DeliveredMessage]: ...
+    async def purge(self, queue: QueueRecord) -> int: ...
+    async def stats(self, queue: QueueRecord) -> dict[str, Any]: ...
+    async def redrive(
+        self, queue: QueueRecord, to: str, max_messages: int, rate_per_s: int
+    ) -> tuple[int, list[str]]: ...
+
+
+class Catalog(Protocol):
+    async def lookup(self, name: str) -> QueueRecord: ...
+    async def create_queue(
+        self, name: str, attributes: dict[str, Any], exist_ok: bool
+    ) -> QueueRecord: ...
+    async def delete_queue(self, name: str) -> None: ...
+    async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord: ...
+    async def list_queues(self, prefix: str) -> list[str]: ...
+    def endpoints(self, queue: QueueRecord) -> Sequence[PartitionEndpoint]: ...
+    def stats(self) -> dict[str, Any]: ...
+    def stop_long_polls(self) -> None: ...
+
+
+def receipt_partition(receipt: str) -> int | None:
+    """The partition a receipt names, read without checking its MAC (routing only:
+    the partition's owner verifies it, protocol.md §5.4)."""
+    try:
+        raw = base64.urlsafe_b64decode(receipt.encode("ascii"))
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return None
+    if len(raw) < 11:
+        return None
+    return int.from_bytes(raw[9:11], "big")
+
+
+class Router:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._send_cursor = itertools.count()
+        self._receive_cursor = itertools.count()
+
+    async def lookup(self, name: str) -> QueueRecord:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("queue name is required")
+        return await self.catalog.lookup(name)
+
+    async def queue_info(self, queue: QueueRecord) -> QueueInfo:
+        endpoints = self.catalog.endpoints(queue)
+        parts = await asyncio.gather(*(endpoint.stats(queue) for endpoint in endpoints))
+        return QueueInfo(
+            name=queue.name, attributes=dict(queue.attributes), stats=merge_stats(parts)
+        )
+
+    # --- sends --------------------------------------------------------------
+
+    async def send(self, queue: QueueRecord, entries: list[SendEntry]) -> list[str]:
+        endpoints = self.catalog.endpoints(queue)
+        if len(endpoints) == 1:
+            return await endpoints[0].send(queue, entries)
+        if queue.attributes.get("fifo"):
+            # A group always lands in one partition, so its order holds (protocol.md §4 FIFO).
+            by_partition: dict[int, list[int]] = {}
+            for position, entry in enumerate(entries):
+                index = zlib.crc32(entry.group_id.encode()) % len(endpoints)
+                by_partition.setdefault(index, []).append(position)
+        else:
+            # Round robin per batch: a batch stays together, batches spread.
+            index = next(self._send_cursor) % len(endpoints)
+            by_partition = {index: list(range(len(entries)))}
+        ids: list[str] = [""] * len(entries)
+
+        async def send_part(index: int, positions: list[int]) -> None:
+            part_ids = await endpoints[index].send(queue, [entries[p] for p in positions])
+            for position, message_id in zip(positions, part_ids, strict=True):
+                ids[position] = message_id
+
+        await asyncio.gather(*(send_part(i, ps) for i, ps in by_partition.items()))
+        return ids
+
+    # --- receives -------------------------------------------------------------
+
+    async def receive(
+        self,
+        queue: QueueRecord,
+        max_messages: int,
+        wait_ms: int,
+        visibility_ms: int,
+        bytes_max: int,
+    ) -> list[DeliveredMessage]:
+        endpoints = self.catalog.endpoints(queue)
+        if len(endpoints) == 1:
+            return await endpoints[0].receive(
+                queue, max_messages, wait_ms, visibility_ms, bytes_max
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        start = next(self._receive_cursor)
+        order = [endpoints[(start + i) % len(endpoints)] for i in range(len(endpoints))]
+        while True:
+            collected: list[DeliveredMessage] = []
+            for endpoint in order:
+                need = max_messages - len(collected)
+                if need <= 0:
+                    break
+                collected += await endpoint.receive(queue, need, 0, visibility_ms, bytes_max)
+            remaining_ms = int((deadline - loop.time()) * 1000)
+            if collected or remaining_ms <= 0:
+                return collected
+            # One long poll across every partition: wake on the first with a message.
+            waits = [asyncio.ensure_future(e.wait_ready(queue, remaining_ms)) for e in order]
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+            for finished in done:
+                if not finished.cancelled() and finished.exception() is not None:
+                    raise finished.exception()  # type: ignore[misc]
+
+    # --- acks and visibility ------------------------------------------------------
+
+    async def delete(self, queue: QueueRecord, receipts: list[str]) -> list[EntryFailure]:
+        return await self._by_receipt_partition(
+            queue, receipts, receipts, lambda endpoint, items: endpoint.delete(queue, items)
+        )
+
+    async def change_visibility(
+        self, queue: QueueRecord, changes: list[tuple[str, int]]
+    ) -> list[EntryFailure]:
+        return await self._by_receipt_partition(
+            queue,
+            [receipt for receipt, _ in changes],
+            changes,
+            lambda endpoint, items: endpoint.change_visibility(queue, items),
+        )
+
+    async def _by_receipt_partition(
+        self, queue: QueueRecord, receipts: list[str], items: list[Any], call: Any
+    ) -> list[EntryFailure]:
+        endpoints = self.catalog.endpoints(queue)
+        failures: list[EntryFailure] = []
+        groups: dict[int, list[int]] = {}
+        for position, receipt in enumerate(receipts):
+            index = 0 if len(endpoints) == 1 else receipt_partition(receipt)
+            if index is None or index >= len(endpoints):
+                failures.append(
+                    EntryFailure(position, ErrorCode.RECEIPT_INVALID, "receipt is malformed")
+                )
+                continue
+            groups.setdefault(index, []).append(position)
+
+        async def run(index: int, positions: list[int]) -> None:
+            part_failures = await call(endpoints[index], [items[p] for p in positions])
+            for failure in part_failures:
+                failure.index = positions[failure.index]
+                failures.append(failure)
+
+        await asyncio.gather(*(run(index, positions) for index, positions in groups.items()))
+        failures.sort(key=lambda failure: failure.index)
+        return failures
+
+    # --- the rest -------------------------------------------------------------------
+
+    async def peek(
+        self, queue: QueueRecord, max_messages: int, after_id: str
+    ) -> list[DeliveredMessage]:
+        endpoints = self.catalog.endpoints(queue)
+        first = 0
+        if after_id:
+            parsed = parse_message_id(after_id)
+            if parsed is None or parsed[0] != queue.queue_id or parsed[1] >= len(endpoints):
+                raise InvalidArgument(f"after_id {after_id!r} is not a message id of this queue")
+            first = parsed[1]
+        found: list[DeliveredMessage] = []
+        for index in range(first, len(endpoints)):
+            cursor = after_id if index == first else ""
+            found += await endpoints[index].peek(queue, max_messages - len(found), cursor)
+            if len(found) >= max_messages:
+                break
+        return found
+
+    async def purge(self, queue: QueueRecord) -> int:
+        counts = await asyncio.gather(*(e.purge(queue) for e in self.catalog.endpoints(queue)))
+        return sum(counts)
+
+    async def redrive(
+        self, queue: QueueRecord, to: str, max_messages: int, rate_per_s: int
+    ) -> tuple[int, list[str]]:
+        endpoints = self.catalog.endpoints(queue)
+        moved = 0
+        problems: list[str] = []
+        for endpoint in endpoints:
+            budget = max_messages - moved if max_messages else 0
+            if max_messages and budget <= 0:
+                break
+            rate = max(1, rate_per_s // len(endpoints)) if rate_per_s else 0
+            part_moved, part_problems = await endpoint.redrive(queue, to, budget, rate)
+            moved += part_moved
+            problems += part_problems
+        return moved, problems[:20]
+
+
+def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(parts) == 1:
+        return parts[0]
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key in _MAX_STATS:
+                merged[key] = max(merged.get(key, 0), value)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                merged[key] = merged.get(key, 0) + value
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+# --- the single node: in-process catalog and partitions -------------------------------
+
+
+class LocalEndpoint:
+    """One partition of this process's backend role."""
+
+    def __init__(self, backend: Any, index: int) -> None:
+        self._backend = backend
+        self.index = index
+
+    def _partition(self, queue: QueueRecord) -> Any:
+        return self._backend.partition(queue, self.index)
+
+    async def send(self, queue: QueueRecord, entries: list[SendEntry]) -> list[str]:
+        return await self._partition(queue).send(entries, queue.delay_ms)
+
+    async def receive(
+        self,
+        queue: QueueRecord,
+        max_messages: int,
+        wait_ms: int,
+        visibility_ms: int,
+        bytes_max: int,
+    ) -> list[DeliveredMessage]:
+        return await self._partition(queue).receive(
+            max_messages, wait_ms, visibility_ms, bytes_max=bytes_max
+        )
+
+    async def wait_ready(self, queue: QueueRecord, wait_ms: int) -> int:
+        return await self._partition(queue).wait_ready(wait_ms)
+
+    async def delete(self, queue: QueueRecord, receipts: list[str]) -> list[EntryFailure]:
+        return await self._partition(queue).delete(receipts)
+
+    async def change_visibility(
+        self, queue: QueueRecord, changes: list[tuple[str, int]]
+    ) -> list[EntryFailure]:
+        return await self._partition(queue).change_visibility(changes)
+
+    async def peek(
+        self, queue: QueueRecord, max_messages: int, after_id: str
+    ) -> list[DeliveredMessage]:
+        after_offset = -1
+        if after_id:
+            parsed = parse_message_id(after_id)
+            if parsed is None or parsed[0] != queue.queue_id or parsed[1] != self.index:
+                raise InvalidArgument(
+                    f"after_id {after_id!r} is not a message id of this partition"
+                )
+            after_offset = parsed[2]
+        return await self._partition(queue).peek(max_messages, after_offset)
+
+    async def purge(self, queue: QueueRecord) -> int:
+        return await self._partition(queue).purge()
+
+    async def stats(self, queue: QueueRecord) -> dict[str, Any]:
+        return self._partition(queue).stats()
+
+    async def redrive(
+        self, queue: QueueRecord, to: str, max_messages: int, rate_per_s: int
+    ) -> tuple[int, list[str]]:
+        return await self._partition(queue).redrive(
+            self._backend.append_moved, to=to, max_messages=max_messages, rate_per_s=rate_per_s
+        )
+
+
+class LocalCatalog:
+    """The metadata and backend roles of this process, behind the `Catalog` seam."""
+
+    def __init__(self, metadata: Any, backend: Any) -> None:
+        self.metadata = metadata
+        self.backend = backend
+        self._endpoints: dict[tuple[bytes, int], list[LocalEndpoint]] = {}
+
+    async def lookup(self, name: str) -> QueueRecord:
+        return self.metadata.lookup(name)
+
+    async def create_queue(
+        self, name: str, attributes: dict[str, Any], exist_ok: bool
+    ) -> QueueRecord:
+        record, _ = await self.metadata.create_queue(name, attributes, exist_ok=exist_ok)
+        return record
+
+    async def delete_queue(self, name: str) -> None:
+        await self.metadata.delete_queue(name)
+
+    async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
+        return await self.metadata.set_attributes(name, attributes)
+
+    async def list_queues(self, prefix: str) -> list[str]:
+        return self.metadata.list_queues(prefix)
+
+    def endpoints(self, queue: QueueRecord) -> list[LocalEndpoint]:
+        key = (queue.queue_id, queue.partitions)
+        endpoints = self._endpoints.get(key)
+        if endpoints is None:
+            endpoints = self._endpoints[key] = [
+                LocalEndpoint(self.backend, index) for index in range(queue.partitions)
+            ]
+        return endpoints
+
+    def stats(self) -> dict[str, Any]:
+        return {"queues": len(self.metadata.queues()), "storage": self.backend.storage_stats()}
+
+    def stop_long_polls(self) -> None:
+        self.backend.stop_long_polls()
+
+
+__all__ = ["Catalog", "LocalCatalog", "PartitionEndpoint", "QueueNotFound", "Router", "merge_stats"]
