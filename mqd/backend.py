@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,21 @@ class BackendRole:
         self._closing = False
         self._housekeeping: asyncio.Task[None] | None = None
         self._lookup: Callable[[str], QueueRecord] | None = None
+        # Where dead letters and redriven messages go; a cluster backend routes them
+        # to whichever node leads the target partition.
+        self.moved_sink: Callable[[str, list[NewMessage]], Awaitable[None]] = self.append_moved
 
     def _partition_dir(self, queue_id: bytes, index: int) -> Path:
         return self._dir / f"{queue_id.hex()}-{index:04d}"
 
-    async def start(self, queues: list[QueueRecord]) -> None:
+    async def start(self, queues: list[QueueRecord], *, remove_orphans: bool = True) -> None:
         """Open the partitions of the known queues; remove directories of deleted ones."""
         self._dir.mkdir(parents=True, exist_ok=True)
+        if not remove_orphans:
+            for queue in queues:
+                await self.create_partitions(queue)
+            self._housekeeping = asyncio.create_task(self._housekeeping_loop())
+            return
         wanted = set()
         for queue in queues:
             for index in range(queue.partitions):
@@ -75,8 +83,8 @@ class BackendRole:
                 except Exception:
                     log.exception("partition.expire_failed", queue_id=partition.queue_id.hex())
 
-    async def create_partitions(self, queue: QueueRecord) -> None:
-        for index in range(queue.partitions):
+    async def create_partitions(self, queue: QueueRecord, indexes: range | list[int] | None = None) -> None:
+        for index in range(queue.partitions) if indexes is None else indexes:
             key = (queue.queue_id, index)
             if key in self._partitions:
                 continue
@@ -110,7 +118,7 @@ class BackendRole:
             partition.content_based_dedup = bool(attributes.get("content_based_dedup", False))
             partition.dead_letter_queue = redrive.get("dead_letter_queue", "")
             partition.max_receive_count = int(redrive.get("max_receive_count", 0))
-            partition.dead_letter_sink = self.append_moved
+            partition.dead_letter_sink = self.moved_sink
 
     def bind_catalog(self, lookup: Callable[[str], QueueRecord]) -> None:
         """Where queue names resolve (dead-letter and redrive targets)."""
@@ -138,6 +146,21 @@ class BackendRole:
                 return await dlq.original_ids_from(source.name)
 
             await partition.recover_moves(ids_in)
+
+    def has_partition(self, queue_id: bytes, index: int) -> bool:
+        return (queue_id, index) in self._partitions
+
+    def open_partitions(self) -> list[tuple[bytes, int]]:
+        return list(self._partitions)
+
+    async def close_partition(self, queue_id: bytes, index: int, *, destroy: bool) -> None:
+        partition = self._partitions.pop((queue_id, index), None)
+        if partition is None:
+            return
+        if destroy:
+            await partition.destroy()
+        else:
+            await partition.close()
 
     async def drop_partitions(self, queue: QueueRecord) -> None:
         for index in range(queue.partitions):

@@ -58,6 +58,7 @@ class FrontendRole:
         clock: Any,
     ) -> None:
         self.router = router
+        self.handlers = HANDLERS
         self.limits = limits
         self.node_id = node_id
         self.roles = roles
@@ -89,6 +90,9 @@ class FrontendRole:
         if self._server is not None:
             self._server.close()
         self.router.catalog.stop_long_polls()
+        await self.finish(timeout_s)
+
+    async def finish(self, timeout_s: float) -> None:
         pending = [task for conn in self.connections for task in conn.tasks]
         if pending:
             _, still_running = await asyncio.wait(pending, timeout=timeout_s)
@@ -117,6 +121,7 @@ Handler = Callable[["ClientConnection", Any], Awaitable[Any]]
 class ClientConnection(asyncio.Protocol):
     def __init__(self, frontend: FrontendRole) -> None:
         self.frontend = frontend
+        self.handlers: dict[int, Handler] = frontend.handlers
         self.limits = frontend.limits
         self.decoder = FrameDecoder(frontend.limits.frame_bytes_max)
         self.transport: asyncio.Transport | None = None
@@ -215,7 +220,7 @@ class ClientConnection(asyncio.Protocol):
                 {"version_min": SUPPORTED_VERSIONS[0], "version_max": SUPPORTED_VERSIONS[1]},
             )
             return
-        handler = HANDLERS.get(opcode)
+        handler = self.handlers.get(opcode)
         if handler is None:
             self._send_error(
                 correlation_id, opcode, ErrorCode.UNKNOWN_OPCODE, f"unknown opcode 0x{opcode:04x}"

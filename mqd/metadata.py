@@ -159,8 +159,14 @@ class MetadataRole:
         )
         self._queues[name] = record
         try:
-            await self._catalog.put(record)
+            # Partitions first: a crash before the catalog row leaves orphan partitions,
+            # which the backend removes at start; never a catalog row without them.
             await self._backend.create_partitions(record)
+            try:
+                await self._catalog.put(record)
+            except BaseException:
+                await self._backend.drop_partitions(record)
+                raise
         except BaseException:
             self._queues.pop(name, None)
             raise

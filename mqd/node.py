@@ -105,6 +105,8 @@ async def run_node(config: Config, *, stop: asyncio.Event | None = None) -> int:
         configure_logging(
             config.log.format, config.log.level, node_id=node_id, role="+".join(config.node.roles)
         )
+        if config.clustered:
+            return await _serve_cluster(config, node_id, stop or asyncio.Event())
         return await _serve(config, node_id, stop or asyncio.Event())
     finally:
         lock.release()
@@ -161,3 +163,161 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
                 loop.remove_signal_handler(signum)
     log.info("server.stopped")
     return 0
+
+
+async def _listen(
+    server: FrontendRole, address_text: str, key: str, context: ssl.SSLContext | None
+) -> str:
+    host, port = parse_address(address_text, key=key)
+    try:
+        return await server.start(host, port, context)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot listen on {address_text}: {exc.strerror}") from None
+
+
+async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> int:
+    """One node of a cluster: the roles its config names, each in its own process.
+
+    Every node listens on the cluster port (mutual TLS), registers with metadata
+    and heartbeats; a backend serves the partitions placement gives it, a
+    frontend routes clients with a cached placement (DESIGN.md §2, §6).
+    """
+    from mqd.cluster.placement import PlacementManager, RecordStore
+    from mqd.cluster.remote import RemoteCatalog
+    from mqd.cluster.rpc import PeerPool
+    from mqd.cluster.service import BackendService, ClusterServer, Membership
+    from mqd.cluster.tls import cluster_client_context, cluster_server_context
+    from mqd.cluster.view import PlacementView
+    from mqd.protocol.messages import NodeInfo
+
+    data_dir = config.data_dir
+    clock = SystemClock()
+    roles = config.node.roles
+    cluster_address = config.cluster.advertise or config.cluster.listen
+    peers = PeerPool(node_id, cluster_client_context(config))
+    view = PlacementView(
+        peers,
+        config.cluster.metadata,
+        cache_file=data_dir / "placement.json" if "backend" in roles else None,
+    )
+    membership = Membership(
+        view,
+        NodeInfo(
+            node_id=node_id,
+            roles=list(roles),
+            client_address=config.frontend.listen if "frontend" in roles else "",
+            cluster_address=cluster_address,
+        ),
+        config.cluster.heartbeat_interval_ms,
+    )
+    metadata: MetadataRole | None = None
+    placement: PlacementManager | None = None
+    backend: BackendRole | None = None
+    service: BackendService | None = None
+    cluster_server: ClusterServer | None = None
+    frontend: FrontendRole | None = None
+    loop = asyncio.get_running_loop()
+    try:
+        if "metadata" in roles:
+            placement = PlacementManager(
+                await RecordStore.open(data_dir / "placement.db"),
+                vnodes=config.cluster.vnodes,
+                session_timeout_ms=config.cluster.session_timeout_ms,
+            )
+            metadata = MetadataRole(
+                await Catalog.open(data_dir / "catalog.db"), placement, config.limits, clock=clock
+            )
+            await metadata.start()
+            await placement.start(metadata.queues)
+        if "backend" in roles:
+            view.load_cache()
+            secret_file = data_dir / "cluster-receipt.key"
+            secret = await _cluster_receipt_secret(membership, secret_file, placement)
+            backend = BackendRole(data_dir / "partitions", config.storage, ReceiptSigner(secret))
+            await backend.start([], remove_orphans=False)
+            service = BackendService(backend, view, peers, node_id=node_id, limits=config.limits)
+            await service.sync_partitions()
+        cluster_server = ClusterServer(
+            limits=config.limits,
+            node_id=node_id,
+            roles=roles,
+            clock=clock,
+            metadata=metadata,
+            placement=placement,
+            backend=service,
+            view=view,
+        )
+        address = await _listen(
+            cluster_server, config.cluster.listen, "cluster.listen", cluster_server_context(config)
+        )
+        log.info("server.listening", address=address, port="cluster", roles=roles)
+        membership.start()
+        view.start()
+        if "frontend" in roles:
+            frontend = FrontendRole(
+                router=Router(RemoteCatalog(view, peers)),
+                limits=config.limits,
+                node_id=node_id,
+                roles=roles,
+                clock=clock,
+            )
+            client_address = await _listen(
+                frontend, config.frontend.listen, "frontend.listen", _server_ssl_context(config)
+            )
+            log.info(
+                "server.listening", address=client_address, port="client", tls=bool(config.tls.cert)
+            )
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("server.draining")
+    finally:
+        if frontend is not None:
+            await frontend.drain(DRAIN_TIMEOUT_S)
+        if cluster_server is not None:
+            await cluster_server.drain(DRAIN_TIMEOUT_S)
+        await membership.close()
+        await view.close()
+        if backend is not None:
+            await backend.close()
+        if metadata is not None:
+            await metadata.close()
+        if placement is not None:
+            await placement.close()
+        await peers.close()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+    log.info("server.stopped")
+    return 0
+
+
+async def _cluster_receipt_secret(membership, secret_file: Path, placement) -> bytes:  # type: ignore[no-untyped-def]
+    """The cluster-wide receipt secret: from metadata (itself, if co-located), else the copy
+    kept from the last registration, so a backend serves while metadata is down."""
+    if placement is not None:
+        secret = placement.receipt_secret
+    else:
+        try:
+            await membership.register()
+            secret = membership.receipt_secret
+        except Exception as exc:
+            if not await asyncio.to_thread(secret_file.exists):
+                raise ConfigError(
+                    f"cluster.metadata: cannot reach metadata to join the cluster ({exc})"
+                ) from None
+            log.warning("cluster.metadata_unreachable", error=str(exc))
+            return await asyncio.to_thread(secret_file.read_bytes)
+    await asyncio.to_thread(_keep_secret, secret_file, secret)
+    return secret
+
+
+def _keep_secret(path: Path, secret: bytes) -> None:
+    if path.exists() and path.read_bytes() == secret:
+        return
+    temp = path.with_suffix(".tmp")
+    temp.write_bytes(secret)
+    os.chmod(temp, 0o600)
+    with open(temp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, path)

@@ -331,7 +331,7 @@ class LocalEndpoint:
         self, queue: QueueRecord, to: str, max_messages: int, rate_per_s: int
     ) -> tuple[int, list[str]]:
         return await self._partition(queue).redrive(
-            self._backend.append_moved, to=to, max_messages=max_messages, rate_per_s=rate_per_s
+            self._backend.moved_sink, to=to, max_messages=max_messages, rate_per_s=rate_per_s
         )
 
 

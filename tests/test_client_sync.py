@@ -47,3 +47,100 @@ def test_sync_connect_failure_raises(server):
     server.stop()
     with pytest.raises(ConnectionClosed):
         connect(server.address, connect_timeout=2)
+
+
+def test_sync_facade_from_eight_threads_at_once(server):
+    """8 threads share one SyncClient: each sends, receives and acks its share."""
+    per_thread = 200
+    with connect(server.address) as client:
+        queue = client.create_queue("shared", visibility_timeout=30)
+        sent: list[str] = []
+        acked: list[str] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+        barrier = threading.Barrier(8)
+
+        def work(n: int) -> None:
+            try:
+                barrier.wait(10)
+                ids = [queue.send(b"%d-%d" % (n, i)) for i in range(per_thread // 2)]
+                ids += queue.send_batch([b"%d-b%d" % (n, i) for i in range(per_thread // 2)])
+                with lock:
+                    sent.extend(ids)
+                mine = 0
+                while mine < per_thread:
+                    batch = queue.receive(max_messages=25, wait=0.5)
+                    if not batch:
+                        with lock:
+                            if len(acked) == 8 * per_thread:
+                                return
+                        continue
+                    queue.ack(*batch)
+                    mine += len(batch)
+                    with lock:
+                        acked.extend(m.id for m in batch)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not errors
+        assert len(sent) == len(set(sent)) == 8 * per_thread
+        assert sorted(acked) == sorted(sent)
+        stats = queue.stats()
+        assert stats["visible"] == 0 and stats["in_flight"] == 0
+        loop_thread = client._loop_thread._thread
+        assert loop_thread.is_alive()
+    assert client.closed
+    assert not loop_thread.is_alive()
+    with pytest.raises(ConnectionClosed):
+        queue.send(b"after close")
+    client.close()  # idempotent
+
+
+def test_sync_queue_methods_nack_redrive_peek_purge(server):
+    with connect(server.address) as client:
+        dlq = client.create_queue("s-dlq")
+        queue = client.create_queue(
+            "s-work",
+            visibility_timeout=30,
+            redrive_policy={"dead_letter_queue": "s-dlq", "max_receive_count": 1},
+        )
+        assert client.get_queue("s-work")["attributes"]["redrive_policy"]["max_receive_count"] == 1
+        [message_id] = queue.send_batch([{"body": b"x", "priority": 5}])
+        [message] = queue.receive(wait=1)
+        queue.change_visibility(message, 30)
+        queue.nack(message, delay=0)
+        assert queue.receive(wait=0.5) == []  # the second pick dead-letters it
+        assert dlq.peek(10)[0].original_id == message_id
+        assert dlq.redrive() == 1
+        [back] = queue.receive(wait=1)
+        assert back.original_id == message_id and back.body == b"x"
+        queue.ack(back)
+        queue.send(b"y")
+        assert queue.purge() == 1
+        client.set_queue_attributes("s-work", redrive_policy={})
+        client.delete_queue("s-dlq")
+        assert client.list_queues() == ["s-work"]
+        assert client.stats()["queues"] == 1
+        assert SyncQueue.redrive.__doc__ and "REDRIVE" in SyncQueue.redrive.__doc__
+
+
+def test_sync_consume_is_a_plain_iterator_that_releases_on_break(server):
+    with connect(server.address) as client:
+        queue = client.create_queue("s-stream", visibility_timeout=60)
+        queue.send_batch([b"%d" % i for i in range(10)])
+        bodies = []
+        for message in queue.consume(prefetch=5, wait=1):
+            bodies.append(message.body)
+            queue.ack(message)
+            if len(bodies) == 3:
+                break
+        assert bodies == [b"0", b"1", b"2"]
+        # The two prefetched but unseen messages were released at the break.
+        rest = queue.receive(max_messages=10, wait=0)
+        assert sorted(m.body for m in rest) == [b"%d" % i for i in range(3, 10)]
+        queue.ack(rest)

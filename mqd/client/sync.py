@@ -7,27 +7,81 @@
         queue.send(b"hello")
         for message in queue.receive(max_messages=10, wait=5):
             queue.ack(message)
+        for message in queue.consume(prefetch=10, wait=20):  # a plain iterator
+            ...
+            queue.ack(message)
 
 Each SyncClient runs one private event loop in a daemon thread and hands
-every call to it with `run_coroutine_threadsafe`, so the async client's
-multiplexing still applies when several threads share one SyncClient. The
-methods and their arguments are exactly those of `Client` and `Queue`.
+every call to it with `run_coroutine_threadsafe`, so one SyncClient may be
+used from many threads at once and the async client's multiplexing still
+applies (their requests share one connection). The methods and their
+arguments are exactly those of `Client` and `Queue`; queue-returning ones
+return a SyncQueue. `close()` (or leaving the `with` block) closes the
+connection and ends the thread; later calls raise ConnectionClosed.
+
+Calls wait for the async client's own timeouts, plus a grace period; a call
+that still has no answer then raises RequestTimeout. `receive` waits its
+`wait` on top; `redrive` and `run_consumer` (whose handler must be async: it
+runs on the client's loop) wait as long as they take.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
+from mqd.errors import ClientError, ConnectionClosed, RequestTimeout
+
 from .client import DEFAULT_ADDRESS, Client, Queue
+from .message import Message
 
 T = TypeVar("T")
 
 # A call waits at most this much longer than the async client's own timeouts
 # (which always fire first) before giving up on the loop thread itself.
 _CALL_GRACE_S = 5.0
+# Closing waits this long for the loop thread to end.
+_THREAD_JOIN_S = 10.0
+
+# The coroutine methods offered blocking, by class. Anything else is still
+# reached through __getattr__; these are spelled out so that they show up in
+# dir() and help() and carry the async method's signature and docstring.
+_CLIENT_METHODS = (
+    "connect",
+    "create_queue",
+    "delete_queue",
+    "get_queue",
+    "list_queues",
+    "set_queue_attributes",
+    "purge_queue",
+    "ping",
+    "stats",
+)
+_QUEUE_METHODS = (
+    "send",
+    "send_batch",
+    "receive",
+    "peek",
+    "ack",
+    "change_visibility",
+    "change_visibility_many",
+    "nack",
+    "redrive",
+    "run_consumer",
+    "info",
+    "stats",
+    "attributes",
+    "set_attributes",
+    "purge",
+    "delete",
+)
+# Calls that take as long as they take: no timeout of the facade's own.
+_UNBOUNDED = frozenset({"redrive", "run_consumer"})
 
 
 class _LoopThread:
@@ -35,19 +89,76 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="mqd-client-sync", daemon=True
-        )
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._main, name="mqd-client-sync", daemon=True)
         self._thread.start()
 
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout_s)
+        """Run `coro` on the loop and wait for its result (thread-safe)."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise ClientError(
+                "a blocking mqd call was made from the client's own event loop thread "
+                "(e.g. from an async handler); use the async client there"
+            )
+        with self._lock:
+            if self._stopped:
+                coro.close()
+                raise ConnectionClosed("the client is closed")
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            if future.done():
+                raise  # the call's own TimeoutError
+            future.cancel()
+            raise RequestTimeout(
+                f"no answer from the client's event loop within {timeout_s:g} s",
+                details={"timeout_s": timeout_s},
+            ) from None
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt in the calling thread
+            raise
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+        """Cancel what still runs on the loop, stop it, end the thread, close the loop."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+            self._thread.join(_THREAD_JOIN_S)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    async def _shutdown(self) -> None:
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.loop.shutdown_asyncgens()
+        self.loop.stop()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+
+def _blocking(name: str) -> Any:
+    """A method of SyncClient / SyncQueue that runs the async method `name` and waits."""
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, args, kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 class SyncQueue:
@@ -58,8 +169,36 @@ class SyncQueue:
         self._queue = queue
         self.name = queue.name
 
+    @property
+    def client(self) -> SyncClient:
+        return self._owner
+
+    def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
+        return self._owner._run_method(getattr(self._queue, name), name, args, kwargs)
+
+    def consume(self, prefetch: int = 10, wait: float = 20.0, **options: Any) -> Iterator[Message]:
+        """`Queue.consume` as a plain iterator: `for message in queue.consume(): ...`.
+
+        Blocks for the next message as long as it takes. Leaving the loop
+        (break, an exception, or closing the iterator) releases the messages
+        fetched but not yet yielded before the iterator is gone.
+        """
+        owner = self._owner
+        stream = self._queue.consume(prefetch, wait, **options)
+        try:
+            while True:
+                try:
+                    message = owner._loop_thread.run(stream.__anext__(), None)
+                except StopAsyncIteration:
+                    return
+                yield message
+        finally:
+            if not owner._loop_thread.stopped:
+                with contextlib.suppress(ConnectionClosed):
+                    owner._loop_thread.run(stream.aclose(), owner._call_timeout_s)
+
     def __getattr__(self, name: str) -> Any:
-        return self._owner._wrap(getattr(self._queue, name))
+        return self._owner._wrap(getattr(self._queue, name), name)
 
     def __repr__(self) -> str:
         return f"<mqd.client.sync.SyncQueue {self.name!r}>"
@@ -73,27 +212,50 @@ class SyncClient:
         self._loop_thread = loop_thread
         self._call_timeout_s = call_timeout_s
 
-    def _wrap(self, attribute: Any) -> Any:
-        if not callable(attribute) or not asyncio.iscoroutinefunction(attribute):
+    def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
+        return self._run_method(getattr(self._client, name), name, args, kwargs)
+
+    def _run_method(self, method: Any, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in _UNBOUNDED:
+            timeout_s = None
+        else:
+            # A long-poll receive may wait up to `wait` seconds on top.
+            wait = kwargs.get("wait", 0) if name == "receive" else 0
+            if name == "receive" and len(args) >= 2:
+                wait = args[1]
+            timeout_s = self._call_timeout_s + (
+                float(wait) if isinstance(wait, int | float) and wait > 0 else 0.0
+            )
+        result = self._loop_thread.run(method(*args, **kwargs), timeout_s)
+        if isinstance(result, Client):
+            return self
+        return SyncQueue(self, result) if isinstance(result, Queue) else result
+
+    def _wrap(self, attribute: Any, name: str) -> Any:
+        if not inspect.iscoroutinefunction(attribute):
             return attribute
 
+        @functools.wraps(attribute)
         def call(*args: Any, **kwargs: Any) -> Any:
-            # A long-poll receive may wait up to `wait` seconds on top.
-            timeout_s = self._call_timeout_s + float(kwargs.get("wait", 0) or 0)
-            result = self._loop_thread.run(attribute(*args, **kwargs), timeout_s)
-            return SyncQueue(self, result) if isinstance(result, Queue) else result
+            return self._run_method(attribute, name, args, kwargs)
 
-        call.__name__ = attribute.__name__
-        call.__doc__ = attribute.__doc__
         return call
 
     def __getattr__(self, name: str) -> Any:
-        return self._wrap(getattr(self._client, name))
+        return self._wrap(getattr(self._client, name), name)
 
     def queue(self, name: str) -> SyncQueue:
+        """A handle on a queue by name; no round trip."""
         return SyncQueue(self, self._client.queue(name))
 
+    @property
+    def closed(self) -> bool:
+        return self._loop_thread.stopped
+
     def close(self) -> None:
+        """Close the connection and end the loop thread; idempotent."""
+        if self._loop_thread.stopped:
+            return
         try:
             self._loop_thread.run(self._client.close(), self._call_timeout_s)
         finally:
@@ -109,6 +271,18 @@ class SyncClient:
         return f"<mqd.client.sync.SyncClient {self._client.address}>"
 
 
+def _install(cls: type, target: type, names: tuple[str, ...]) -> None:
+    for name in names:
+        method = _blocking(name)
+        functools.update_wrapper(method, getattr(target, name), assigned=("__doc__",))
+        method.__signature__ = inspect.signature(getattr(target, name))  # type: ignore[attr-defined]
+        setattr(cls, name, method)
+
+
+_install(SyncClient, Client, _CLIENT_METHODS)
+_install(SyncQueue, Queue, _QUEUE_METHODS)
+
+
 def connect(
     address: str | Sequence[str] = DEFAULT_ADDRESS,
     tls: Any = None,
@@ -122,7 +296,11 @@ def connect(
 
     async def open_client() -> Client:
         client = Client(address, tls=tls, token=token, **options)
-        return await client.connect()
+        try:
+            return await client.connect()
+        except BaseException:
+            await client.close()
+            raise
 
     try:
         client = loop_thread.run(open_client(), connect_timeout * 2 + _CALL_GRACE_S)

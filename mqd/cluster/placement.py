@@ -1,0 +1,255 @@
+"""The metadata role's cluster state: nodes, liveness and partition placement.
+
+`PlacementManager` is what `MetadataRole` calls when queues come and go (the
+`BackendApi` seam the single node fills with its local backend). It decides
+placement with the consistent-hash ring over live backends (DESIGN.md §6),
+keeps node liveness from heartbeats, and serves the whole placement to
+frontends and backends, which long-poll it by version.
+
+State is kept as records in SQLite (a key/value table: get, put, delete), so
+that another store (etcd) can take its place later; every decision here is a
+function of that state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from mqd.errors import Unavailable
+from mqd.metadata import QueueRecord
+from mqd.protocol.messages import (
+    GetPlacementResponse,
+    NodeInfo,
+    PartitionPlacement,
+    QueuePlacement,
+)
+from mqd.ring import HashRing
+
+log = structlog.get_logger("mqd.cluster.placement")
+
+LIVENESS_CHECK_S = 0.25
+
+
+class RecordStore:
+    """Catalog records as JSON under string keys, in SQLite (WAL, synchronous=FULL)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> RecordStore:
+        db = await aiosqlite.connect(path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute(
+            "CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        await db.commit()
+        return cls(db)
+
+    async def load(self, prefix: str) -> dict[str, Any]:
+        async with self._db.execute(
+            "SELECT key, value FROM records WHERE key >= ? AND key < ?", (prefix, prefix + "\uffff")
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return {key: json.loads(value) for key, value in rows}
+
+    async def put(self, key: str, value: Any) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO records VALUES (?, ?)", (key, json.dumps(value, sort_keys=True))
+        )
+        await self._db.commit()
+
+    async def delete(self, key: str) -> None:
+        await self._db.execute("DELETE FROM records WHERE key = ?", (key,))
+        await self._db.commit()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+class PlacementManager:
+    def __init__(
+        self,
+        store: RecordStore,
+        *,
+        vnodes: int,
+        session_timeout_ms: int,
+    ) -> None:
+        self._store = store
+        self._vnodes = vnodes
+        self._session_timeout_s = session_timeout_ms / 1000
+        self.version = 0
+        self.cluster_id = ""
+        self.receipt_secret = b""
+        self.nodes: dict[str, NodeInfo] = {}
+        self._last_seen: dict[str, float] = {}
+        # queue id (hex) -> placements of its partitions
+        self.placements: dict[str, list[PartitionPlacement]] = {}
+        self._changed = asyncio.Event()
+        self._liveness: asyncio.Task[None] | None = None
+        self._queues_source: Any = None
+
+    async def start(self, queues_source: Any) -> None:
+        """Load state; `queues_source()` lists the catalog's QueueRecords."""
+        self._queues_source = queues_source
+        meta = await self._store.load("meta/")
+        self.version = int(meta.get("meta/version", 0))
+        self.cluster_id = meta.get("meta/cluster_id") or f"mqd-{os.urandom(4).hex()}"
+        secret_hex = meta.get("meta/receipt_secret")
+        if secret_hex is None:
+            secret_hex = os.urandom(32).hex()
+            await self._store.put("meta/receipt_secret", secret_hex)
+            await self._store.put("meta/cluster_id", self.cluster_id)
+        self.receipt_secret = bytes.fromhex(secret_hex)
+        for key, value in (await self._store.load("node/")).items():
+            node = NodeInfo(
+                node_id=value["node_id"],
+                roles=value["roles"],
+                client_address=value["client_address"],
+                cluster_address=value["cluster_address"],
+                up=True,
+            )
+            self.nodes[node.node_id] = node
+            # A restarted metadata node gives every known node a full session to check in.
+            self._last_seen[node.node_id] = time.monotonic()
+            del key
+        for key, value in (await self._store.load("placement/")).items():
+            self.placements[key.removeprefix("placement/")] = [
+                PartitionPlacement(p["index"], p["replicas"], p["leader"], p["epoch"])
+                for p in value
+            ]
+        self._liveness = asyncio.create_task(self._liveness_loop())
+
+    async def close(self) -> None:
+        if self._liveness is not None:
+            self._liveness.cancel()
+            await asyncio.gather(self._liveness, return_exceptions=True)
+        self._changed.set()
+        await self._store.close()
+
+    # --- versions ---------------------------------------------------------------
+
+    async def _bump(self, reason: str) -> None:
+        self.version += 1
+        await self._store.put("meta/version", self.version)
+        log.info("placement.changed", version=self.version, reason=reason)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_newer(self, since_version: int, wait_ms: int) -> None:
+        if self.version > since_version or wait_ms <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._changed.wait(), wait_ms / 1000)
+        except TimeoutError:
+            pass
+
+    # --- nodes ------------------------------------------------------------------
+
+    async def register(self, node: NodeInfo) -> None:
+        node.up = True
+        previous = self.nodes.get(node.node_id)
+        self.nodes[node.node_id] = node
+        self._last_seen[node.node_id] = time.monotonic()
+        if previous is None or (
+            previous.roles,
+            previous.client_address,
+            previous.cluster_address,
+            previous.up,
+        ) != (node.roles, node.client_address, node.cluster_address, True):
+            await self._store.put(
+                f"node/{node.node_id}",
+                {
+                    "node_id": node.node_id,
+                    "roles": node.roles,
+                    "client_address": node.client_address,
+                    "cluster_address": node.cluster_address,
+                },
+            )
+            await self._bump(f"node {node.node_id} registered")
+
+    async def heartbeat(self, node_id: str) -> bool:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return False
+        self._last_seen[node_id] = time.monotonic()
+        if not node.up:
+            node.up = True
+            await self._bump(f"node {node_id} is up")
+        return True
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LIVENESS_CHECK_S)
+            now = time.monotonic()
+            for node_id, node in self.nodes.items():
+                if node.up and now - self._last_seen.get(node_id, 0) > self._session_timeout_s:
+                    node.up = False
+                    log.warning("node.down", node=node_id)
+                    await self._bump(f"node {node_id} missed heartbeats")
+
+    def live_backends(self) -> list[str]:
+        return sorted(n.node_id for n in self.nodes.values() if n.up and "backend" in n.roles)
+
+    # --- the BackendApi of MetadataRole ---------------------------------------------
+
+    async def create_partitions(self, queue: QueueRecord) -> None:
+        backends = self.live_backends()
+        if not backends:
+            raise Unavailable("no backend is up to hold the queue's partitions")
+        ring = HashRing(backends, vnodes=self._vnodes)
+        placements = []
+        for index in range(queue.partitions):
+            (leader,) = ring.place(queue.queue_id, index, 1)
+            placements.append(PartitionPlacement(index, [leader], leader, 1))
+        await self._put_placements(queue, placements)
+        await self._bump(f"queue {queue.name} created")
+
+    async def drop_partitions(self, queue: QueueRecord) -> None:
+        self.placements.pop(queue.queue_id.hex(), None)
+        await self._store.delete(f"placement/{queue.queue_id.hex()}")
+        await self._bump(f"queue {queue.name} deleted")
+
+    def configure_partitions(self, queue: QueueRecord) -> None:
+        asyncio.get_running_loop().create_task(self._bump(f"queue {queue.name} changed"))
+
+    async def _put_placements(
+        self, queue: QueueRecord, placements: list[PartitionPlacement]
+    ) -> None:
+        self.placements[queue.queue_id.hex()] = placements
+        await self._store.put(
+            f"placement/{queue.queue_id.hex()}",
+            [
+                {"index": p.index, "replicas": p.replicas, "leader": p.leader, "epoch": p.epoch}
+                for p in placements
+            ],
+        )
+
+    # --- what everyone reads ------------------------------------------------------------
+
+    def snapshot(self) -> GetPlacementResponse:
+        queues = [
+            QueuePlacement(
+                name=record.name,
+                queue_id=record.queue_id,
+                attributes=dict(record.attributes),
+                created_at_ms=record.created_at_ms,
+                version=record.version,
+                partitions=list(self.placements.get(record.queue_id.hex(), [])),
+            )
+            for record in self._queues_source()
+        ]
+        nodes = [
+            NodeInfo(n.node_id, list(n.roles), n.client_address, n.cluster_address, n.up)
+            for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
+        ]
+        return GetPlacementResponse(version=self.version, queues=queues, nodes=nodes)

@@ -1,0 +1,176 @@
+"""A cluster frontend's `Catalog` and `PartitionEndpoint`s, over the network.
+
+Admin ops go to metadata; queue ops go to the backend leading the partition
+as PARTITION_CALL (protocol.md §7), which wraps the client op's own request
+body. On NOT_LEADER the frontend refreshes its placement and retries once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mqd.cluster.rpc import PeerPool
+from mqd.cluster.view import PlacementView
+from mqd.errors import NotLeader, QueueNotFound
+from mqd.metadata import QueueRecord
+from mqd.protocol import codec
+from mqd.protocol.messages import (
+    OPS,
+    VISIBILITY_DEFAULT,
+    ChangeVisibilityRequest,
+    CreateQueueRequest,
+    DeleteQueueRequest,
+    DeleteRequest,
+    DeliveredMessage,
+    EntryFailure,
+    GetQueueRequest,
+    ListQueuesRequest,
+    Opcode,
+    PartitionCallRequest,
+    PartitionWaitRequest,
+    PeekRequest,
+    PurgeQueueRequest,
+    ReceiveRequest,
+    RedriveRequest,
+    SendEntry,
+    SendRequest,
+    SetQueueAttributesRequest,
+    VisibilityChange,
+)
+
+# A partition call that long-polls gets its wait plus this much before the frontend gives up.
+CALL_MARGIN_S = 10.0
+_NO_TIMEOUT = float("inf")
+
+
+class RemoteEndpoint:
+    def __init__(self, view: PlacementView, peers: PeerPool, queue_id: bytes, index: int) -> None:
+        self._view = view
+        self._peers = peers
+        self._queue_id = queue_id
+        self.index = index
+
+    async def _call(self, opcode: Opcode, inner: Any, *, timeout_s: float | None = None) -> Any:
+        body = codec.encode_body(inner)
+        for attempt in (1, 2):
+            placement = self._view.leader(self._queue_id, self.index)
+            address = self._view.cluster_address(placement.leader)
+            request = PartitionCallRequest(
+                self._queue_id, self.index, placement.epoch, int(opcode), body
+            )
+            try:
+                response = await self._peers.call(address, request, timeout_s=timeout_s)
+            except (NotLeader, QueueNotFound):
+                if attempt == 2:
+                    raise
+                await self._view.refresh()
+                continue
+            return codec.decode_body(OPS[opcode][1], response.body)
+        raise AssertionError("unreachable")
+
+    async def send(self, queue: QueueRecord, entries: list[SendEntry]) -> list[str]:
+        response = await self._call(Opcode.SEND, SendRequest(queue.name, entries))
+        return response.message_ids
+
+    async def receive(
+        self,
+        queue: QueueRecord,
+        max_messages: int,
+        wait_ms: int,
+        visibility_ms: int,
+        bytes_max: int,
+    ) -> list[DeliveredMessage]:
+        request = ReceiveRequest(queue.name, max_messages, wait_ms, visibility_ms)
+        response = await self._call(
+            Opcode.RECEIVE, request, timeout_s=wait_ms / 1000 + CALL_MARGIN_S
+        )
+        return response.messages
+
+    async def wait_ready(self, queue: QueueRecord, wait_ms: int) -> int:
+        placement = self._view.leader(self._queue_id, self.index)
+        address = self._view.cluster_address(placement.leader)
+        response = await self._peers.call(
+            address,
+            PartitionWaitRequest(self._queue_id, self.index, wait_ms),
+            timeout_s=wait_ms / 1000 + CALL_MARGIN_S,
+        )
+        return response.ready
+
+    async def delete(self, queue: QueueRecord, receipts: list[str]) -> list[EntryFailure]:
+        return (await self._call(Opcode.DELETE, DeleteRequest(queue.name, receipts))).failures
+
+    async def change_visibility(
+        self, queue: QueueRecord, changes: list[tuple[str, int]]
+    ) -> list[EntryFailure]:
+        request = ChangeVisibilityRequest(queue.name, [VisibilityChange(r, t) for r, t in changes])
+        return (await self._call(Opcode.CHANGE_VISIBILITY, request)).failures
+
+    async def peek(
+        self, queue: QueueRecord, max_messages: int, after_id: str
+    ) -> list[DeliveredMessage]:
+        response = await self._call(Opcode.PEEK, PeekRequest(queue.name, max_messages, after_id))
+        return response.messages
+
+    async def purge(self, queue: QueueRecord) -> int:
+        return (await self._call(Opcode.PURGE_QUEUE, PurgeQueueRequest(queue.name))).purged
+
+    async def stats(self, queue: QueueRecord) -> dict[str, Any]:
+        return (await self._call(Opcode.GET_QUEUE, GetQueueRequest(queue.name))).queue.stats
+
+    async def redrive(
+        self, queue: QueueRecord, to: str, max_messages: int, rate_per_s: int
+    ) -> tuple[int, list[str]]:
+        response = await self._call(
+            Opcode.REDRIVE,
+            RedriveRequest(queue.name, to, max_messages, rate_per_s),
+            timeout_s=_NO_TIMEOUT,
+        )
+        return response.moved, response.problems
+
+
+class RemoteCatalog:
+    def __init__(self, view: PlacementView, peers: PeerPool) -> None:
+        self.view = view
+        self._peers = peers
+        self._endpoints: dict[tuple[bytes, int], list[RemoteEndpoint]] = {}
+
+    async def lookup(self, name: str) -> QueueRecord:
+        return await self.view.lookup(name)
+
+    async def create_queue(
+        self, name: str, attributes: dict[str, Any], exist_ok: bool
+    ) -> QueueRecord:
+        await self.view.metadata_call(CreateQueueRequest(name, attributes, exist_ok))
+        await self.view.refresh()
+        return await self.view.lookup(name)
+
+    async def delete_queue(self, name: str) -> None:
+        await self.view.metadata_call(DeleteQueueRequest(name))
+        await self.view.refresh()
+
+    async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
+        await self.view.metadata_call(SetQueueAttributesRequest(name, attributes))
+        await self.view.refresh()
+        return await self.view.lookup(name)
+
+    async def list_queues(self, prefix: str) -> list[str]:
+        return (await self.view.metadata_call(ListQueuesRequest(prefix))).names
+
+    def endpoints(self, queue: QueueRecord) -> list[RemoteEndpoint]:
+        key = (queue.queue_id, queue.partitions)
+        endpoints = self._endpoints.get(key)
+        if endpoints is None:
+            endpoints = self._endpoints[key] = [
+                RemoteEndpoint(self.view, self._peers, queue.queue_id, index)
+                for index in range(queue.partitions)
+            ]
+        return endpoints
+
+    def stats(self) -> dict[str, Any]:
+        return {"queues": len(self.view.by_name), "cluster": self.view.describe()}
+
+    def stop_long_polls(self) -> None:
+        """Long polls run on the backends; a draining frontend just stops waiting for them."""
+
+
+__all__ = ["VISIBILITY_DEFAULT", "RemoteCatalog", "RemoteEndpoint"]

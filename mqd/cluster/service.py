@@ -1,0 +1,516 @@
+"""The cluster port: internal ops of the metadata and backend roles (protocol.md §7).
+
+Every cluster node listens on `[cluster] listen` with mutual TLS and answers
+HELLO, PING and STATS there; a metadata node adds REGISTER_NODE, HEARTBEAT,
+GET_PLACEMENT and the admin ops frontends forward; a backend adds
+PARTITION_CALL, PARTITION_WAIT and ACCEPT_MOVED. The connection machinery is
+the frontend's (`ClientConnection`), with this table of handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import zlib
+from typing import Any
+
+import structlog
+
+from mqd import __version__
+from mqd.backend import BackendRole
+from mqd.cluster.rpc import PeerPool
+from mqd.cluster.view import PlacementView
+from mqd.errors import (
+    InvalidArgument,
+    MqdError,
+    NotLeader,
+    QueueNotFound,
+    ServerError,
+    Unavailable,
+)
+from mqd.frontend import (
+    RESPONSE_HEADROOM_BYTES,
+    ClientConnection,
+    FrontendRole,
+    handle_hello,
+    handle_ping,
+    validate_receive,
+    validate_send,
+)
+from mqd.limits import Limits
+from mqd.metadata import MetadataRole, QueueRecord
+from mqd.protocol import codec, messages
+from mqd.protocol.messages import Opcode
+from mqd.router import LocalEndpoint
+from mqd.storage import NewMessage
+
+log = structlog.get_logger("mqd.cluster")
+
+HEARTBEAT_RETRY_S = 0.5
+
+
+class ClusterServer(FrontendRole):
+    """The node-to-node listener; `ClientConnection` calls it `frontend`."""
+
+    def __init__(
+        self,
+        *,
+        limits: Limits,
+        node_id: str,
+        roles: list[str],
+        clock: Any,
+        metadata: MetadataRole | None = None,
+        placement: Any = None,
+        backend: BackendService | None = None,
+        view: PlacementView | None = None,
+    ) -> None:
+        super().__init__(router=None, limits=limits, node_id=node_id, roles=roles, clock=clock)  # type: ignore[arg-type]
+        self.metadata = metadata
+        self.placement = placement
+        self.backend_service = backend
+        self.view = view
+        handlers: dict[int, Any] = {
+            Opcode.HELLO: handle_hello,
+            Opcode.PING: handle_ping,
+            Opcode.STATS: handle_node_stats,
+        }
+        if metadata is not None:
+            handlers.update(METADATA_HANDLERS)
+        if backend is not None:
+            handlers.update(BACKEND_HANDLERS)
+        self.handlers = handlers
+
+    async def drain(self, timeout_s: float) -> None:
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        if self.backend_service is not None:
+            self.backend_service.backend.stop_long_polls()
+        await self.finish(timeout_s)
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "node_id": self.node_id,
+            "server_version": __version__,
+            "roles": list(self.roles),
+            "connections": len(self.connections),
+            "requests_total": self.requests_total,
+        }
+        if self.backend_service is not None:
+            stats["storage"] = self.backend_service.backend.storage_stats()
+        if self.view is not None:
+            stats["cluster"] = self.view.describe()
+        return stats
+
+
+async def handle_node_stats(
+    conn: ClientConnection, request: messages.StatsRequest
+) -> messages.StatsResponse:
+    return messages.StatsResponse(stats=conn.frontend.stats())
+
+
+# --- metadata ops ------------------------------------------------------------------
+
+
+def _metadata(conn: ClientConnection) -> tuple[MetadataRole, Any]:
+    server: ClusterServer = conn.frontend  # type: ignore[assignment]
+    assert server.metadata is not None and server.placement is not None
+    return server.metadata, server.placement
+
+
+def _info(record: QueueRecord) -> messages.QueueInfo:
+    # Stats live on the backends; the frontend adds them up (mqd.router).
+    return messages.QueueInfo(name=record.name, attributes=dict(record.attributes), stats={})
+
+
+async def handle_register(
+    conn: ClientConnection, request: messages.RegisterNodeRequest
+) -> messages.RegisterNodeResponse:
+    _, placement = _metadata(conn)
+    await placement.register(request.node)
+    log.info("node.registered", node=request.node.node_id, roles=request.node.roles)
+    return messages.RegisterNodeResponse(
+        cluster_id=placement.cluster_id,
+        receipt_secret=placement.receipt_secret,
+        placement_version=placement.version,
+    )
+
+
+async def handle_heartbeat(
+    conn: ClientConnection, request: messages.HeartbeatRequest
+) -> messages.HeartbeatResponse:
+    _, placement = _metadata(conn)
+    if not await placement.heartbeat(request.node_id):
+        raise Unavailable(f"node {request.node_id} is not registered; register again")
+    return messages.HeartbeatResponse(placement_version=placement.version)
+
+
+async def handle_get_placement(
+    conn: ClientConnection, request: messages.GetPlacementRequest
+) -> messages.GetPlacementResponse:
+    _, placement = _metadata(conn)
+    await placement.wait_newer(request.since_version, min(request.wait_ms, 30_000))
+    return placement.snapshot()
+
+
+async def handle_meta_create(
+    conn: ClientConnection, request: messages.CreateQueueRequest
+) -> messages.CreateQueueResponse:
+    metadata, _ = _metadata(conn)
+    record, _ = await metadata.create_queue(
+        request.name, request.attributes, exist_ok=request.exist_ok
+    )
+    return messages.CreateQueueResponse(queue=_info(record))
+
+
+async def handle_meta_delete(
+    conn: ClientConnection, request: messages.DeleteQueueRequest
+) -> messages.DeleteQueueResponse:
+    metadata, _ = _metadata(conn)
+    await metadata.delete_queue(request.name)
+    return messages.DeleteQueueResponse()
+
+
+async def handle_meta_get(
+    conn: ClientConnection, request: messages.GetQueueRequest
+) -> messages.GetQueueResponse:
+    metadata, _ = _metadata(conn)
+    return messages.GetQueueResponse(queue=_info(metadata.lookup(request.name)))
+
+
+async def handle_meta_list(
+    conn: ClientConnection, request: messages.ListQueuesRequest
+) -> messages.ListQueuesResponse:
+    metadata, _ = _metadata(conn)
+    return messages.ListQueuesResponse(names=metadata.list_queues(request.prefix))
+
+
+async def handle_meta_set(
+    conn: ClientConnection, request: messages.SetQueueAttributesRequest
+) -> messages.SetQueueAttributesResponse:
+    metadata, _ = _metadata(conn)
+    record = await metadata.set_attributes(request.name, request.attributes)
+    return messages.SetQueueAttributesResponse(queue=_info(record))
+
+
+METADATA_HANDLERS: dict[int, Any] = {
+    Opcode.REGISTER_NODE: handle_register,
+    Opcode.HEARTBEAT: handle_heartbeat,
+    Opcode.GET_PLACEMENT: handle_get_placement,
+    Opcode.CREATE_QUEUE: handle_meta_create,
+    Opcode.DELETE_QUEUE: handle_meta_delete,
+    Opcode.GET_QUEUE: handle_meta_get,
+    Opcode.LIST_QUEUES: handle_meta_list,
+    Opcode.SET_QUEUE_ATTRIBUTES: handle_meta_set,
+}
+
+
+# --- backend ops -------------------------------------------------------------------
+
+
+class BackendService:
+    """A backend's side of the cluster: which partitions it leads, and serving them."""
+
+    def __init__(
+        self,
+        backend: BackendRole,
+        view: PlacementView,
+        peers: PeerPool,
+        *,
+        node_id: str,
+        limits: Limits,
+    ) -> None:
+        self.backend = backend
+        self.view = view
+        self.peers = peers
+        self.node_id = node_id
+        self.limits = limits
+        self._cursor = itertools.count()
+        self._syncing = asyncio.Lock()
+        backend.moved_sink = self.append_moved
+        backend.bind_catalog(self._lookup_name)
+        view.on_change(self.sync_partitions)
+
+    def _lookup_name(self, name: str) -> QueueRecord:
+        record = self.view.by_name.get(name)
+        if record is None:
+            raise QueueNotFound(f"queue {name!r} does not exist")
+        return record
+
+    async def sync_partitions(self) -> None:
+        """Open what placement says this node leads; drop what was deleted."""
+        async with self._syncing:
+            led: dict[tuple[bytes, int], QueueRecord] = {}
+            for queue_id, placements in self.view.partitions.items():
+                record = self.view.by_id[queue_id]
+                for placement in placements:
+                    if placement.leader == self.node_id:
+                        led[(queue_id, placement.index)] = record
+            for (queue_id, index), record in led.items():
+                if not self.backend.has_partition(queue_id, index):
+                    await self.backend.create_partitions(record, [index])
+                    log.info("partition.opened", queue=record.name, partition=index)
+                self.backend.configure_partitions(record)
+            for queue_id, index in self.backend.open_partitions():
+                if (queue_id, index) in led:
+                    continue
+                deleted = queue_id not in self.view.by_id
+                await self.backend.close_partition(queue_id, index, destroy=deleted)
+                log.info(
+                    "partition.closed", queue_id=queue_id.hex(), partition=index, deleted=deleted
+                )
+
+    async def local(self, queue_id: bytes, index: int) -> tuple[QueueRecord, LocalEndpoint]:
+        """The queue and this node's endpoint for a partition it leads; NOT_LEADER otherwise."""
+        record = self.view.by_id.get(queue_id)
+        if record is None:
+            # Placement may be newer than ours (a queue just created): look once.
+            with contextlib.suppress(MqdError):
+                await self.view.refresh()
+            record = self.view.by_id.get(queue_id)
+            if record is None:
+                raise QueueNotFound("the queue does not exist")
+        placement = self.view.leader(queue_id, index)
+        if placement.leader != self.node_id:
+            node = self.view.nodes.get(placement.leader)
+            raise NotLeader(
+                f"partition {index} of {record.name!r} is led by {placement.leader}",
+                details={
+                    "leader": placement.leader,
+                    "address": node.cluster_address if node else "",
+                },
+            )
+        if not self.backend.has_partition(queue_id, index):
+            await self.sync_partitions()
+        return record, LocalEndpoint(self.backend, index)
+
+    async def append_moved(self, queue_name: str, moved: list[NewMessage]) -> None:
+        """Dead letters and redriven messages: append to the target queue, wherever it lives."""
+        record = self._lookup_name(queue_name)
+        placements = self.view.partitions.get(record.queue_id, [])
+        if not placements:
+            raise QueueNotFound(f"queue {queue_name!r} has no partitions")
+        by_index: dict[int, list[NewMessage]] = {}
+        for message in moved:
+            if record.attributes.get("fifo"):
+                index = zlib.crc32(message.group_id.encode()) % len(placements)
+            else:
+                index = next(self._cursor) % len(placements)
+            by_index.setdefault(index, []).append(message)
+        for index, batch in by_index.items():
+            placement = placements[index]
+            if placement.leader == self.node_id:
+                await self.backend.partition(record, index).accept_dead_letters(batch)
+                continue
+            address = self.view.cluster_address(placement.leader)
+            await self.peers.call(
+                address,
+                messages.AcceptMovedRequest(
+                    record.queue_id,
+                    index,
+                    [
+                        messages.MovedMessage(
+                            body=m.body,
+                            attributes=m.attributes,
+                            group_id=m.group_id,
+                            dedup_id=m.dedup_id,
+                            priority=m.priority,
+                            source_queue=m.source_queue,
+                            original_id=m.original_id,
+                            receive_count=m.receive_count,
+                        )
+                        for m in batch
+                    ],
+                ),
+            )
+
+
+def _service(conn: ClientConnection) -> BackendService:
+    service = conn.frontend.backend_service  # type: ignore[attr-defined]
+    assert service is not None
+    return service
+
+
+async def _inner_send(
+    service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
+) -> Any:
+    validate_send(service.limits, record, inner.entries)
+    return messages.SendResponse(message_ids=await endpoint.send(record, inner.entries))
+
+
+async def _inner_receive(
+    service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
+) -> Any:
+    validate_receive(service.limits, inner)
+    visibility = inner.visibility_timeout_ms
+    if visibility == messages.VISIBILITY_DEFAULT:
+        visibility = record.visibility_timeout_ms
+    delivered = await endpoint.receive(
+        record,
+        inner.max_messages,
+        inner.wait_ms,
+        visibility,
+        service.limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES,
+    )
+    return messages.ReceiveResponse(messages=delivered)
+
+
+async def _inner_delete(
+    service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
+) -> Any:
+    return messages.DeleteResponse(failures=await endpoint.delete(record, inner.receipts))
+
+
+async def _inner_visibility(
+    service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
+) -> Any:
+    changes = [(change.receipt, change.timeout_ms) for change in inner.changes]
+    return messages.ChangeVisibilityResponse(
+        failures=await endpoint.change_visibility(record, changes)
+    )
+
+
+async def _inner_peek(
+    service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
+) -> Any:
+    return messages.PeekResponse(
+        messages=await endpoint.peek(record, inner.max_messages, inner.after_id)
+    )
+
+
+async def _inner_purge(
+    service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
+) -> Any:
+    return messages.PurgeQueueResponse(purged=await endpoint.purge(record))
+
+
+async def _inner_stats(
+    service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
+) -> Any:
+    stats = await endpoint.stats(record)
+    return messages.GetQueueResponse(
+        queue=messages.QueueInfo(name=record.name, attributes=dict(record.attributes), stats=stats)
+    )
+
+
+async def _inner_redrive(
+    service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
+) -> Any:
+    moved, problems = await endpoint.redrive(record, inner.to, inner.max_messages, inner.rate_per_s)
+    return messages.RedriveResponse(moved=moved, problems=problems)
+
+
+# The client ops a PARTITION_CALL may carry, and what runs them on the partition.
+PARTITION_OPS: dict[int, Any] = {
+    Opcode.SEND: _inner_send,
+    Opcode.RECEIVE: _inner_receive,
+    Opcode.DELETE: _inner_delete,
+    Opcode.CHANGE_VISIBILITY: _inner_visibility,
+    Opcode.PEEK: _inner_peek,
+    Opcode.PURGE_QUEUE: _inner_purge,
+    Opcode.GET_QUEUE: _inner_stats,
+    Opcode.REDRIVE: _inner_redrive,
+}
+
+
+async def handle_partition_call(
+    conn: ClientConnection, request: messages.PartitionCallRequest
+) -> messages.PartitionCallResponse:
+    service = _service(conn)
+    run = PARTITION_OPS.get(request.opcode)
+    if run is None:
+        raise InvalidArgument(f"PARTITION_CALL cannot carry opcode 0x{request.opcode:04x}")
+    inner = codec.decode_body(messages.OPS[Opcode(request.opcode)][0], request.body)
+    record, endpoint = await service.local(request.queue_id, request.partition)
+    response = await run(service, record, endpoint, inner)
+    return messages.PartitionCallResponse(body=codec.encode_body(response))
+
+
+async def handle_partition_wait(
+    conn: ClientConnection, request: messages.PartitionWaitRequest
+) -> messages.PartitionWaitResponse:
+    service = _service(conn)
+    record, endpoint = await service.local(request.queue_id, request.partition)
+    ready = await endpoint.wait_ready(
+        record, min(request.wait_ms, service.limits.receive_wait_ms_max)
+    )
+    return messages.PartitionWaitResponse(ready=ready)
+
+
+async def handle_accept_moved(
+    conn: ClientConnection, request: messages.AcceptMovedRequest
+) -> messages.AcceptMovedResponse:
+    service = _service(conn)
+    record, _ = await service.local(request.queue_id, request.partition)
+    partition = service.backend.partition(record, request.partition)
+    await partition.accept_dead_letters(
+        [
+            NewMessage(
+                body=m.body,
+                attributes=m.attributes,
+                group_id=m.group_id,
+                dedup_id=m.dedup_id,
+                priority=m.priority,
+                source_queue=m.source_queue,
+                original_id=m.original_id,
+                receive_count=m.receive_count,
+            )
+            for m in request.messages
+        ]
+    )
+    return messages.AcceptMovedResponse()
+
+
+BACKEND_HANDLERS: dict[int, Any] = {
+    Opcode.PARTITION_CALL: handle_partition_call,
+    Opcode.PARTITION_WAIT: handle_partition_wait,
+    Opcode.ACCEPT_MOVED: handle_accept_moved,
+}
+
+
+# --- membership: register once, then heartbeat ------------------------------------------
+
+
+class Membership:
+    """Registers this node with metadata and keeps its session alive."""
+
+    def __init__(self, view: PlacementView, node: messages.NodeInfo, interval_ms: int) -> None:
+        self._view = view
+        self._node = node
+        self._interval_s = interval_ms / 1000
+        self._task: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+        self.receipt_secret = b""
+
+    async def register(self) -> messages.RegisterNodeResponse:
+        response = await self._view.metadata_call(messages.RegisterNodeRequest(self._node))
+        self.receipt_secret = response.receipt_secret
+        self.registered.set()
+        return response
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                if not self.registered.is_set():
+                    await self.register()
+                await self._view.metadata_call(
+                    messages.HeartbeatRequest(self._node.node_id), timeout_s=self._interval_s * 3
+                )
+            except ServerError as exc:
+                # Metadata restarted or forgot us: register again on the next beat.
+                log.debug("heartbeat.failed", error=str(exc))
+                self.registered.clear()
+                await asyncio.sleep(HEARTBEAT_RETRY_S)
+                continue
+            except MqdError as exc:
+                log.debug("heartbeat.failed", error=str(exc))
+            await asyncio.sleep(self._interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
