@@ -1105,3 +1105,31 @@ class Partition:
         self.stop_waiting()
         await self._stop_pulling()
         await self.store.destroy()
+
+    async def wait_ready(self, wait_ms: int) -> int:
+        """Wait up to `wait_ms` until a message is ready; take nothing. How many are ready
+        (a lower bound: lazily deleted entries are not counted out). For one long poll
+        across the partitions of a queue (mqd.router)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        while not self._closed:
+            self._advance(self._now_ms())
+            ready = self._ready_estimate()
+            if ready:
+                return ready
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return 0
+            waiter = loop.create_future()
+            self._waiters.add(waiter)
+            self._arm_timer()
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.discard(waiter)
+        return 0
+
+    def _ready_estimate(self) -> int:
+        return max(0, len(self._metas) - self._in_flight_count - self._delayed_count)
