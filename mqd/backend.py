@@ -83,7 +83,9 @@ class BackendRole:
                 except Exception:
                     log.exception("partition.expire_failed", queue_id=partition.queue_id.hex())
 
-    async def create_partitions(self, queue: QueueRecord, indexes: range | list[int] | None = None) -> None:
+    async def create_partitions(
+        self, queue: QueueRecord, indexes: range | list[int] | None = None
+    ) -> None:
         for index in range(queue.partitions) if indexes is None else indexes:
             key = (queue.queue_id, index)
             if key in self._partitions:

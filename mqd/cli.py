@@ -109,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     shell_module.add_arguments(shell)
     shell.set_defaults(func=shell_module.main)
 
+    certs = commands.add_parser("certs", help="make a cluster CA and node or client certificates")
+    from mqd import certs as certs_module
+
+    certs_module.add_arguments(certs)
+    certs.set_defaults(func=certs_module.main)
+
+    admin = commands.add_parser("admin", help="look at a cluster: nodes, placement")
+    from mqd import admin as admin_module
+
+    admin_module.add_arguments(admin)
+    admin.set_defaults(func=admin_module.main)
+
     bench = commands.add_parser("bench", help="measure throughput and latency against a server")
     from mqd import bench as bench_module
 
