@@ -27,6 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action.add_argument("--json", action="store_true", help="print JSON")
         if name == "placement":
             action.add_argument("queue", nargs="?", help="one queue (default: all)")
+    rebalance = actions.add_parser(
+        "rebalance", help="move partitions to where the ring over live backends puts them"
+    )
+    rebalance.add_argument("--address", default=DEFAULT_ADDRESS, help="a frontend (HOST:PORT)")
+    rebalance.add_argument("--ca", metavar="FILE", help="CA file to trust (TLS client port)")
+    rebalance.add_argument("--token", default=None)
+    rebalance.add_argument("--json", action="store_true", help="print JSON")
+    rebalance.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
 
 
 async def _cluster_view(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,7 +62,52 @@ async def _cluster_view(args: argparse.Namespace) -> dict[str, Any]:
     return cluster
 
 
+async def _rebalance(args: argparse.Namespace) -> Any:
+    import math
+
+    import mqd.client
+    from mqd.protocol.messages import RebalanceRequest
+
+    tls = ssl.create_default_context(cafile=args.ca) if args.ca else None
+    async with await mqd.client.connect(args.address, tls=tls, token=args.token) as client:
+        return await client._call(RebalanceRequest(dry_run=args.dry_run), timeout_s=math.inf)
+
+
+def _print_rebalance(args: argparse.Namespace) -> int:
+    try:
+        answer = asyncio.run(_rebalance(args))
+    except MqdError as exc:
+        print(f"mqd admin: {exc}", file=sys.stderr)
+        return 1
+    moves = [
+        {
+            "queue": m.queue,
+            "partition": m.partition,
+            "from": m.source,
+            "to": m.target,
+            "status": m.status,
+        }
+        for m in answer.moves
+    ]
+    if args.json:
+        print(json.dumps({"placement_version": answer.placement_version, "moves": moves}))
+    elif not moves:
+        print("nothing to move: every partition is where the ring puts it")
+    else:
+        verb = "would move" if args.dry_run else "moves"
+        print(f"{verb} {len(moves)} partition(s):")
+        for move in moves:
+            print(
+                f"  {move['queue']} partition {move['partition']}: {move['from']} -> {move['to']}"
+                f"  [{move['status']}]"
+            )
+    failed = [m for m in moves if not args.dry_run and m["status"] != "moved"]
+    return 1 if failed else 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.admin_command == "rebalance":
+        return _print_rebalance(args)
     try:
         cluster = asyncio.run(_cluster_view(args))
     except MqdError as exc:

@@ -47,6 +47,9 @@ class BackendRole:
         # to whichever node leads the target partition.
         self.moved_sink: Callable[[str, list[NewMessage]], Awaitable[None]] = self.append_moved
 
+    def partition_dir(self, queue_id: bytes, index: int) -> Path:
+        return self._partition_dir(queue_id, index)
+
     def _partition_dir(self, queue_id: bytes, index: int) -> Path:
         return self._dir / f"{queue_id.hex()}-{index:04d}"
 

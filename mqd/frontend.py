@@ -555,6 +555,12 @@ async def handle_redrive(
     return messages.RedriveResponse(moved=moved, problems=problems)
 
 
+async def handle_rebalance(
+    conn: ClientConnection, request: messages.RebalanceRequest
+) -> messages.RebalanceResponse:
+    return await conn.frontend.router.catalog.rebalance(request.dry_run)
+
+
 async def handle_stats(
     conn: ClientConnection, request: messages.StatsRequest
 ) -> messages.StatsResponse:
@@ -576,6 +582,7 @@ HANDLERS: dict[int, Handler] = {
     Opcode.CHANGE_VISIBILITY: handle_change_visibility,
     Opcode.PEEK: handle_peek,
     Opcode.REDRIVE: handle_redrive,
+    Opcode.REBALANCE: handle_rebalance,
     Opcode.STATS: handle_stats,
 }
 assert set(HANDLERS) == {op for op in messages.OPS if op < messages.INTERNAL_OPCODE_MIN}, (

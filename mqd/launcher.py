@@ -419,11 +419,26 @@ def _signal(manifest: Manifest, node: NodeEntry, signum: int) -> int | None:
     return pid
 
 
-def _wait_gone(manifest: Manifest, nodes: Sequence[NodeEntry], timeout_s: float) -> list[NodeEntry]:
-    """Wait until none of `nodes` runs; returns those still running at the deadline."""
+def pid_exited(pid: int) -> bool:
+    """Whether `pid` has exited: gone, or a zombie (its files and sockets are closed then).
+
+    A dying process loses its cmdline before it closes its files, so the
+    cmdline check alone would let a restart race the old process for its port.
+    """
+    _reap(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    fields = stat.rpartition(")")[2].split()
+    return not fields or fields[0] in ("Z", "X", "x")
+
+
+def _wait_exited(pids: dict[str, int], timeout_s: float) -> list[str]:
+    """Wait until every pid (by node id) has exited; returns the ids still running at the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [node for node in nodes if running_pid(manifest, node) is not None]
+        alive = [node_id for node_id, pid in pids.items() if not pid_exited(pid)]
         if not alive or time.monotonic() >= deadline:
             return alive
         time.sleep(min(POLL_INTERVAL_S / 2, max(0.0, deadline - time.monotonic())))
@@ -441,18 +456,19 @@ def stop_nodes(
             report.append(f"{node.id}: not running")
         else:
             signalled[node.id] = pid
-    stragglers = _wait_gone(manifest, [n for n in nodes if n.id in signalled], timeout_s)
-    for node in stragglers:
-        _signal(manifest, node, signal.SIGKILL)
-    still = {n.id for n in _wait_gone(manifest, stragglers, KILL_WAIT_S)}
-    straggler_ids = {n.id for n in stragglers}
+    stragglers = _wait_exited(signalled, timeout_s)
+    for node_id in stragglers:
+        # The pid was checked to be this node when it got SIGTERM, moments ago.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(signalled[node_id], signal.SIGKILL)
+    still = set(_wait_exited({i: signalled[i] for i in stragglers}, KILL_WAIT_S))
     for node in nodes:
         if node.id not in signalled:
             continue
         pid = signalled[node.id]
         if node.id in still:
             report.append(f"{node.id}: still running after SIGKILL (pid {pid})")
-        elif node.id in straggler_ids:
+        elif node.id in stragglers:
             report.append(f"{node.id}: killed after {timeout_s:g} s (pid {pid})")
         else:
             report.append(f"{node.id}: stopped (pid {pid})")
@@ -844,7 +860,7 @@ def _stop(args: argparse.Namespace, directory: Path) -> int:
     report = stop_nodes(manifest, manifest.in_order(ROLES_STOP_ORDER))
     print("\n".join(report))
     left = [node.id for node in manifest.nodes if running_pid(manifest, node) is not None]
-    if left:
+    if left or any("still running" in line for line in report):
         print(f"still running: {', '.join(left)}", file=sys.stderr)
         return 1
     return 0
@@ -857,7 +873,7 @@ def _kill(args: argparse.Namespace, directory: Path) -> int:
     if pid is None:
         print(f"{node.id}: not running", file=sys.stderr)
         return 1
-    if _wait_gone(manifest, [node], KILL_WAIT_S):
+    if _wait_exited({node.id: pid}, KILL_WAIT_S):
         print(f"{node.id}: still running after SIGKILL (pid {pid})", file=sys.stderr)
         return 1
     print(f"{node.id}: killed (pid {pid})")

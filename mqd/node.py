@@ -246,6 +246,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             placement=placement,
             backend=service,
             view=view,
+            peers=peers,
         )
         address = await _listen(
             cluster_server, config.cluster.listen, "cluster.listen", cluster_server_context(config)

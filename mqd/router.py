@@ -25,7 +25,13 @@ from typing import Any, Protocol
 
 from mqd.errors import ErrorCode, InvalidArgument, QueueNotFound
 from mqd.metadata import QueueRecord
-from mqd.protocol.messages import DeliveredMessage, EntryFailure, QueueInfo, SendEntry
+from mqd.protocol.messages import (
+    DeliveredMessage,
+    EntryFailure,
+    QueueInfo,
+    RebalanceResponse,
+    SendEntry,
+)
 from mqd.receipts import parse_message_id
 
 # Stats that add up across partitions; the rest take the maximum.
@@ -72,6 +78,7 @@ class Catalog(Protocol):
     def endpoints(self, queue: QueueRecord) -> Sequence[PartitionEndpoint]: ...
     def stats(self) -> dict[str, Any]: ...
     def stop_long_polls(self) -> None: ...
+    async def rebalance(self, dry_run: bool) -> RebalanceResponse: ...
 
 
 def receipt_partition(receipt: str) -> int | None:
@@ -375,6 +382,10 @@ class LocalCatalog:
 
     def stop_long_polls(self) -> None:
         self.backend.stop_long_polls()
+
+    async def rebalance(self, dry_run: bool) -> RebalanceResponse:
+        """One node holds every partition: nothing to move."""
+        return RebalanceResponse(moves=[], placement_version=0)
 
 
 __all__ = ["Catalog", "LocalCatalog", "PartitionEndpoint", "QueueNotFound", "Router", "merge_stats"]

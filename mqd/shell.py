@@ -74,6 +74,7 @@ from mqd.protocol.messages import (
     PingRequest,
     PurgeQueueRequest,
     QueueInfo,
+    RebalanceRequest,
     ReceiveRequest,
     RedriveRequest,
     SendEntry,
@@ -961,6 +962,18 @@ def _cmd_set(sh: Shell, call: Call) -> Answer:
     return _queue_info(answer.queue, "updated ")
 
 
+def _cmd_rebalance(sh: Shell, call: Call) -> Answer:
+    dry_run = bool(call.options.get("dry_run", False))
+    answer = sh.request(RebalanceRequest(dry_run=dry_run))
+    rows = [[m.queue, str(m.partition), m.source, m.target, m.status] for m in answer.moves]
+    text = (
+        render_table(["queue", "partition", "from", "to", "status"], rows)
+        if rows
+        else "nothing to move: every partition is where the ring puts it"
+    )
+    return Answer(data=jsonable(answer), text=text)
+
+
 def _cmd_purge(sh: Shell, call: Call) -> Answer:
     name = call.args["NAME"]
     purged = sh.request(PurgeQueueRequest(name)).purged
@@ -1319,6 +1332,10 @@ _ROWS: tuple[Command, ...] = (
     Command("redrive", "move dead-lettered messages back to their source [to=Q max=N rate=N/s] (REDRIVE)",
             _cmd_redrive, (_NAME,), extra="attributes", op="REDRIVE"),
     Command("stats", "server statistics (STATS)", _cmd_stats, op="STATS", read_only=True),
+    Command("rebalance", "move partitions to match the ring over live backends (REBALANCE)",
+            _cmd_rebalance, (),
+            (Option("dry_run", "bool", "only print the plan", "true"),),
+            op="REBALANCE"),
     Command("hello", "show the server's HELLO answer for this connection", _cmd_hello,
             read_only=True),
     Command("reconnect", "close the connection and connect again (HELLO)", _cmd_reconnect,

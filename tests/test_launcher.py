@@ -234,6 +234,22 @@ def test_pid_check_matches_only_mqd_serve_of_this_config(tmp_path: Path) -> None
     assert not launcher.is_node_process(proc.pid, config)  # gone
 
 
+def test_pid_exited_counts_zombies_as_exited() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL
+    )
+    try:
+        assert not launcher.pid_exited(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not launcher.pid_exited(proc.pid):  # a zombie of ours is reaped on the way
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_kill_never_signals_a_reused_pid(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     manifest = small_cluster(tmp_path)
     node = manifest.node("backend-1")
@@ -368,11 +384,13 @@ def _kill_everything_recorded(directory: Path) -> None:
     if not Manifest.exists(directory):
         return
     manifest = Manifest.load(directory)
+    pids = {}
     for node in manifest.nodes:
         pid = launcher.running_pid(manifest, node)
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
-    launcher._wait_gone(manifest, manifest.nodes, 5)
+            pids[node.id] = pid
+    launcher._wait_exited(pids, 5)
 
 
 @pytest.mark.skipif(_UNSUPPORTED is not None, reason=_UNSUPPORTED or "")

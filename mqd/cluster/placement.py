@@ -14,6 +14,7 @@ function of that state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -23,13 +24,16 @@ from typing import Any
 import aiosqlite
 import structlog
 
-from mqd.errors import Unavailable
+from mqd.errors import MqdError, Unavailable
 from mqd.metadata import QueueRecord
 from mqd.protocol.messages import (
+    AdoptPartitionRequest,
     GetPlacementResponse,
     NodeInfo,
+    PartitionMove,
     PartitionPlacement,
     QueuePlacement,
+    ReleasePartitionRequest,
 )
 from mqd.ring import HashRing
 
@@ -97,6 +101,7 @@ class PlacementManager:
         self._changed = asyncio.Event()
         self._liveness: asyncio.Task[None] | None = None
         self._queues_source: Any = None
+        self._rebalancing = asyncio.Lock()
 
     async def start(self, queues_source: Any) -> None:
         """Load state; `queues_source()` lists the catalog's QueueRecords."""
@@ -233,6 +238,83 @@ class PlacementManager:
                 for p in placements
             ],
         )
+
+    # --- rebalance ---------------------------------------------------------------------
+
+    def plan(self) -> list[PartitionMove]:
+        """Moves that bring every partition to where the ring over live backends puts it."""
+        backends = self.live_backends()
+        if not backends:
+            return []
+        ring = HashRing(backends, vnodes=self._vnodes)
+        moves = []
+        for record in self._queues_source():
+            for placement in self.placements.get(record.queue_id.hex(), []):
+                (target,) = ring.place(record.queue_id, placement.index, 1)
+                if target != placement.leader:
+                    moves.append(
+                        PartitionMove(record.name, placement.index, placement.leader, target)
+                    )
+        return moves
+
+    async def rebalance(self, peers: Any, *, dry_run: bool) -> list[PartitionMove]:
+        """Move partitions one at a time: the target copies the fenced source's log, then
+        placement switches to it with a new epoch, then the source drops its copy. A move
+        that fails leaves the partition where it was (the source's fence is lifted)."""
+        moves = self.plan()
+        if dry_run:
+            return moves
+        async with self._rebalancing:
+            records = {record.name: record for record in self._queues_source()}
+            for move in moves:
+                record = records.get(move.queue)
+                source = self.nodes.get(move.source)
+                target = self.nodes.get(move.target)
+                if record is None or target is None:
+                    move.status = "skipped: the queue or the target is gone"
+                    continue
+                if source is None or not source.up:
+                    move.status = f"skipped: source {move.source} is down"
+                    continue
+                try:
+                    await peers.call(
+                        target.cluster_address,
+                        AdoptPartitionRequest(
+                            record.queue_id, move.partition, source.cluster_address
+                        ),
+                        timeout_s=float("inf"),
+                    )
+                except MqdError as exc:
+                    move.status = f"failed: {exc}"
+                    with contextlib.suppress(MqdError):
+                        await peers.call(
+                            source.cluster_address,
+                            ReleasePartitionRequest(record.queue_id, move.partition, destroy=False),
+                        )
+                    continue
+                placements = self.placements[record.queue_id.hex()]
+                old = placements[move.partition]
+                placements[move.partition] = PartitionPlacement(
+                    move.partition, [move.target], move.target, old.epoch + 1
+                )
+                await self._put_placements(record, placements)
+                await self._bump(
+                    f"partition {move.partition} of {record.name} moved to {move.target}"
+                )
+                with contextlib.suppress(MqdError):
+                    await peers.call(
+                        source.cluster_address,
+                        ReleasePartitionRequest(record.queue_id, move.partition, destroy=True),
+                    )
+                move.status = "moved"
+                log.info(
+                    "partition.moved",
+                    queue=record.name,
+                    partition=move.partition,
+                    source=move.source,
+                    target=move.target,
+                )
+        return moves
 
     # --- what everyone reads ------------------------------------------------------------
 

@@ -30,6 +30,8 @@ from mqd.protocol.messages import (
     PartitionWaitRequest,
     PeekRequest,
     PurgeQueueRequest,
+    RebalanceRequest,
+    RebalanceResponse,
     ReceiveRequest,
     RedriveRequest,
     SendEntry,
@@ -168,6 +170,11 @@ class RemoteCatalog:
 
     def stats(self) -> dict[str, Any]:
         return {"queues": len(self.view.by_name), "cluster": self.view.describe()}
+
+    async def rebalance(self, dry_run: bool) -> RebalanceResponse:
+        response = await self.view.metadata_call(RebalanceRequest(dry_run), timeout_s=_NO_TIMEOUT)
+        await self.view.refresh()
+        return response
 
     def stop_long_polls(self) -> None:
         """Long polls run on the backends; a draining frontend just stops waiting for them."""

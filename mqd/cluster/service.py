@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import shutil
 import zlib
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,6 +25,7 @@ from mqd.backend import BackendRole
 from mqd.cluster.rpc import PeerPool
 from mqd.cluster.view import PlacementView
 from mqd.errors import (
+    InternalError,
     InvalidArgument,
     MqdError,
     NotLeader,
@@ -48,6 +52,31 @@ from mqd.storage import NewMessage
 log = structlog.get_logger("mqd.cluster")
 
 HEARTBEAT_RETRY_S = 0.5
+# A fenced partition serves again after this long if its move never completes.
+FENCE_TIMEOUT_S = 60.0
+FETCH_CHUNK_BYTES_MAX = 4 * 1024 * 1024
+
+
+def _flush_and_sync(handle: Any) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _reset_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _install_dir(incoming: Path, final: Path) -> None:
+    """Put a copied partition in place: any stale copy moves aside first, fsync the parent."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(incoming, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ClusterServer(FrontendRole):
@@ -64,12 +93,14 @@ class ClusterServer(FrontendRole):
         placement: Any = None,
         backend: BackendService | None = None,
         view: PlacementView | None = None,
+        peers: PeerPool | None = None,
     ) -> None:
         super().__init__(router=None, limits=limits, node_id=node_id, roles=roles, clock=clock)  # type: ignore[arg-type]
         self.metadata = metadata
         self.placement = placement
         self.backend_service = backend
         self.view = view
+        self.peers = peers
         handlers: dict[int, Any] = {
             Opcode.HELLO: handle_hello,
             Opcode.PING: handle_ping,
@@ -194,7 +225,16 @@ async def handle_meta_set(
     return messages.SetQueueAttributesResponse(queue=_info(record))
 
 
+async def handle_meta_rebalance(
+    conn: ClientConnection, request: messages.RebalanceRequest
+) -> messages.RebalanceResponse:
+    _, placement = _metadata(conn)
+    moves = await placement.rebalance(conn.frontend.peers, dry_run=request.dry_run)  # type: ignore[attr-defined]
+    return messages.RebalanceResponse(moves=moves, placement_version=placement.version)
+
+
 METADATA_HANDLERS: dict[int, Any] = {
+    Opcode.REBALANCE: handle_meta_rebalance,
     Opcode.REGISTER_NODE: handle_register,
     Opcode.HEARTBEAT: handle_heartbeat,
     Opcode.GET_PLACEMENT: handle_get_placement,
@@ -228,6 +268,8 @@ class BackendService:
         self.limits = limits
         self._cursor = itertools.count()
         self._syncing = asyncio.Lock()
+        # Partitions being copied away: (queue id, index) -> loop time the fence lifts.
+        self._fenced: dict[tuple[bytes, int], float] = {}
         backend.moved_sink = self.append_moved
         backend.bind_catalog(self._lookup_name)
         view.on_change(self.sync_partitions)
@@ -248,6 +290,8 @@ class BackendService:
                     if placement.leader == self.node_id:
                         led[(queue_id, placement.index)] = record
             for (queue_id, index), record in led.items():
+                if self._is_fenced(queue_id, index):
+                    continue
                 if not self.backend.has_partition(queue_id, index):
                     await self.backend.create_partitions(record, [index])
                     log.info("partition.opened", queue=record.name, partition=index)
@@ -261,8 +305,93 @@ class BackendService:
                     "partition.closed", queue_id=queue_id.hex(), partition=index, deleted=deleted
                 )
 
+    def _is_fenced(self, queue_id: bytes, index: int) -> bool:
+        until = self._fenced.get((queue_id, index))
+        if until is None:
+            return False
+        if asyncio.get_running_loop().time() < until:
+            return True
+        # The move never finished (metadata or the target died): serve again.
+        del self._fenced[(queue_id, index)]
+        log.warning("partition.fence_expired", queue_id=queue_id.hex(), partition=index)
+        return False
+
+    async def export(self, queue_id: bytes, index: int) -> list[messages.FileInfo]:
+        """Fence the partition, flush and close it, and list its log segments."""
+        if not self.backend.has_partition(queue_id, index):
+            await self.local(queue_id, index)
+        self._fenced[(queue_id, index)] = asyncio.get_running_loop().time() + FENCE_TIMEOUT_S
+        await self.backend.close_partition(queue_id, index, destroy=False)
+        directory = self.backend.partition_dir(queue_id, index)
+        files = await asyncio.to_thread(
+            lambda: sorted((p.name, p.stat().st_size) for p in directory.glob("*.log"))
+        )
+        log.info("partition.exported", queue_id=queue_id.hex(), partition=index, files=len(files))
+        return [messages.FileInfo(name, size) for name, size in files]
+
+    async def read_file(
+        self, queue_id: bytes, index: int, name: str, offset: int, bytes_max: int
+    ) -> tuple[bytes, bool]:
+        if (queue_id, index) not in self._fenced:
+            raise InvalidArgument("FETCH_FILE: export the partition first")
+        if "/" in name or not name.endswith(".log"):
+            raise InvalidArgument(f"FETCH_FILE: {name!r} is not a log segment")
+        path = self.backend.partition_dir(queue_id, index) / name
+
+        def read() -> tuple[bytes, bool]:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(min(bytes_max, FETCH_CHUNK_BYTES_MAX))
+                return data, handle.tell() >= path.stat().st_size
+
+        return await asyncio.to_thread(read)
+
+    async def adopt(self, queue_id: bytes, index: int, source_address: str) -> tuple[int, int]:
+        """Copy a partition's log from its (fenced) leader into a fresh directory here."""
+        exported = await self.peers.call(
+            source_address, messages.ExportPartitionRequest(queue_id, index)
+        )
+        final = self.backend.partition_dir(queue_id, index)
+        incoming = final.with_name(final.name + ".incoming")
+        await asyncio.to_thread(_reset_dir, incoming)
+        total = 0
+        for info in exported.files:
+            offset = 0
+            handle = await asyncio.to_thread(open, incoming / info.name, "wb")
+            try:
+                while True:
+                    chunk = await self.peers.call(
+                        source_address,
+                        messages.FetchFileRequest(
+                            queue_id, index, info.name, offset, FETCH_CHUNK_BYTES_MAX
+                        ),
+                    )
+                    await asyncio.to_thread(handle.write, chunk.data)
+                    offset += len(chunk.data)
+                    if chunk.eof or not chunk.data:
+                        break
+                await asyncio.to_thread(_flush_and_sync, handle)
+            finally:
+                handle.close()
+            if offset != info.size:
+                raise InternalError(f"copied {offset} bytes of {info.name}, expected {info.size}")
+            total += offset
+        await asyncio.to_thread(_install_dir, incoming, final)
+        log.info("partition.adopted", queue_id=queue_id.hex(), partition=index, bytes=total)
+        return len(exported.files), total
+
+    async def release(self, queue_id: bytes, index: int, destroy: bool) -> None:
+        self._fenced.pop((queue_id, index), None)
+        if destroy:
+            await self.backend.close_partition(queue_id, index, destroy=True)
+            directory = self.backend.partition_dir(queue_id, index)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            log.info("partition.released", queue_id=queue_id.hex(), partition=index)
+
     async def local(self, queue_id: bytes, index: int) -> tuple[QueueRecord, LocalEndpoint]:
         """The queue and this node's endpoint for a partition it leads; NOT_LEADER otherwise."""
+        if self._is_fenced(queue_id, index):
+            raise Unavailable("the partition is moving to another backend; retry shortly")
         record = self.view.by_id.get(queue_id)
         if record is None:
             # Placement may be newer than ours (a queue just created): look once.
@@ -462,7 +591,44 @@ async def handle_accept_moved(
     return messages.AcceptMovedResponse()
 
 
+async def handle_adopt(
+    conn: ClientConnection, request: messages.AdoptPartitionRequest
+) -> messages.AdoptPartitionResponse:
+    files, total = await _service(conn).adopt(
+        request.queue_id, request.partition, request.source_address
+    )
+    return messages.AdoptPartitionResponse(files=files, bytes=total)
+
+
+async def handle_export(
+    conn: ClientConnection, request: messages.ExportPartitionRequest
+) -> messages.ExportPartitionResponse:
+    return messages.ExportPartitionResponse(
+        files=await _service(conn).export(request.queue_id, request.partition)
+    )
+
+
+async def handle_fetch_file(
+    conn: ClientConnection, request: messages.FetchFileRequest
+) -> messages.FetchFileResponse:
+    data, eof = await _service(conn).read_file(
+        request.queue_id, request.partition, request.name, request.offset, request.bytes_max
+    )
+    return messages.FetchFileResponse(data=data, eof=eof)
+
+
+async def handle_release(
+    conn: ClientConnection, request: messages.ReleasePartitionRequest
+) -> messages.ReleasePartitionResponse:
+    await _service(conn).release(request.queue_id, request.partition, request.destroy)
+    return messages.ReleasePartitionResponse()
+
+
 BACKEND_HANDLERS: dict[int, Any] = {
+    Opcode.ADOPT_PARTITION: handle_adopt,
+    Opcode.EXPORT_PARTITION: handle_export,
+    Opcode.FETCH_FILE: handle_fetch_file,
+    Opcode.RELEASE_PARTITION: handle_release,
     Opcode.PARTITION_CALL: handle_partition_call,
     Opcode.PARTITION_WAIT: handle_partition_wait,
     Opcode.ACCEPT_MOVED: handle_accept_moved,

@@ -34,6 +34,7 @@ class Opcode(IntEnum):
     PEEK = 0x0024
     REDRIVE = 0x0025
     STATS = 0x0030
+    REBALANCE = 0x0040
     # Internal ops: node to node over the mutually authenticated cluster port
     # (protocol.md §7). A client port answers them with UNKNOWN_OPCODE.
     REGISTER_NODE = 0x1001
@@ -42,6 +43,10 @@ class Opcode(IntEnum):
     PARTITION_CALL = 0x1010
     PARTITION_WAIT = 0x1011
     ACCEPT_MOVED = 0x1012
+    ADOPT_PARTITION = 0x1020
+    EXPORT_PARTITION = 0x1021
+    FETCH_FILE = 0x1022
+    RELEASE_PARTITION = 0x1023
 
 
 # A receive or peek request asks for the queue's default visibility timeout with this.
@@ -615,6 +620,131 @@ class AcceptMovedResponse:
     FIELDS: ClassVar[tuple] = ()
 
 
+@dataclass(slots=True)
+class PartitionMove:
+    """One step of a rebalance plan, and how it went."""
+
+    FIELDS: ClassVar[tuple] = (
+        ("queue", "STR"),
+        ("partition", "U16"),
+        ("source", "STR"),
+        ("target", "STR"),
+        ("status", "STR"),
+    )
+    queue: str
+    partition: int
+    source: str
+    target: str
+    status: str = "planned"
+
+
+@dataclass(slots=True)
+class RebalanceRequest:
+    """Move partitions to where the ring over live backends puts them (admin)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.REBALANCE
+    FIELDS: ClassVar[tuple] = (("dry_run", "BOOL"),)
+    dry_run: bool = False
+
+
+@dataclass(slots=True)
+class RebalanceResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.REBALANCE
+    FIELDS: ClassVar[tuple] = (("moves", ("LIST", PartitionMove)), ("placement_version", "U64"))
+    moves: list[PartitionMove] = field(default_factory=list)
+    placement_version: int = 0
+
+
+@dataclass(slots=True)
+class AdoptPartitionRequest:
+    """Metadata asks a backend to copy a partition from its current leader."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.ADOPT_PARTITION
+    FIELDS: ClassVar[tuple] = (
+        ("queue_id", "BLOB"),
+        ("partition", "U16"),
+        ("source_address", "STR"),
+    )
+    queue_id: bytes
+    partition: int
+    source_address: str
+
+
+@dataclass(slots=True)
+class AdoptPartitionResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.ADOPT_PARTITION
+    FIELDS: ClassVar[tuple] = (("files", "U32"), ("bytes", "U64"))
+    files: int
+    bytes: int
+
+
+@dataclass(slots=True)
+class FileInfo:
+    FIELDS: ClassVar[tuple] = (("name", "STR"), ("size", "U64"))
+    name: str
+    size: int
+
+
+@dataclass(slots=True)
+class ExportPartitionRequest:
+    """Fence a partition (no more ops until released or the fence times out), make it
+    durable and close it; list its log files for FETCH_FILE."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.EXPORT_PARTITION
+    FIELDS: ClassVar[tuple] = (("queue_id", "BLOB"), ("partition", "U16"))
+    queue_id: bytes
+    partition: int
+
+
+@dataclass(slots=True)
+class ExportPartitionResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.EXPORT_PARTITION
+    FIELDS: ClassVar[tuple] = (("files", ("LIST", FileInfo)),)
+    files: list[FileInfo] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FetchFileRequest:
+    OPCODE: ClassVar[Opcode] = Opcode.FETCH_FILE
+    FIELDS: ClassVar[tuple] = (
+        ("queue_id", "BLOB"),
+        ("partition", "U16"),
+        ("name", "STR"),
+        ("offset", "U64"),
+        ("bytes_max", "U32"),
+    )
+    queue_id: bytes
+    partition: int
+    name: str
+    offset: int
+    bytes_max: int
+
+
+@dataclass(slots=True)
+class FetchFileResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.FETCH_FILE
+    FIELDS: ClassVar[tuple] = (("data", "BLOB"), ("eof", "BOOL"))
+    data: bytes
+    eof: bool
+
+
+@dataclass(slots=True)
+class ReleasePartitionRequest:
+    """After a move: `destroy` the old copy; after a failed move: lift the fence (destroy false)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.RELEASE_PARTITION
+    FIELDS: ClassVar[tuple] = (("queue_id", "BLOB"), ("partition", "U16"), ("destroy", "BOOL"))
+    queue_id: bytes
+    partition: int
+    destroy: bool
+
+
+@dataclass(slots=True)
+class ReleasePartitionResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.RELEASE_PARTITION
+    FIELDS: ClassVar[tuple] = ()
+
+
 # The op table: one row per opcode, driving the server's dispatch, the client
 # and the shell (STYLE.md "dispatch by table").
 OPS: dict[Opcode, tuple[type, type]] = {
@@ -639,5 +769,10 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.PARTITION_CALL: (PartitionCallRequest, PartitionCallResponse),
     Opcode.PARTITION_WAIT: (PartitionWaitRequest, PartitionWaitResponse),
     Opcode.ACCEPT_MOVED: (AcceptMovedRequest, AcceptMovedResponse),
+    Opcode.REBALANCE: (RebalanceRequest, RebalanceResponse),
+    Opcode.ADOPT_PARTITION: (AdoptPartitionRequest, AdoptPartitionResponse),
+    Opcode.EXPORT_PARTITION: (ExportPartitionRequest, ExportPartitionResponse),
+    Opcode.FETCH_FILE: (FetchFileRequest, FetchFileResponse),
+    Opcode.RELEASE_PARTITION: (ReleasePartitionRequest, ReleasePartitionResponse),
 }
 INTERNAL_OPCODE_MIN = 0x1000
