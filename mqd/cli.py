@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     certs_module.add_arguments(certs)
     certs.set_defaults(func=certs_module.main)
 
+    cluster = commands.add_parser(
+        "cluster", help="run a local cluster: start, status, stop, kill, restart"
+    )
+    from mqd import launcher as launcher_module
+
+    launcher_module.add_arguments(cluster)
+    cluster.set_defaults(func=launcher_module.main)
+
     admin = commands.add_parser("admin", help="look at a cluster: nodes, placement")
     from mqd import admin as admin_module
 

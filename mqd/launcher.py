@@ -420,18 +420,22 @@ def _signal(manifest: Manifest, node: NodeEntry, signum: int) -> int | None:
 
 
 def pid_exited(pid: int) -> bool:
-    """Whether `pid` has exited: gone, or a zombie (its files and sockets are closed then).
+    """Whether `pid` has exited: gone, or a zombie with every thread gone.
 
     A dying process loses its cmdline before it closes its files, so the
-    cmdline check alone would let a restart race the old process for its port.
+    cmdline check alone would let a restart race the old process for its
+    port; and a process's main thread can be a zombie while its other threads
+    (SQLite workers) still hold the sockets.
     """
     _reap(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return True
-    fields = stat.rpartition(")")[2].split()
-    return not fields or fields[0] in ("Z", "X", "x")
+    fields = dict(line.partition(":")[::2] for line in status.splitlines())
+    state = fields.get("State", "").strip()[:1]
+    threads = fields.get("Threads", "1").strip()
+    return state in ("Z", "X", "x") and threads in ("0", "1")
 
 
 def _wait_exited(pids: dict[str, int], timeout_s: float) -> list[str]:
@@ -857,8 +861,13 @@ def _status(args: argparse.Namespace, directory: Path) -> int:
 
 def _stop(args: argparse.Namespace, directory: Path) -> int:
     manifest = Manifest.load(directory)
-    report = stop_nodes(manifest, manifest.in_order(ROLES_STOP_ORDER))
-    print("\n".join(report))
+    # Group by group: frontends finish their in-flight requests while backends
+    # still serve them, and backends deregister while metadata still listens.
+    report: list[str] = []
+    for role in ROLES_STOP_ORDER:
+        lines = stop_nodes(manifest, manifest.by_role(role))
+        print("\n".join(lines), flush=True)
+        report += lines
     left = [node.id for node in manifest.nodes if running_pid(manifest, node) is not None]
     if left or any("still running" in line for line in report):
         print(f"still running: {', '.join(left)}", file=sys.stderr)

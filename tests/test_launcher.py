@@ -316,23 +316,6 @@ def test_example_cluster_configs_load(tmp_path: Path, monkeypatch: pytest.Monkey
 # End to end: a real cluster of `mqd serve` processes
 
 
-def _cluster_unsupported_reason() -> str | None:
-    """Why cluster nodes cannot start in this tree yet (None once they can)."""
-    import inspect
-
-    import mqd.node
-
-    if "clustered" not in inspect.getsource(mqd.node):
-        return (
-            "cluster nodes are not implemented yet: `mqd serve --config NODE` ignores "
-            "[cluster] (mqd/node.py has no cluster mode)"
-        )
-    return None
-
-
-_UNSUPPORTED = _cluster_unsupported_reason()
-
-
 def _status(directory: Path, capsys: pytest.CaptureFixture) -> dict:
     capsys.readouterr()
     assert run_cli("status", "--dir", str(directory), "--json") == 0
@@ -393,7 +376,6 @@ def _kill_everything_recorded(directory: Path) -> None:
     launcher._wait_exited(pids, 5)
 
 
-@pytest.mark.skipif(_UNSUPPORTED is not None, reason=_UNSUPPORTED or "")
 @pytest.mark.timeout(120)
 def test_cluster_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     directory = tmp_path / "cluster"

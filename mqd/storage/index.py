@@ -214,6 +214,15 @@ class Index:
             row = await cur.fetchone()
         return None if row is None else row[0]
 
+    async def cold_group_offsets(self, group: str, after_ms: int) -> list[int]:
+        """Offsets in `group` of the rows due after `after_ms`, in order."""
+        sql = (
+            "SELECT off FROM messages WHERE grp = ? AND grp != '' AND due != 0 AND due > ? "
+            "ORDER BY off"
+        )
+        async with self._db.execute(sql, (group, after_ms)) as cur:
+            return [row[0] for row in await cur.fetchall()]
+
     async def count_rows(self) -> int:
         async with self._db.execute("SELECT count(*) FROM messages") as cur:
             (n,) = await cur.fetchone()

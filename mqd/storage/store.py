@@ -505,6 +505,15 @@ class PartitionStore:
             rows += batch.inserts
         return rows
 
+    def _unwritten_deletes(self) -> set[int]:
+        """Offsets whose index rows are deleted by batches SQLite may not show yet."""
+        gone: set[int] = set()
+        if self._index_applying is not None:
+            gone.update(self._index_applying.deletes)
+        for batch in self._index_pending:
+            gone.update(batch.deletes)
+        return gone
+
     async def load_due(self, until_ms: int) -> list[MessageMeta]:
         """Move the cold watermark up to `until_ms`; return the cold messages it passes.
 
@@ -522,6 +531,7 @@ class PartitionStore:
             if not self._cold_count:
                 return []
             found = {row[0]: row for row in self._unwritten_rows() if after < row[5] <= until_ms}
+            gone = self._unwritten_deletes()  # e.g. by `expire_cold`, not written yet
             try:
                 rows = await self._index.due_between(after, until_ms)
             except sqlite3.Error as exc:
@@ -534,7 +544,7 @@ class PartitionStore:
                 raise InternalError(f"loading delayed messages from the index: {exc}") from None
             for row in rows:
                 found.setdefault(row[0], row)
-            return self._make_hot(sorted(found.values()))
+            return self._make_hot(sorted(r for r in found.values() if r[0] not in gone))
 
     def _make_hot(self, rows: list[tuple]) -> list[MessageMeta]:
         live = self._live
@@ -584,8 +594,9 @@ class PartitionStore:
                 return []
             until = self._cold_until
             rows = [r for r in self._unwritten_rows() if r[5] > until and r[4] < sent_before_ms]
+            gone = self._unwritten_deletes()
             rows += await self._index.cold_sent_before(until, sent_before_ms)
-            found = {row[0]: row for row in rows}
+            found = {row[0]: row for row in rows if row[0] not in gone}
             doomed = sorted(o for o in found if o not in self._live and o >= self._purged_below)
             if not doomed:
                 return []
@@ -608,9 +619,18 @@ class PartitionStore:
         """The lowest offset of a cold message in `group`, or None."""
         until = self._cold_until
         pending = [r[0] for r in self._unwritten_rows() if r[5] > until and r[7] == group]
+        gone = self._unwritten_deletes()
+        # Rows written while the query runs were pending before it.
         head = await self._index.cold_group_head(group, until)
-        # Rows written while the query ran were pending before it.
-        candidates = [o for o in [*pending, head] if o is not None and o not in self._live]
+        if head is not None and head in gone:
+            # Deleted (expired) but still in SQLite: look past the deleted rows.
+            rows = await self._index.cold_group_offsets(group, until)
+            head = next((o for o in rows if o not in gone), None)
+        candidates = [
+            o
+            for o in [*pending, head]
+            if o is not None and o not in self._live and o not in gone and o >= self._purged_below
+        ]
         return min(candidates) if candidates else None
 
     @property

@@ -39,10 +39,11 @@ async def test_reopen_counts_cold_rows_without_loading_them(part):
     clock = ManualClock()
     now = clock.now_ms()
     store = await PartitionStore.open(part, StorageConfig(segment_bytes_max=4096), clock=clock)
-    await store.append_messages(
-        [NewMessage(b"x" * 100, due_ms=now + DAY_MS + i) for i in range(200)]
-        + [NewMessage(b"soon", due_ms=now + 1000)]
-    )
+    for start in range(0, 200, 10):
+        await store.append_messages(
+            [NewMessage(b"x" * 100, due_ms=now + DAY_MS + i) for i in range(start, start + 10)]
+        )
+    await store.append_messages([NewMessage(b"soon", due_ms=now + 1000)])
     await store.close()
 
     for _ in range(2):  # with the index, then rebuilt from the log alone
