@@ -1132,4 +1132,27 @@ class Partition:
         return 0
 
     def _ready_estimate(self) -> int:
+        if self.fifo:
+            # Ready messages behind a busy or delayed group head cannot be received.
+            return 1 if self._fifo_has_deliverable() else 0
         return max(0, len(self._metas) - self._in_flight_count - self._delayed_count)
+
+    def _fifo_has_deliverable(self) -> bool:
+        metas = self._metas
+        for group in self._ready_groups:
+            if self._group_busy.get(group):
+                continue
+            members = self._groups.get(group)
+            if not members:
+                continue
+            cold_head = self._cold_heads.get(group)
+            for offset in members:
+                meta = metas.get(offset)
+                if meta is None:
+                    continue
+                if cold_head is not None and offset > cold_head:
+                    break
+                if not meta.due_ms and not meta.visible_at_ms:
+                    return True
+                break
+        return False

@@ -34,6 +34,10 @@ from mqd.protocol.messages import (
 )
 from mqd.receipts import parse_message_id
 
+# What a delivered message costs in a RECEIVE response beyond its body (an upper
+# estimate: ids, receipt, attributes are small next to the headroom kept).
+MESSAGE_OVERHEAD_BYTES = 512
+WAKE_RETRY_S = 0.01
 # Stats that add up across partitions; the rest take the maximum.
 _MAX_STATS = frozenset({"oldest_message_age_s"})
 
@@ -156,16 +160,25 @@ class Router:
         deadline = loop.time() + wait_ms / 1000
         start = next(self._receive_cursor)
         order = [endpoints[(start + i) % len(endpoints)] for i in range(len(endpoints))]
+        woken_for_nothing = False
         while True:
             collected: list[DeliveredMessage] = []
+            budget = bytes_max
             for endpoint in order:
                 need = max_messages - len(collected)
-                if need <= 0:
+                if need <= 0 or budget <= 0:
                     break
-                collected += await endpoint.receive(queue, need, 0, visibility_ms, bytes_max)
+                got = await endpoint.receive(queue, need, 0, visibility_ms, budget)
+                collected += got
+                # The whole answer must fit one frame (protocol.md §5.1).
+                budget -= sum(_delivered_bytes(m) for m in got)
             remaining_ms = int((deadline - loop.time()) * 1000)
             if collected or remaining_ms <= 0:
                 return collected
+            if woken_for_nothing:
+                # A partition said it had messages, then another consumer took them:
+                # pause a moment rather than spin on the hint.
+                await asyncio.sleep(WAKE_RETRY_S)
             # One long poll across every partition: wake on the first with a message.
             waits = [asyncio.ensure_future(e.wait_ready(queue, remaining_ms)) for e in order]
             try:
@@ -177,6 +190,9 @@ class Router:
             for finished in done:
                 if not finished.cancelled() and finished.exception() is not None:
                     raise finished.exception()  # type: ignore[misc]
+            woken_for_nothing = any(
+                not f.cancelled() and f.exception() is None and f.result() > 0 for f in done
+            )
 
     # --- acks and visibility ------------------------------------------------------
 
@@ -259,6 +275,11 @@ class Router:
             moved += part_moved
             problems += part_problems
         return moved, problems[:20]
+
+
+def _delivered_bytes(message: DeliveredMessage) -> int:
+    attributes = sum(len(k) + len(v) for k, v in message.attributes.items())
+    return len(message.body) + attributes + MESSAGE_OVERHEAD_BYTES
 
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -292,3 +292,44 @@ async def test_client_with_two_frontends_survives_losing_one(tmp_path: Path):
         await asyncio.to_thread(
             launcher.stop_nodes, manifest, manifest.in_order(["frontend", "backend", "metadata"])
         )
+
+
+def test_admin_nodes_and_placement_commands(cluster):
+    import json
+    import subprocess
+    import sys
+
+    (fe1, _) = frontend_addresses(cluster)
+    common = ["--address", fe1, "--ca", str(cluster.client_ca), "--json"]
+
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mqd", "admin", *args, *common],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    nodes = admin("nodes")
+    assert nodes.returncode == 0, nodes.stderr
+    listed = {node["id"]: node for node in json.loads(nodes.stdout)}
+    assert {"metadata-1", "backend-1", "backend-2", "backend-3", "frontend-1", "frontend-2"} <= set(
+        listed
+    )
+    assert all(listed[f"backend-{i}"]["up"] for i in (1, 2, 3))
+
+    asyncio.run(_create(fe1, cluster, "placed", 4))
+    placement = admin("placement", "placed")
+    assert placement.returncode == 0, placement.stderr
+    parts = json.loads(placement.stdout)["queues"]["placed"]
+    assert [p["index"] for p in parts] == [0, 1, 2, 3]
+    assert all(p["leader"].startswith("backend-") for p in parts)
+
+    plan = admin("rebalance", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["moves"] == []
+
+
+async def _create(address: str, manifest: launcher.Manifest, name: str, partitions: int) -> None:
+    async with await mqd.client.connect(address, tls=tls_for(manifest)) as client:
+        await client.create_queue(name, partitions=partitions)

@@ -11,7 +11,7 @@ from typing import Any
 
 from mqd.cluster.rpc import PeerPool
 from mqd.cluster.view import PlacementView
-from mqd.errors import NotLeader, QueueNotFound
+from mqd.errors import NotLeader, QueueNotFound, Unavailable
 from mqd.metadata import QueueRecord
 from mqd.protocol import codec
 from mqd.protocol.messages import (
@@ -62,8 +62,13 @@ class RemoteEndpoint:
             )
             try:
                 response = await self._peers.call(address, request, timeout_s=timeout_s)
-            except (NotLeader, QueueNotFound):
+            except (NotLeader, QueueNotFound) as exc:
                 if attempt == 2:
+                    if isinstance(exc, NotLeader):
+                        # Placement is moving under us; the client may retry (protocol.md §7.10).
+                        raise Unavailable(
+                            f"partition {self.index} is changing leader; retry"
+                        ) from exc
                     raise
                 await self._view.refresh()
                 continue
@@ -91,11 +96,16 @@ class RemoteEndpoint:
     async def wait_ready(self, queue: QueueRecord, wait_ms: int) -> int:
         placement = self._view.leader(self._queue_id, self.index)
         address = self._view.cluster_address(placement.leader)
-        response = await self._peers.call(
-            address,
-            PartitionWaitRequest(self._queue_id, self.index, wait_ms),
-            timeout_s=wait_ms / 1000 + CALL_MARGIN_S,
-        )
+        try:
+            response = await self._peers.call(
+                address,
+                PartitionWaitRequest(self._queue_id, self.index, wait_ms),
+                timeout_s=wait_ms / 1000 + CALL_MARGIN_S,
+            )
+        except NotLeader:
+            # A hint only: refresh placement and let the receive loop look again.
+            await self._view.refresh()
+            return 1
         return response.ready
 
     async def delete(self, queue: QueueRecord, receipts: list[str]) -> list[EntryFailure]:

@@ -29,6 +29,7 @@ from mqd.errors import (
     InvalidArgument,
     MqdError,
     NotLeader,
+    ProtocolError,
     QueueNotFound,
     ServerError,
     Unavailable,
@@ -270,6 +271,10 @@ class BackendService:
         self._syncing = asyncio.Lock()
         # Partitions being copied away: (queue id, index) -> loop time the fence lifts.
         self._fenced: dict[tuple[bytes, int], float] = {}
+        # Partitions moved away: (queue id, index) -> the epoch they had here. Until our
+        # placement shows a newer epoch we refuse, never re-create an empty partition.
+        self._released: dict[tuple[bytes, int], int] = {}
+        self._exported_epoch: dict[tuple[bytes, int], int] = {}
         backend.moved_sink = self.append_moved
         backend.bind_catalog(self._lookup_name)
         view.on_change(self.sync_partitions)
@@ -292,6 +297,11 @@ class BackendService:
             for (queue_id, index), record in led.items():
                 if self._is_fenced(queue_id, index):
                     continue
+                released_at = self._released.get((queue_id, index))
+                if released_at is not None:
+                    if released_at >= self.view.leader(queue_id, index).epoch:
+                        continue
+                    del self._released[(queue_id, index)]
                 if not self.backend.has_partition(queue_id, index):
                     await self.backend.create_partitions(record, [index])
                     log.info("partition.opened", queue=record.name, partition=index)
@@ -321,6 +331,7 @@ class BackendService:
         if not self.backend.has_partition(queue_id, index):
             await self.local(queue_id, index)
         self._fenced[(queue_id, index)] = asyncio.get_running_loop().time() + FENCE_TIMEOUT_S
+        self._exported_epoch[(queue_id, index)] = self.view.leader(queue_id, index).epoch
         await self.backend.close_partition(queue_id, index, destroy=False)
         directory = self.backend.partition_dir(queue_id, index)
         files = await asyncio.to_thread(
@@ -334,6 +345,8 @@ class BackendService:
     ) -> tuple[bytes, bool]:
         if (queue_id, index) not in self._fenced:
             raise InvalidArgument("FETCH_FILE: export the partition first")
+        # A copy in progress keeps the fence up, however large the partition.
+        self._fenced[(queue_id, index)] = asyncio.get_running_loop().time() + FENCE_TIMEOUT_S
         if "/" in name or not name.endswith(".log"):
             raise InvalidArgument(f"FETCH_FILE: {name!r} is not a log segment")
         path = self.backend.partition_dir(queue_id, index) / name
@@ -382,13 +395,17 @@ class BackendService:
 
     async def release(self, queue_id: bytes, index: int, destroy: bool) -> None:
         self._fenced.pop((queue_id, index), None)
-        if destroy:
+        exported_epoch = self._exported_epoch.pop((queue_id, index), None)
+        if destroy and exported_epoch is not None:
+            self._released[(queue_id, index)] = exported_epoch
             await self.backend.close_partition(queue_id, index, destroy=True)
             directory = self.backend.partition_dir(queue_id, index)
             await asyncio.to_thread(shutil.rmtree, directory, True)
             log.info("partition.released", queue_id=queue_id.hex(), partition=index)
 
-    async def local(self, queue_id: bytes, index: int) -> tuple[QueueRecord, LocalEndpoint]:
+    async def local(
+        self, queue_id: bytes, index: int, epoch: int = 0
+    ) -> tuple[QueueRecord, LocalEndpoint]:
         """The queue and this node's endpoint for a partition it leads; NOT_LEADER otherwise."""
         if self._is_fenced(queue_id, index):
             raise Unavailable("the partition is moving to another backend; retry shortly")
@@ -401,6 +418,13 @@ class BackendService:
             if record is None:
                 raise QueueNotFound("the queue does not exist")
         placement = self.view.leader(queue_id, index)
+        if epoch > placement.epoch or self._released.get((queue_id, index), -1) >= placement.epoch:
+            # The caller, or a move, knows newer placement than we do: catch up first.
+            with contextlib.suppress(MqdError):
+                await self.view.refresh()
+            placement = self.view.leader(queue_id, index)
+            if self._released.get((queue_id, index), -1) >= placement.epoch:
+                raise Unavailable("the partition has just moved; retry shortly")
         if placement.leader != self.node_id:
             node = self.view.nodes.get(placement.leader)
             raise NotLeader(
@@ -550,8 +574,12 @@ async def handle_partition_call(
     run = PARTITION_OPS.get(request.opcode)
     if run is None:
         raise InvalidArgument(f"PARTITION_CALL cannot carry opcode 0x{request.opcode:04x}")
-    inner = codec.decode_body(messages.OPS[Opcode(request.opcode)][0], request.body)
-    record, endpoint = await service.local(request.queue_id, request.partition)
+    try:
+        inner = codec.decode_body(messages.OPS[Opcode(request.opcode)][0], request.body)
+    except ProtocolError as exc:
+        # The frame itself was fine: a bad inner body is a bad argument, not a broken stream.
+        raise InvalidArgument(f"PARTITION_CALL body: {exc.message}") from None
+    record, endpoint = await service.local(request.queue_id, request.partition, request.epoch)
     response = await run(service, record, endpoint, inner)
     return messages.PartitionCallResponse(body=codec.encode_body(response))
 
