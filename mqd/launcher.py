@@ -202,22 +202,40 @@ def plan_nodes(metadata: int, backends: int, frontends: int) -> Manifest:
     manifest = Manifest(directory=Path("."))
     for role, count in (("metadata", metadata), ("backend", backends), ("frontend", frontends)):
         for index in range(1, count + 1):
-            node_id = f"{role}-{index}"
-            base = f"nodes/{node_id}"
-            manifest.nodes.append(
-                NodeEntry(
-                    id=node_id,
-                    role=role,
-                    cluster_address="",
-                    config=f"{base}/config.toml",
-                    log=f"{base}/node.log",
-                    pid_file=f"{base}/pid",
-                    data_dir=f"{base}/data",
-                    cert=f"certs/{node_id}.pem",
-                    key=f"certs/{node_id}.key",
-                )
-            )
+            manifest.nodes.append(node_entry(f"{role}-{index}", role))
     return manifest
+
+
+def node_entry(node_id: str, role: str) -> NodeEntry:
+    """A node's entry with the standard layout under the cluster directory (no ports yet)."""
+    base = f"nodes/{node_id}"
+    return NodeEntry(
+        id=node_id,
+        role=role,
+        cluster_address="",
+        config=f"{base}/config.toml",
+        log=f"{base}/node.log",
+        pid_file=f"{base}/pid",
+        data_dir=f"{base}/data",
+        cert=f"certs/{node_id}.pem",
+        key=f"certs/{node_id}.key",
+    )
+
+
+def add_backend(manifest: Manifest, node_id: str, timeout_s: float = START_TIMEOUT_S) -> NodeEntry:
+    """Grow a launched cluster by one backend: port, certificate, config, start it."""
+    if any(node.id == node_id for node in manifest.nodes):
+        raise LauncherError(f"{node_id}: a node with this id exists already")
+    node = node_entry(node_id, "backend")
+    (port,) = allocate_ports(1)
+    node.cluster_address = f"127.0.0.1:{port}"
+    _make_certificates(Manifest(manifest.directory, [node], manifest.ca, manifest.ca_key))
+    manifest.path(node.data_dir).mkdir(parents=True, exist_ok=True)
+    _write_atomic(manifest.path(node.config), render_config(manifest, node))
+    manifest.nodes.append(node)
+    manifest.save()
+    restart_node(manifest, node, timeout_s)
+    return node
 
 
 def _toml_string(value: str) -> str:

@@ -618,21 +618,26 @@ class Partition:
             raise
         queue_id, index, sign = self.queue_id, self.partition_index, self._signer.sign
         return [
-            DeliveredMessage(
-                id=message_id(queue_id, index, meta.offset),
-                receipt=sign(queue_id, index, meta.offset, meta.receive_count),
-                body=record.body,
-                attributes=record.attributes,
-                receive_count=meta.receive_count,
-                sent_at_ms=meta.sent_at_ms,
-                first_received_at_ms=meta.first_received_at_ms,
-                group_id=record.group_id,
-                dedup_id=record.dedup_id,
-                source_queue=record.source_queue,
-                original_id=record.original_id,
-            )
+            self._delivered(meta, record, sign(queue_id, index, meta.offset, meta.receive_count))
             for meta, record in zip(taken, stored, strict=True)
         ]
+
+    def _delivered(
+        self, meta: MessageMeta, record: StoredMessage, receipt: str
+    ) -> DeliveredMessage:
+        return DeliveredMessage(
+            id=message_id(self.queue_id, self.partition_index, meta.offset),
+            receipt=receipt,
+            body=record.body,
+            attributes=record.attributes,
+            receive_count=meta.receive_count,
+            sent_at_ms=meta.sent_at_ms,
+            first_received_at_ms=meta.first_received_at_ms,
+            group_id=record.group_id,
+            dedup_id=record.dedup_id,
+            source_queue=record.source_queue,
+            original_id=record.original_id,
+        )
 
     def _undo_delivery(self, taken: list[MessageMeta]) -> None:
         undone = [m for m in taken if m.offset in self._metas and m.visible_at_ms]
@@ -972,22 +977,8 @@ class Partition:
                     if len(metas) >= max_messages:
                         break
         stored = await self.store.read([meta.offset for meta in metas])
-        queue_id, index = self.queue_id, self.partition_index
         return [
-            DeliveredMessage(
-                id=message_id(queue_id, index, meta.offset),
-                receipt="",
-                body=record.body,
-                attributes=record.attributes,
-                receive_count=meta.receive_count,
-                sent_at_ms=meta.sent_at_ms,
-                first_received_at_ms=meta.first_received_at_ms,
-                group_id=record.group_id,
-                dedup_id=record.dedup_id,
-                source_queue=record.source_queue,
-                original_id=record.original_id,
-            )
-            for meta, record in zip(metas, stored, strict=True)
+            self._delivered(meta, record, "") for meta, record in zip(metas, stored, strict=True)
         ]
 
     async def purge(self) -> int:

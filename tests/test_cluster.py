@@ -180,29 +180,6 @@ def test_cluster_port_refuses_a_foreign_certificate(cluster, tmp_path):
 # --- growing the cluster: a cluster of its own ----------------------------------------
 
 
-def add_backend(manifest: launcher.Manifest, node_id: str) -> launcher.NodeEntry:
-    (port,) = launcher.allocate_ports(1)
-    base = f"nodes/{node_id}"
-    node = launcher.NodeEntry(
-        id=node_id,
-        role="backend",
-        cluster_address=f"127.0.0.1:{port}",
-        config=f"{base}/config.toml",
-        log=f"{base}/node.log",
-        pid_file=f"{base}/pid",
-        data_dir=f"{base}/data",
-        cert=f"certs/{node_id}.pem",
-        key=f"certs/{node_id}.key",
-    )
-    certs.issue(manifest.directory / "certs", node_id, sans=list(launcher.CERT_SANS))
-    manifest.path(node.data_dir).mkdir(parents=True, exist_ok=True)
-    manifest.path(node.config).write_text(launcher.render_config(manifest, node))
-    manifest.nodes.append(node)
-    manifest.save()
-    launcher.restart_node(manifest, node)
-    return node
-
-
 async def wait_backend_up(address: str, tls: ssl.SSLContext, node_id: str) -> None:
     deadline = time.monotonic() + 30
     async with await mqd.client.connect(address, tls=tls) as client:
@@ -232,7 +209,7 @@ async def test_rebalance_after_adding_a_backend_loses_nothing(tmp_path: Path):
             )
             assert in_flight
 
-            await asyncio.to_thread(add_backend, manifest, "backend-3")
+            await asyncio.to_thread(launcher.add_backend, manifest, "backend-3")
             await wait_backend_up(address, tls, "backend-3")
 
             from mqd.protocol.messages import RebalanceRequest

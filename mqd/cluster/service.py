@@ -457,26 +457,18 @@ class BackendService:
                 await self.backend.partition(record, index).accept_dead_letters(batch)
                 continue
             address = self.view.cluster_address(placement.leader)
+            moved_messages = [messages.MovedMessage(**_moved_fields(m)) for m in batch]
             await self.peers.call(
-                address,
-                messages.AcceptMovedRequest(
-                    record.queue_id,
-                    index,
-                    [
-                        messages.MovedMessage(
-                            body=m.body,
-                            attributes=m.attributes,
-                            group_id=m.group_id,
-                            dedup_id=m.dedup_id,
-                            priority=m.priority,
-                            source_queue=m.source_queue,
-                            original_id=m.original_id,
-                            receive_count=m.receive_count,
-                        )
-                        for m in batch
-                    ],
-                ),
+                address, messages.AcceptMovedRequest(record.queue_id, index, moved_messages)
             )
+
+
+_MOVED_FIELDS = tuple(name for name, _ in messages.MovedMessage.FIELDS)
+
+
+def _moved_fields(message: Any) -> dict[str, Any]:
+    """The fields a moved message keeps (the same names on NewMessage and MovedMessage)."""
+    return {name: getattr(message, name) for name in _MOVED_FIELDS}
 
 
 def _service(conn: ClientConnection) -> BackendService:
@@ -601,21 +593,7 @@ async def handle_accept_moved(
     service = _service(conn)
     record, _ = await service.local(request.queue_id, request.partition)
     partition = service.backend.partition(record, request.partition)
-    await partition.accept_dead_letters(
-        [
-            NewMessage(
-                body=m.body,
-                attributes=m.attributes,
-                group_id=m.group_id,
-                dedup_id=m.dedup_id,
-                priority=m.priority,
-                source_queue=m.source_queue,
-                original_id=m.original_id,
-                receive_count=m.receive_count,
-            )
-            for m in request.messages
-        ]
-    )
+    await partition.accept_dead_letters([NewMessage(**_moved_fields(m)) for m in request.messages])
     return messages.AcceptMovedResponse()
 
 
