@@ -82,6 +82,11 @@ RECONNECT_DELAY_MIN_S = 0.05
 SETTLE_AT_STOP_MIN_S = 5.0
 # The longest retry delay: the default visibility_timeout_ms_max (protocol.md §5.1).
 RETRY_DELAY_MAX_S = 43200.0
+# An empty RECEIVE answered sooner than this (wait 0, or a server that cuts
+# long polls short) is followed by a pause of EMPTY_POLL_PAUSE_S, so that an
+# idle consumer never spins against the server.
+EMPTY_POLL_FAST_S = 0.05
+EMPTY_POLL_PAUSE_S = 0.1
 # A RECEIVE asks for at most this many messages if the server named no
 # batch_messages_max (protocol.md §5.1).
 _BATCH_MESSAGES_DEFAULT = 100
@@ -208,11 +213,13 @@ async def _stream_messages(
     loop's finalizer hook.
     """
     backoff = Backoff(RECONNECT_DELAY_MIN_S, reconnect_delay_max_s)
+    loop = asyncio.get_running_loop()
     try:
         while True:
             if buffer:
                 yield buffer.popleft()
                 continue
+            started = loop.time()
             try:
                 messages = await queue.receive(prefetch, wait_s, visibility_timeout)
             except TRANSIENT_ERRORS as exc:
@@ -226,6 +233,8 @@ async def _stream_messages(
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
+            if not messages and loop.time() - started < EMPTY_POLL_FAST_S:
+                await asyncio.sleep(EMPTY_POLL_PAUSE_S)
             buffer.extend(messages)
     finally:
         left = list(buffer)
@@ -555,6 +564,7 @@ class Consumer:
             batch_max = queue.client.server_limits.get("batch_messages_max")
             if type(batch_max) is not int or batch_max < 1:
                 batch_max = _BATCH_MESSAGES_DEFAULT
+            started = loop.time()
             try:
                 messages = await queue.receive(
                     min(room, batch_max), self._wait_s, visibility_timeout
@@ -574,6 +584,8 @@ class Consumer:
                 return
             backoff.reset()
             if not messages:
+                if loop.time() - started < EMPTY_POLL_FAST_S:
+                    await asyncio.sleep(EMPTY_POLL_PAUSE_S)
                 continue
             now = loop.time()
             self.stats.received += len(messages)
