@@ -274,3 +274,33 @@ async def test_consume_raises_errors_it_cannot_retry(client):
             pass
     with pytest.raises(InvalidArgument):
         client.queue("x").consume(prefetch=0)
+
+
+async def test_a_cancelled_long_poll_gives_back_what_the_server_sends_it_later(client):
+    queue = await client.create_queue("abandoned", visibility_timeout=60)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await queue.receive(wait=5)
+    # The server's poll still waits, takes this message, and its answer has
+    # no caller any more: the client releases the message at once.
+    await queue.send(b"taken by the abandoned poll")
+    start = time.monotonic()
+    [message] = await queue.receive(wait=5)
+    assert time.monotonic() - start < 5
+    assert message.receive_count == 2
+
+
+async def test_an_idle_stream_with_wait_0_does_not_spin(client):
+    queue = await client.create_queue("idle")
+    before = (await client.stats())["requests_total"]
+
+    async def consume() -> None:
+        async for _ in queue.consume(wait=0):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await client.stats())["requests_total"] - before < 30

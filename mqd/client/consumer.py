@@ -297,8 +297,12 @@ class Consumer:
     - `rng`: a random.Random for the backoff jitter (tests seed it).
 
     `await start()` (or `async with`) starts it; `await stop()` stops it
-    gracefully: fetch no more, release the prefetched messages that no
-    handler started, let running handlers finish and settle their messages.
+    gracefully: start no more handlers and fetch no more, let running
+    handlers finish (up to `drain_timeout`) and settle their messages, then
+    release the prefetched messages that no handler started. A long poll
+    still waiting at that point is cut short; should the server hand it a
+    message later, the client releases that too (one delivery later).
+    Cancelling the task that awaits `run_consumer` does the same.
     `await wait()` returns when it has stopped and raises the error that
     stopped it, if any (one it cannot retry, e.g. QueueNotFound).
     """

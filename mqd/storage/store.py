@@ -35,6 +35,8 @@ import contextlib
 import errno
 import shutil
 import sqlite3
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
 from mqd.storage.fs import FileSystem, write_all
 from mqd.storage.index import Index, IndexBatch, IndexUnusable
-from mqd.storage.scan import SegmentScan, list_segments, scan_segment
+from mqd.storage.scan import SegmentScan, iter_records, list_segments, scan_segment
 from mqd.storage.types import Lease, MessageMeta, NewMessage, StoredMessage
 
 _SHIFT = 32
@@ -54,6 +56,25 @@ _MASK = (1 << _SHIFT) - 1
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _CACHE_ENTRY_OVERHEAD = 64
 _FIXED = rec.PREFIX_BYTES + rec.MSG_HEAD_BYTES
+
+# Commit groups kept in memory for followers' fetches.
+TAIL_BYTES_MAX = 32 * 1024 * 1024
+
+
+def _slice_records(buf: bytes, first: int, from_offset: int, bytes_max: int) -> tuple[bytes, int]:
+    """The records of one commit group from `from_offset` on (offsets run consecutively)."""
+    pos = 0
+    offset = first
+    length_of = rec.PREFIX.unpack_from
+    while offset < from_offset:
+        pos += rec.PREFIX_BYTES + length_of(buf, pos)[0]
+        offset += 1
+    start = pos
+    while pos < len(buf) and (pos == start or pos - start < bytes_max):
+        pos += rec.PREFIX_BYTES + length_of(buf, pos)[0]
+        offset += 1
+    return buf[start:pos], offset
+
 
 _APPEND, _DELETE, _LEASE, _PURGE, _DELETE_COLD = range(5)
 
@@ -128,6 +149,11 @@ class PartitionStore:
         self._cache: dict[int, tuple[NewMessage, int]] = {}
         self._cache_bytes = 0
         self._next_offset = 0
+        # Replication (mqd.cluster.replication): the last commit groups as written, so
+        # followers fetch from memory, and who to tell when the durable end moves.
+        self._tail: deque[tuple[int, int, bytes]] = deque()
+        self._tail_bytes = 0
+        self.durable_listeners: list[Callable[[int], None]] = []
         self._pending: list[_Op] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -638,6 +664,51 @@ class PartitionStore:
         """The offset the next record written will get."""
         return self._next_offset
 
+    # --- replication: raw records by offset -----------------------------------------
+
+    def _remember_tail(self, first: int, end: int, buf: bytes) -> None:
+        self._tail.append((first, end, buf))
+        self._tail_bytes += len(buf)
+        while self._tail_bytes > TAIL_BYTES_MAX and len(self._tail) > 1:
+            self._tail_bytes -= len(self._tail.popleft()[2])
+        for listener in self.durable_listeners:
+            listener(end)
+
+    async def read_raw(self, from_offset: int, bytes_max: int) -> tuple[bytes, int]:
+        """Whole records from `from_offset` on, as stored (at least one record if any,
+        else about `bytes_max` bytes), and the offset after the last one returned.
+        Recent records come from memory; older ones are read back from their segment."""
+        if from_offset >= self._next_offset:
+            return b"", from_offset
+        for first, end, buf in self._tail:
+            if first <= from_offset < end:
+                return _slice_records(buf, first, from_offset, bytes_max)
+        return await self._loop.run_in_executor(None, self._read_raw_disk, from_offset, bytes_max)
+
+    def _read_raw_disk(self, from_offset: int, bytes_max: int) -> tuple[bytes, int]:
+        index = bisect.bisect_right(self._bases, from_offset) - 1
+        if index < 0:
+            raise StorageError(f"offset {from_offset} is below the log start (reclaimed)")
+        seg = self._segments[index]
+        data = seg.path.read_bytes()
+        scan = SegmentScan(path=seg.path, base=seg.base, file_size=len(data))
+        chunks: list[memoryview] = []
+        total = 0
+        next_offset = from_offset
+        view = memoryview(data)
+        for pos, size, _rtype, offset in iter_records(scan, data, self.config.record_bytes_max):
+            if offset < from_offset:
+                continue
+            if chunks and total + size > bytes_max:
+                break
+            chunks.append(view[pos : pos + size])
+            total += size
+            next_offset = offset + 1
+        if not chunks and index + 1 < len(self._segments):
+            # `from_offset` sits in a gap (a record the next segment starts after).
+            return self._read_raw_disk(self._segments[index + 1].base, bytes_max)
+        return b"".join(chunks), next_offset
+
     def find_dedup(self, dedup_id: str, since_ms: int) -> int | None:
         """The offset of a durable message with `dedup_id` sent at/after `since_ms`, or None.
 
@@ -905,6 +976,7 @@ class PartitionStore:
             return
         seg.size = position + len(buf)
         self._next_offset = offset
+        self._remember_tail(first, offset, buf)
         if not do_sync:
             self._unsynced = True
         else:

@@ -1,0 +1,152 @@
+"""A follower's copy of a partition log (DESIGN.md §6 "Replication").
+
+A follower keeps the leader's records byte for byte, at the leader's offsets,
+in segment files of the same format, so that on promotion
+`PartitionStore.open` recovers it like any log and rebuilds the (derived)
+index. It keeps no queue state and no index while it follows: the index files
+are removed when following starts, since a truncation could leave them
+describing records the log no longer has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import structlog
+
+from mqd.errors import StorageError
+from mqd.storage import records as rec
+from mqd.storage.config import StorageConfig
+from mqd.storage.index import Index
+from mqd.storage.scan import SegmentScan, iter_records, list_segments
+
+log = structlog.get_logger("mqd.storage.replica")
+
+
+class ReplicaLog:
+    def __init__(self, directory: Path, config: StorageConfig) -> None:
+        self.directory = directory
+        self.config = config
+        self.next_offset = 0
+        self._active: Path | None = None
+        self._active_size = 0
+        self._fd: int | None = None
+
+    @classmethod
+    async def open(cls, directory: Path, config: StorageConfig) -> ReplicaLog:
+        replica = cls(Path(directory), config)
+        await asyncio.to_thread(replica._open)
+        return replica
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        Index.remove_files(self.directory)
+        segments = list_segments(self.directory)
+        if not segments:
+            return
+        base, path = segments[-1]
+        data = path.read_bytes()
+        scan = SegmentScan(path=path, base=base, file_size=len(data))
+        last = base - 1
+        good_end = rec.HEADER_BYTES
+        for pos, size, _rtype, offset in iter_records(scan, data, self.config.record_bytes_max):
+            if scan.bad_ranges:
+                break
+            last, good_end = offset, pos + size
+        if good_end < len(data):
+            log.warning("replica.tail_truncated", segment=path.name, bytes=len(data) - good_end)
+            os.truncate(path, good_end)
+        self.next_offset = last + 1 if last >= base else base
+        self._active, self._active_size = path, good_end
+
+    def _ensure_fd(self) -> int:
+        if self._fd is None:
+            assert self._active is not None
+            self._fd = os.open(self._active, os.O_WRONLY)
+        return self._fd
+
+    def _new_segment(self, base: int, created_ms: int) -> None:
+        self._close_fd()
+        path = self.directory / rec.segment_name(base)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        header = rec.encode_header(base, created_ms)
+        os.pwrite(fd, header, 0)
+        os.fdatasync(fd)
+        _fsync_dir(self.directory)
+        self._fd, self._active, self._active_size = fd, path, len(header)
+
+    async def append(self, data: bytes, first_offset: int) -> int:
+        """Append records fetched from the leader (checked: CRC, consecutive offsets)."""
+        if not data:
+            return self.next_offset
+        return await asyncio.to_thread(self._append, data, first_offset)
+
+    def _append(self, data: bytes, first_offset: int) -> int:
+        expected = self.next_offset if self._active is not None else first_offset
+        pos = 0
+        offset = expected
+        while pos < len(data):
+            size = rec.check_record(data, pos, len(data), self.config.record_bytes_max)
+            _rtype, record_offset, timestamp = rec.record_offset(data, pos)
+            if record_offset != offset:
+                raise StorageError(f"replica: record offset {record_offset}, expected {offset}")
+            pos += size
+            offset += 1
+        _rtype, _first, timestamp = rec.record_offset(data, 0)
+        if self._active is None or self._active_size + len(data) > self.config.segment_bytes_max:
+            self._new_segment(expected, timestamp)
+        fd = self._ensure_fd()
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, memoryview(data)[written:], self._active_size + written)
+        os.fdatasync(fd)
+        self._active_size += len(data)
+        self.next_offset = offset
+        return offset
+
+    async def truncate(self, to_offset: int) -> None:
+        """Drop every record at or after `to_offset` (a divergent or uncommitted tail)."""
+        if to_offset >= self.next_offset:
+            return
+        await asyncio.to_thread(self._truncate, to_offset)
+        log.info("replica.truncated", directory=str(self.directory), to_offset=to_offset)
+
+    def _truncate(self, to_offset: int) -> None:
+        self._close_fd()
+        for base, path in reversed(list_segments(self.directory)):
+            if base >= to_offset:
+                path.unlink()
+                continue
+            data = path.read_bytes()
+            scan = SegmentScan(path=path, base=base, file_size=len(data))
+            cut = rec.HEADER_BYTES
+            for pos, size, _rtype, offset in iter_records(scan, data, self.config.record_bytes_max):
+                if offset >= to_offset:
+                    break
+                cut = pos + size
+            os.truncate(path, cut)
+            break
+        _fsync_dir(self.directory)
+        self._active = None
+        self._active_size = 0
+        self._open()
+        if self._active is None:
+            self.next_offset = to_offset
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    async def close(self) -> None:
+        self._close_fd()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
