@@ -30,6 +30,10 @@ _BOOLEAN: dict[str, bool] = {"content_based_dedup": False}
 # Fixed at creation: moving messages between partitions is a rebalance, not an edit.
 PARTITIONS = "partitions"
 PARTITIONS_MAX = 64
+# Copies of each partition and how many must hold a change before it is acknowledged;
+# fixed at creation, resolved against the cluster's size (see `resolve_replication`).
+REPLICATION = ("replication_factor", "min_insync")
+REPLICAS_MAX = 5
 REDRIVE_POLICY = "redrive_policy"
 MAX_RECEIVE_COUNT_MAX = 1000
 _INTEGER_ONLY = frozenset({"max_message_bytes"})
@@ -83,6 +87,19 @@ def validate_attributes(
         if key in _BOOLEAN:
             if not isinstance(value, bool):
                 raise InvalidArgument(f"attribute {key} must be true or false, got {value!r}")
+            validated[key] = value
+            continue
+        if key in REPLICATION:
+            if not creating:
+                raise InvalidArgument(f"attribute {key} is fixed when the queue is created")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 1 <= value <= REPLICAS_MAX
+            ):
+                raise InvalidArgument(
+                    f"attribute {key} must be a whole number from 1 to {REPLICAS_MAX}, got {value!r}"
+                )
             validated[key] = value
             continue
         if key == PARTITIONS:
@@ -145,3 +162,24 @@ def _validate_redrive_policy(value: Any) -> dict[str, Any]:
             f"redrive_policy.max_receive_count must be a whole number from 1 to {MAX_RECEIVE_COUNT_MAX}, got {count!r}"
         )
     return {"dead_letter_queue": target, "max_receive_count": count}
+
+
+def resolve_replication(attributes: dict[str, Any], backends: int) -> dict[str, Any]:
+    """Fill in `replication_factor` (default 3, capped by the backends there are) and
+    `min_insync` (default 2, capped by the replication factor); refuse what cannot hold."""
+    backends = max(backends, 1)
+    factor = attributes.get("replication_factor")
+    if factor is None:
+        factor = min(3, backends)
+    elif factor > backends:
+        raise InvalidArgument(
+            f"attribute replication_factor is {factor} but only {backends} backend(s) can hold copies"
+        )
+    insync = attributes.get("min_insync")
+    if insync is None:
+        insync = min(2, factor)
+    elif insync > factor:
+        raise InvalidArgument(
+            f"attribute min_insync ({insync}) cannot exceed replication_factor ({factor})"
+        )
+    return {"replication_factor": factor, "min_insync": insync}

@@ -37,6 +37,7 @@ class BackendRole:
     ) -> None:
         self._dir = partitions_dir
         self._storage_config = storage_config
+        self.storage_config = storage_config
         self._signer = signer
         self._clock = clock
         self._partitions: dict[tuple[bytes, int], Partition] = {}
@@ -151,6 +152,10 @@ class BackendRole:
                 return await dlq.original_ids_from(source.name)
 
             await partition.recover_moves(ids_in)
+
+    def backend_count(self) -> int:
+        """The single node is its own only backend: one copy of each partition."""
+        return 1
 
     def has_partition(self, queue_id: bytes, index: int) -> bool:
         return (queue_id, index) in self._partitions

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mqd.auth import Quotas
 from mqd.errors import ConfigError
 from mqd.limits import Limits
 from mqd.storage import StorageConfig
@@ -46,6 +47,8 @@ class ClusterSection:
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
     vnodes: int = 128
+    # A follower this far behind for this long leaves the in-sync set.
+    replica_lag_max_ms: int = 10_000
 
 
 @dataclass(slots=True)
@@ -58,6 +61,15 @@ class TlsSection:
     ca: str = ""
     # Refuse clients without a certificate signed by `ca` on the client port.
     require_client_cert: bool = False
+
+
+@dataclass(slots=True)
+class AuthSection:
+    # Authenticate clients even on loopback. Listening beyond loopback turns it on
+    # anyway unless frontend.insecure (DESIGN.md §7, protocol.md §8).
+    required: bool = False
+    # A failed HELLO is answered this long after it arrived, whatever failed.
+    failure_delay_ms: int = 200
 
 
 @dataclass(slots=True)
@@ -74,6 +86,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tls: TlsSection = field(default_factory=TlsSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    quotas: Quotas = field(default_factory=Quotas)
     log: LogSection = field(default_factory=LogSection)
 
     @property
@@ -83,6 +97,21 @@ class Config:
     @property
     def clustered(self) -> bool:
         return bool(self.cluster.listen)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether clients must authenticate: `[auth] required`, or a client port
+        beyond loopback that is not declared `insecure` (DESIGN.md §7)."""
+        if self.auth.required:
+            return True
+        host, _ = parse_address(self.frontend.listen, key="frontend.listen")
+        return not _is_loopback(host) and not self.frontend.insecure
+
+    @property
+    def insecure_exposed(self) -> bool:
+        """A client port beyond loopback served as `insecure` (warned about at every start)."""
+        host, _ = parse_address(self.frontend.listen, key="frontend.listen")
+        return not _is_loopback(host) and self.frontend.insecure
 
     def validate(self) -> None:
         if not self.node.roles:
@@ -110,9 +139,11 @@ class Config:
                 raise ConfigError(f"tls.{key}: no such file {path!r}")
         if not self.tls.cert and not _is_loopback(host) and not self.frontend.insecure:
             raise ConfigError(
-                f"frontend.listen: {self.frontend.listen} is not a loopback address; "
-                "set [tls] cert/key, or frontend.insecure = true to serve plaintext anyway"
+                f"frontend.listen: {self.frontend.listen} is not a loopback address; it needs "
+                "TLS and authentication: set [tls] cert/key (authentication then is on), "
+                "or frontend.insecure = true to serve plaintext without authentication anyway"
             )
+        _validate_auth(self)
         if self.log.format not in ("auto", "console", "json"):
             raise ConfigError(f"log.format: must be auto, console or json, got {self.log.format!r}")
         if self.log.level not in ("debug", "info", "warning", "error"):
@@ -121,6 +152,27 @@ class Config:
             )
         self.limits.validate()
         self.storage.validate()
+
+
+def _validate_auth(config: Config) -> None:
+    if not 0 <= config.auth.failure_delay_ms <= 10_000:
+        raise ConfigError(
+            f"auth.failure_delay_ms: must be an integer from 0 to 10000, got "
+            f"{config.auth.failure_delay_ms!r}"
+        )
+    bounds = {
+        "messages_per_s": (0, 10_000_000),
+        "bytes_per_s": (0, 1 << 40),
+        "burst_ms": (1, 3_600_000),
+        "connections_per_principal_max": (0, 1_000_000),
+        "queues_per_principal_max": (0, 1_000_000),
+    }
+    for name, (low, high) in bounds.items():
+        value = getattr(config.quotas, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(
+                f"quotas.{name}: must be an integer from {low} to {high}, got {value!r}"
+            )
 
 
 def _validate_cluster_section(config: Config) -> None:
@@ -145,6 +197,7 @@ def _validate_cluster_section(config: Config) -> None:
         "session_timeout_ms": (500, 600_000),
         "heartbeat_interval_ms": (50, 60_000),
         "vnodes": (1, 4096),
+        "replica_lag_max_ms": (100, 600_000),
     }
     for name, (low, high) in bounds.items():
         value = getattr(cluster, name)

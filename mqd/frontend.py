@@ -18,13 +18,16 @@ from typing import Any
 import structlog
 
 from mqd import __version__
+from mqd.auth import Authenticator, Quotas, Session, validate_principal_name
 from mqd.errors import (
     BatchTooLarge,
     ErrorCode,
     InvalidArgument,
     MessageTooLarge,
     ProtocolError,
+    QueueNotFound,
     ServerError,
+    Unauthenticated,
     Unavailable,
 )
 from mqd.limits import Limits
@@ -56,9 +59,12 @@ class FrontendRole:
         node_id: str,
         roles: list[str],
         clock: Any,
+        auth: Authenticator | None = None,
     ) -> None:
         self.router = router
         self.handlers = HANDLERS
+        # Without one, every client is the anonymous principal with every permission.
+        self.auth = auth or Authenticator(None, enabled=False, quotas=Quotas())
         self.limits = limits
         self.node_id = node_id
         self.roles = roles
@@ -128,6 +134,11 @@ class ClientConnection(asyncio.Protocol):
         self.tasks: set[asyncio.Task[None]] = set()
         self.hello_done = False
         self.peer = ""
+        # Who this connection is, from HELLO (protocol.md §8.1); None before HELLO.
+        self.session: Session | None = None
+        self.certificate_name: str | None = None
+        self._counted = False
+        self._close_after_error = False
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._closing = False
@@ -141,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.certificate_name = _certificate_name(transport)
         self.frontend.connections_total += 1
         if len(self.frontend.connections) >= self.limits.connections_max:
             self._send_fatal(
@@ -156,6 +168,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self.frontend.connections.discard(self)
+        self._uncount()
         if self._timer is not None:
             self._timer.cancel()
         # Requests already running finish (their effects are durable); answers are dropped.
@@ -257,9 +270,14 @@ class ClientConnection(asyncio.Protocol):
 
     async def _run(self, handler: Handler, request: Any, opcode: int, correlation_id: int) -> None:
         try:
+            if opcode != Opcode.HELLO:
+                await self._authorize(opcode, request)
             response = await handler(self, request)
         except ServerError as exc:
-            self._send_error(correlation_id, opcode, exc.code, exc.message, exc.details)
+            if exc.code.fatal or self._close_after_error:
+                self._send_fatal(correlation_id, opcode, exc.code, exc.message, exc.details)
+            else:
+                self._send_error(correlation_id, opcode, exc.code, exc.message, exc.details)
             return
         except asyncio.CancelledError:
             self._send_error(
@@ -300,9 +318,16 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         self._write(codec.encode_error(correlation_id, opcode, int(code), message, details))
 
-    def _send_fatal(self, correlation_id: int, opcode: int, code: ErrorCode, message: str) -> None:
+    def _send_fatal(
+        self,
+        correlation_id: int,
+        opcode: int,
+        code: ErrorCode,
+        message: str,
+        details: dict | None = None,
+    ) -> None:
         log.info("connection.refused", peer=self.peer, code=ErrorCode(code).name, reason=message)
-        self._send_error(correlation_id, opcode, code, message)
+        self._send_error(correlation_id, opcode, code, message, details)
         self._flush()
         self.close()
 
@@ -312,8 +337,56 @@ class ClientConnection(asyncio.Protocol):
         self._flush()
         self._closing = True
         self.frontend.connections.discard(self)
+        self._uncount()
         if self.transport is not None:
             self.transport.close()
+
+    # --- authentication and authorisation (protocol.md §8) ----------------------------------
+
+    async def login(self, token: str) -> None:
+        """HELLO's authentication: fix the session once, count it against its principal."""
+        if self.session is not None:
+            return  # HELLO again changes nothing (protocol.md §4.1).
+        auth = self.frontend.auth
+        session = await auth.authenticate(token, self.certificate_name)
+        try:
+            auth.connection_opened(session)
+        except ServerError:
+            self._close_after_error = True
+            raise
+        self.session = session
+        self._counted = True
+        if self._closing:  # the peer left while we checked
+            self._uncount()
+
+    def _uncount(self) -> None:
+        if self._counted and self.session is not None:
+            self._counted = False
+            self.frontend.auth.connection_closed(self.session)
+
+    async def _authorize(self, opcode: int, request: Any) -> None:
+        """The op table's permission check, on the name alone, before any lookup."""
+        auth = self.frontend.auth
+        session = self.session
+        assert session is not None, "HELLO completed without a session"
+        if session.anonymous:
+            return
+        await auth.state()
+        if not auth.still_valid(session):
+            raise Unauthenticated("the token was rotated or its principal removed")
+        rule = PERMISSIONS[opcode]
+        if rule is None:
+            return
+        permission, field_name = rule
+        queue = getattr(request, field_name) if field_name else "*"
+        if permission == VISIBLE:
+            auth.require_visible(session, queue)
+        else:
+            auth.require(session, permission, queue)
+
+    def require(self, permission: str, queue: str, *, or_: tuple[str, ...] = ()) -> None:
+        assert self.session is not None
+        self.frontend.auth.require(self.session, permission, queue, or_=or_)
 
     # --- helpers for handlers -------------------------------------------------------------
 
@@ -341,6 +414,7 @@ async def handle_hello(
             code=ErrorCode.UNSUPPORTED_VERSION,
             details={"version_min": SUPPORTED_VERSIONS[0], "version_max": SUPPORTED_VERSIONS[1]},
         )
+    await conn.login(request.token)
     conn.hello_done = True
     frontend = conn.frontend
     return messages.HelloResponse(
@@ -364,8 +438,31 @@ async def handle_create_queue(
     conn: ClientConnection, request: messages.CreateQueueRequest
 ) -> messages.CreateQueueResponse:
     router = conn.frontend.router
+    auth = conn.frontend.auth
+    session = conn.session
+    assert session is not None
+    _require_dead_letter_send(conn, request.attributes)
+    existed = True
+    if not session.anonymous:
+        try:
+            await router.catalog.lookup(request.name)
+        except QueueNotFound:
+            existed = False
+            auth.check_queue_quota(session)
     record = await router.catalog.create_queue(request.name, request.attributes, request.exist_ok)
+    if not existed:
+        # The creator gets `admin` on its queue (protocol.md §8.2).
+        await auth.queue_created(session, record.name)
     return messages.CreateQueueResponse(queue=await router.queue_info(record))
+
+
+def _require_dead_letter_send(conn: ClientConnection, attributes: dict[str, Any]) -> None:
+    """Naming a dead-letter queue sends messages to it: that needs `send` (or `admin`) there."""
+    policy = attributes.get("redrive_policy")
+    if isinstance(policy, dict):
+        target = policy.get("dead_letter_queue")
+        if isinstance(target, str) and target:
+            conn.require("send", target, or_=("admin",))
 
 
 async def handle_delete_queue(
@@ -373,6 +470,8 @@ async def handle_delete_queue(
 ) -> messages.DeleteQueueResponse:
     await conn.queue(request.name)
     await conn.frontend.router.catalog.delete_queue(request.name)
+    # The queue's grants went with it (its creator's quota too): see that at once.
+    await conn.frontend.auth.state(force=True)
     return messages.DeleteQueueResponse()
 
 
@@ -386,14 +485,16 @@ async def handle_get_queue(
 async def handle_list_queues(
     conn: ClientConnection, request: messages.ListQueuesRequest
 ) -> messages.ListQueuesResponse:
-    return messages.ListQueuesResponse(
-        names=await conn.frontend.router.catalog.list_queues(request.prefix)
-    )
+    names = await conn.frontend.router.catalog.list_queues(request.prefix)
+    assert conn.session is not None
+    # Only the queues the principal holds a permission on (protocol.md §8.2).
+    return messages.ListQueuesResponse(names=conn.frontend.auth.visible(conn.session, names))
 
 
 async def handle_set_queue_attributes(
     conn: ClientConnection, request: messages.SetQueueAttributesRequest
 ) -> messages.SetQueueAttributesResponse:
+    _require_dead_letter_send(conn, request.attributes)
     await conn.queue(request.name)
     router = conn.frontend.router
     record = await router.catalog.set_attributes(request.name, request.attributes)
@@ -462,9 +563,22 @@ async def handle_send(
 ) -> messages.SendResponse:
     record = await conn.queue(request.queue)
     validate_send(conn.limits, record, request.entries)
+    assert conn.session is not None
+    conn.frontend.auth.admit(
+        conn.session, len(request.entries), sum(_entry_bytes(e) for e in request.entries)
+    )
     return messages.SendResponse(
         message_ids=await conn.frontend.router.send(record, request.entries)
     )
+
+
+def _entry_bytes(entry: messages.SendEntry | messages.DeliveredMessage) -> int:
+    return len(entry.body) + sum(len(k) + len(v) for k, v in entry.attributes.items())
+
+
+def _charge_delivered(conn: ClientConnection, delivered: list[messages.DeliveredMessage]) -> None:
+    assert conn.session is not None
+    conn.frontend.auth.charge(conn.session, len(delivered), sum(_entry_bytes(m) for m in delivered))
 
 
 def visibility_ms(limits: Limits, record: QueueRecord, requested_ms: int) -> int:
@@ -494,6 +608,10 @@ async def handle_receive(
     record = await conn.queue(request.queue)
     limits = conn.limits
     validate_receive(limits, request)
+    assert conn.session is not None
+    # What a RECEIVE takes is known only afterwards: go if the buckets are not in debt,
+    # then charge what was delivered (protocol.md §8.3).
+    conn.frontend.auth.admit(conn.session, 1, 1, take=False)
     delivered = await conn.frontend.router.receive(
         record,
         request.max_messages,
@@ -501,6 +619,7 @@ async def handle_receive(
         visibility_ms(limits, record, request.visibility_timeout_ms),
         limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES,
     )
+    _charge_delivered(conn, delivered)
     return messages.ReceiveResponse(messages=delivered)
 
 
@@ -533,7 +652,10 @@ async def handle_peek(
     record = await conn.queue(request.queue)
     if not 1 <= request.max_messages <= conn.limits.batch_messages_max:
         raise InvalidArgument(f"max_messages must be 1-{conn.limits.batch_messages_max}")
+    assert conn.session is not None
+    conn.frontend.auth.admit(conn.session, 1, 1, take=False)
     delivered = await conn.frontend.router.peek(record, request.max_messages, request.after_id)
+    _charge_delivered(conn, delivered)
     return messages.PeekResponse(messages=delivered)
 
 
@@ -544,6 +666,7 @@ async def handle_redrive(
     if request.to == request.queue:
         raise InvalidArgument("redrive: `to` must be another queue")
     if request.to:
+        conn.require("send", request.to, or_=("admin",))
         target = await conn.queue(request.to)
         if bool(target.attributes.get("fifo")) != bool(record.attributes.get("fifo")):
             raise InvalidArgument(
@@ -588,5 +711,46 @@ HANDLERS: dict[int, Handler] = {
 assert set(HANDLERS) == {op for op in messages.OPS if op < messages.INTERNAL_OPCODE_MIN}, (
     "every client op in the table has a handler"
 )
+
+# The permission each op needs (protocol.md §8.2): (permission, the request field naming
+# the queue); field "" = every queue (`*`), VISIBLE = any one of the three; None = no
+# check (LIST_QUEUES filters its answer instead). Checked in `_authorize`, before the
+# handler looks anything up, so a forbidden queue and a missing one answer alike.
+VISIBLE = "visible"
+PERMISSIONS: dict[int, tuple[str, str] | None] = {
+    Opcode.HELLO: None,
+    Opcode.PING: None,
+    Opcode.CREATE_QUEUE: ("admin", "name"),
+    Opcode.DELETE_QUEUE: ("admin", "name"),
+    Opcode.GET_QUEUE: (VISIBLE, "name"),
+    Opcode.LIST_QUEUES: None,
+    Opcode.SET_QUEUE_ATTRIBUTES: ("admin", "name"),
+    Opcode.PURGE_QUEUE: ("admin", "name"),
+    Opcode.SEND: ("send", "queue"),
+    Opcode.RECEIVE: ("receive", "queue"),
+    Opcode.DELETE: ("receive", "queue"),
+    Opcode.CHANGE_VISIBILITY: ("receive", "queue"),
+    Opcode.PEEK: ("receive", "queue"),
+    Opcode.REDRIVE: ("admin", "queue"),
+    Opcode.STATS: ("admin", ""),
+    Opcode.REBALANCE: ("admin", ""),
+}
+assert set(PERMISSIONS) == set(HANDLERS), "every op has a row in the permission table"
+
+
+def _certificate_name(transport: asyncio.BaseTransport) -> str | None:
+    """The subject common name of a verified client certificate: the principal (§8.1)."""
+    certificate = transport.get_extra_info("peercert")
+    if not certificate:
+        return None
+    for rdn in certificate.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                try:
+                    return validate_principal_name(value)
+                except ServerError:
+                    return None
+    return None
+
 
 __all__ = ["HANDLERS", "ClientConnection", "FrontendRole", "Unavailable"]

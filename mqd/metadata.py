@@ -18,7 +18,13 @@ from typing import Any, Protocol
 import aiosqlite
 import structlog
 
-from mqd.attributes import default_attributes, validate_attributes, validate_queue_name
+from mqd import auth
+from mqd.attributes import (
+    default_attributes,
+    resolve_replication,
+    validate_attributes,
+    validate_queue_name,
+)
 from mqd.clock import SystemClock
 from mqd.errors import InvalidArgument, QueueExists, QueueInUse, QueueNotFound
 from mqd.limits import Limits
@@ -54,6 +60,7 @@ class BackendApi(Protocol):
     async def create_partitions(self, queue: QueueRecord) -> None: ...
     async def drop_partitions(self, queue: QueueRecord) -> None: ...
     def configure_partitions(self, queue: QueueRecord) -> None: ...
+    def backend_count(self) -> int: ...
 
 
 class Catalog:
@@ -72,6 +79,8 @@ class Catalog:
             " name TEXT PRIMARY KEY, queue_id BLOB NOT NULL UNIQUE, attributes TEXT NOT NULL,"
             " created_at_ms INTEGER NOT NULL, partitions INTEGER NOT NULL, version INTEGER NOT NULL)"
         )
+        for statement in auth.SCHEMA:
+            await db.execute(statement)
         await db.commit()
         return cls(db)
 
@@ -110,6 +119,30 @@ class Catalog:
         await self._db.execute("DELETE FROM queues WHERE name = ?", (name,))
         await self._db.commit()
 
+    # --- principals and grants (mqd.auth; `mqd admin user|grant` writes them too) ---------
+
+    async def load_auth(self) -> auth.AuthState:
+        async with self._db.execute(auth.SELECT_PRINCIPALS) as cursor:
+            principals = [auth.principal_from_row(row) for row in await cursor.fetchall()]
+        async with self._db.execute(auth.SELECT_GRANTS) as cursor:
+            grants = [auth.grant_from_row(row) for row in await cursor.fetchall()]
+        return auth.AuthState(principals, grants)
+
+    async def data_version(self) -> int:
+        """Changes when another connection (the admin CLI) commits to the catalog."""
+        async with self._db.execute("PRAGMA data_version") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def put_grant(self, grant: auth.Grant) -> None:
+        await self._db.execute(auth.PUT_GRANT, auth.grant_row(grant))
+        await self._db.commit()
+
+    async def delete_queue_grants(self, name: str) -> None:
+        await self._db.execute(auth.DELETE_QUEUE_GRANTS, (name,))
+        await self._db.commit()
+
     async def close(self) -> None:
         await self._db.close()
 
@@ -123,10 +156,13 @@ class MetadataRole:
         self._limits = limits
         self._clock = clock or SystemClock()
         self._queues: dict[str, QueueRecord] = {}
+        self._auth = auth.AuthState()
+        self._auth_data_version = -1
 
     async def start(self) -> list[QueueRecord]:
         for record in await self._catalog.load():
             self._queues[record.name] = record
+        await self.refresh_auth()
         return list(self._queues.values())
 
     def lookup(self, name: str) -> QueueRecord:
@@ -153,6 +189,7 @@ class MetadataRole:
             detail = f" with different attributes: {sorted(differing)}" if differing else ""
             raise QueueExists(f"queue {name!r} already exists{detail}")
         merged = default_attributes(name, self._limits) | changes
+        merged |= resolve_replication(merged, self._backend.backend_count())
         self._check_redrive_target(name, merged)
         record = QueueRecord(
             name, os.urandom(8), merged, self._clock.now_ms(), partitions=merged["partitions"]
@@ -210,6 +247,10 @@ class MetadataRole:
         del self._queues[name]
         await self._catalog.delete(name)
         await self._backend.drop_partitions(record)
+        # Grants on exactly this name go with the queue: a new queue of the same
+        # name (perhaps another principal's) starts with none (protocol.md §8.2).
+        await self._catalog.delete_queue_grants(name)
+        await self.refresh_auth(force=True)
         log.info("queue.deleted", queue=name, queue_id=record.queue_id.hex())
         return record
 
@@ -232,6 +273,23 @@ class MetadataRole:
 
     def list_queues(self, prefix: str = "") -> list[str]:
         return sorted(name for name in self._queues if name.startswith(prefix))
+
+    # --- principals and grants: the `mqd.auth.AuthCatalog` seam ---------------------------
+
+    def auth_state(self) -> auth.AuthState:
+        return self._auth
+
+    async def refresh_auth(self, *, force: bool = False) -> auth.AuthState:
+        """Re-read principals and grants if another writer (the admin CLI) changed them."""
+        version = await self._catalog.data_version()
+        if force or version != self._auth_data_version:
+            self._auth = await self._catalog.load_auth()
+            self._auth_data_version = version
+        return self._auth
+
+    async def add_grant(self, grant: auth.Grant) -> None:
+        await self._catalog.put_grant(grant)
+        await self.refresh_auth(force=True)
 
     async def close(self) -> None:
         await self._catalog.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from mqd.auth import Authenticator
 from mqd.backend import BackendRole
 from mqd.clock import SystemClock
 from mqd.config import Config, parse_address
@@ -132,6 +133,12 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
             node_id=node_id,
             roles=config.node.roles,
             clock=clock,
+            auth=Authenticator(
+                metadata,
+                enabled=config.auth_enabled,
+                quotas=config.quotas,
+                failure_delay_ms=config.auth.failure_delay_ms,
+            ),
         )
         try:
             address = await frontend.start(host, port, ssl_context)
@@ -142,10 +149,12 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        _warn_if_insecure(config)
         log.info(
             "server.listening",
             address=address,
             tls=ssl_context is not None,
+            auth=config.auth_enabled,
             data_dir=str(data_dir),
             queues=len(queues),
             fsync=config.storage.fsync,
@@ -163,6 +172,20 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
                 loop.remove_signal_handler(signum)
     log.info("server.stopped")
     return 0
+
+
+def _warn_if_insecure(config: Config) -> None:
+    """Said at every start: a client port beyond loopback without TLS or authentication."""
+    if config.insecure_exposed:
+        log.warning(
+            "server.insecure",
+            address=config.frontend.listen,
+            tls=bool(config.tls.cert),
+            auth=config.auth_enabled,
+            reason="frontend.insecure = true: clients beyond loopback are served"
+            + ("" if config.tls.cert else " in plaintext")
+            + ("" if config.auth_enabled else " without authentication"),
+        )
 
 
 async def _listen(
@@ -235,7 +258,14 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             secret = await _cluster_receipt_secret(membership, secret_file, placement)
             backend = BackendRole(data_dir / "partitions", config.storage, ReceiptSigner(secret))
             await backend.start([], remove_orphans=False)
-            service = BackendService(backend, view, peers, node_id=node_id, limits=config.limits)
+            service = BackendService(
+                backend,
+                view,
+                peers,
+                node_id=node_id,
+                limits=config.limits,
+                replica_lag_max_ms=config.cluster.replica_lag_max_ms,
+            )
             await service.sync_partitions()
         cluster_server = ClusterServer(
             limits=config.limits,
@@ -279,6 +309,8 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             await cluster_server.drain(DRAIN_TIMEOUT_S)
         await membership.close()
         await view.close()
+        if service is not None:
+            await service.close()
         if backend is not None:
             await backend.close()
         if metadata is not None:

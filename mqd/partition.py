@@ -110,6 +110,8 @@ class Partition:
         self.dead_letter_queue = ""
         self.max_receive_count = 0
         self.dead_letter_sink: DeadLetterSink | None = None
+        # Set by a cluster backend on a replicated partition it leads.
+        self.replication: Any = None
         self._closed = False
         # Cold tier (module docstring).
         self._cold_heads: dict[str, int] = {}
@@ -255,6 +257,44 @@ class Partition:
         else:
             for meta in reversed(metas):
                 self._ready[meta.priority].appendleft(meta.offset)
+
+    # --- replication (mqd.cluster.replication) -------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.replication is not None:
+            self.replication.check_writable()
+
+    async def _committed(self, end_offset: int) -> None:
+        """Wait until the in-sync replicas hold every record below `end_offset`."""
+        if self.replication is not None:
+            await self.replication.wait_committed(end_offset)
+
+    async def _admit_committed(self, metas: list[MessageMeta]) -> None:
+        """Receivers see messages only below the high watermark (DESIGN.md §6)."""
+        try:
+            if metas:
+                await self._committed(metas[-1].offset + 1)
+        finally:
+            # Stored here either way: if it commits late, it is still ours to deliver.
+            self._admit(metas)
+
+    async def release_all_leases(self) -> int:
+        """A new leader makes every in-flight message visible again (protocol.md §7)."""
+        released = [
+            meta
+            for meta in self._metas.values()
+            if meta.visible_at_ms and meta.visible_at_ms != MOVING_MS
+        ]
+        for meta in released:
+            meta.visible_at_ms = 0
+            self._on_unleased(meta)
+            self._make_ready(meta)
+        if released:
+            await self.store.lease(
+                [Lease(m.offset, m.receive_count, 0, m.first_received_at_ms) for m in released]
+            )
+            self._wake_waiters()
+        return len(released)
 
     def _admit(self, metas: list[MessageMeta]) -> None:
         """Index freshly appended messages and wake whoever waits for them."""
@@ -451,12 +491,13 @@ class Partition:
     async def send(self, entries: list[SendEntry], default_delay_ms: int) -> list[str]:
         """Append a batch; a duplicate within the dedup window returns the original id."""
         now = self._now_ms()
+        self._check_writable()
         if self.content_based_dedup or any(entry.dedup_id for entry in entries):
             return await self._send_deduplicated(entries, default_delay_ms, now)
         metas = await self.store.append_messages(
             [self._new_message(entry, entry.dedup_id, default_delay_ms, now) for entry in entries]
         )
-        self._admit(metas)
+        await self._admit_committed(metas)
         self.sent_total += len(metas)
         queue_id, index = self.queue_id, self.partition_index
         return [message_id(queue_id, index, meta.offset) for meta in metas]
@@ -517,7 +558,7 @@ class Partition:
         finally:
             for dedup_id in mine:
                 self._pending_dedup.pop(dedup_id, None)
-        self._admit(metas)
+        await self._admit_committed(metas)
         self.sent_total += len(metas)
         for position, meta in zip(appended_at, metas, strict=True):
             offsets[position] = meta.offset
@@ -533,8 +574,9 @@ class Partition:
 
     async def accept_dead_letters(self, messages: list[NewMessage]) -> None:
         """Append messages moved here from another queue (as dead letters or by redrive)."""
+        self._check_writable()
         metas = await self.store.append_messages(messages)
-        self._admit(metas)
+        await self._admit_committed(metas)
         self.sent_total += len(metas)
 
     # --- receive --------------------------------------------------------------
@@ -733,6 +775,7 @@ class Partition:
                 offsets.append(meta.offset)
         if offsets:
             await self.store.delete(offsets)
+            await self._committed(self.store.next_offset)
 
     async def recover_moves(self, dead_letter_ids: Callable[[str], Awaitable[set[str]]]) -> int:
         """Finish moves to the DLQ that a crash interrupted (found marked at start).
@@ -907,6 +950,7 @@ class Partition:
         if offsets:
             self.acked_total += len(offsets)
             await self.store.delete(offsets)
+            await self._committed(self.store.next_offset)
         return failures
 
     def _forget(self, meta: MessageMeta) -> None:

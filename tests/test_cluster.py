@@ -200,7 +200,7 @@ async def test_rebalance_after_adding_a_backend_loses_nothing(tmp_path: Path):
         async with await mqd.client.connect(address, tls=tls) as client:
             sent: set[str] = set()
             for name in ("grow-a", "grow-b", "grow-c"):
-                queue = await client.create_queue(name, partitions=8)
+                queue = await client.create_queue(name, partitions=8, replication_factor=1)
                 for _ in range(8):
                     sent |= set(await queue.send_batch([b"%s" % name.encode()] * 25))
             # Some messages in flight across the move: their receipts must still work after it.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import random
 import ssl
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from mqd.errors import (
     InvalidArgument,
     MqdError,
     ServerError,
+    Throttled,
 )
 from mqd.protocol.messages import (
     VISIBILITY_DEFAULT,
@@ -174,6 +176,15 @@ class RedriveResult(int):
         return f"RedriveResult(moved={int(self)}, problems={self.problems!r})"
 
 
+def _throttle_delay_s(exc: Throttled) -> float:
+    """THROTTLED's `retry_after_ms` plus up to half again of jitter (protocol.md §2.3)."""
+    retry_after_ms = exc.details.get("retry_after_ms")
+    if not isinstance(retry_after_ms, int) or isinstance(retry_after_ms, bool):
+        retry_after_ms = 100
+    retry_after_s = min(max(retry_after_ms, 1), 60_000) / 1000
+    return retry_after_s * random.uniform(1.0, 1.5)
+
+
 class Client:
     """A connection to an mqd server (a frontend), shared by every task that uses it.
 
@@ -268,10 +279,23 @@ class Client:
         timeout_s: float | None = None,
         on_abandoned: Callable[[Any], None] | None = None,
     ) -> Any:
-        conn = self._conn
-        if conn is None or not conn.usable():
-            conn = await self._connection()
-        return await conn.request(msg, timeout_s, on_abandoned)
+        deadline: float | None = None
+        while True:
+            conn = self._conn
+            if conn is None or not conn.usable():
+                conn = await self._connection()
+            try:
+                return await conn.request(msg, timeout_s, on_abandoned)
+            except Throttled as exc:
+                # THROTTLED had no effect (protocol.md §8.3): wait as asked, with jitter so
+                # throttled clients do not return in step, while the call's time allows.
+                now = asyncio.get_running_loop().time()
+                if deadline is None:
+                    deadline = now + (self._request_timeout_s if timeout_s is None else timeout_s)
+                delay_s = _throttle_delay_s(exc)
+                if now + delay_s > deadline:
+                    raise
+                await asyncio.sleep(delay_s)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a background chore of the client (a release); close() waits for it briefly."""

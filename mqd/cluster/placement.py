@@ -24,7 +24,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
-from mqd.errors import MqdError, Unavailable
+from mqd.errors import InvalidArgument, MqdError, NotLeader, QueueNotFound, Unavailable
 from mqd.metadata import QueueRecord
 from mqd.protocol.messages import (
     AdoptPartitionRequest,
@@ -196,11 +196,74 @@ class PlacementManager:
         while True:
             await asyncio.sleep(LIVENESS_CHECK_S)
             now = time.monotonic()
-            for node_id, node in self.nodes.items():
+            for node_id, node in list(self.nodes.items()):
                 if node.up and now - self._last_seen.get(node_id, 0) > self._session_timeout_s:
                     node.up = False
                     log.warning("node.down", node=node_id)
+                    await self._fail_over(node_id)
                     await self._bump(f"node {node_id} missed heartbeats")
+
+    async def _fail_over(self, dead: str) -> None:
+        """New leaders, with a new epoch, for the partitions the dead node led: the first
+        live member of the in-sync set. With none, the partition waits for the node."""
+        records = {record.queue_id.hex(): record for record in self._queues_source()}
+        for queue_hex, placements in self.placements.items():
+            changed = False
+            for position, placement in enumerate(placements):
+                if placement.leader != dead:
+                    continue
+                candidates = [
+                    r for r in placement.isr if r != dead and self.nodes.get(r) and self.nodes[r].up
+                ]
+                if not candidates:
+                    log.error("partition.offline", queue_id=queue_hex, partition=placement.index)
+                    continue
+                placements[position] = PartitionPlacement(
+                    placement.index,
+                    placement.replicas,
+                    candidates[0],
+                    placement.epoch + 1,
+                    candidates,
+                )
+                changed = True
+                log.warning(
+                    "partition.failover",
+                    queue_id=queue_hex,
+                    partition=placement.index,
+                    leader=candidates[0],
+                    epoch=placement.epoch + 1,
+                )
+            record = records.get(queue_hex)
+            if changed and record is not None:
+                await self._put_placements(record, placements)
+
+    async def update_isr(self, request: Any) -> None:
+        """A leader's change to its in-sync set, refused unless it is the current leader
+        at the current epoch (an old leader cannot shrink the set to commit alone)."""
+        placements = self.placements.get(request.queue_id.hex())
+        if placements is None or request.partition >= len(placements):
+            raise QueueNotFound("the queue no longer exists")
+        current = placements[request.partition]
+        if request.epoch != current.epoch or request.leader != current.leader:
+            raise NotLeader(
+                f"epoch {request.epoch} of {request.leader} is stale; the leader is "
+                f"{current.leader} at epoch {current.epoch}",
+                details={"leader": current.leader, "epoch": current.epoch},
+            )
+        isr = [r for r in current.replicas if r in request.isr]
+        if current.leader not in isr:
+            raise InvalidArgument("the in-sync set must contain the leader")
+        if isr == current.isr:
+            return
+        placements[request.partition] = PartitionPlacement(
+            current.index, current.replicas, current.leader, current.epoch, isr
+        )
+        record = next(r for r in self._queues_source() if r.queue_id == request.queue_id)
+        await self._put_placements(record, placements)
+        await self._bump(f"isr of {record.name}/{request.partition} is now {','.join(isr)}")
+
+    def backend_count(self) -> int:
+        return len(self.live_backends())
 
     def live_backends(self) -> list[str]:
         return sorted(n.node_id for n in self.nodes.values() if n.up and "backend" in n.roles)
@@ -212,10 +275,16 @@ class PlacementManager:
         if not backends:
             raise Unavailable("no backend is up to hold the queue's partitions")
         ring = HashRing(backends, vnodes=self._vnodes)
+        factor = int(queue.attributes.get("replication_factor", 1))
         placements = []
+        led: dict[str, int] = {}
         for index in range(queue.partitions):
-            (leader,) = ring.place(queue.queue_id, index, 1)
-            placements.append(PartitionPlacement(index, [leader], leader, 1))
+            replicas = ring.place(queue.queue_id, index, factor)
+            # Spread leadership: the replica leading fewest of this queue's partitions so far.
+            leader = min(replicas, key=lambda node: (led.get(node, 0), replicas.index(node)))
+            led[leader] = led.get(leader, 0) + 1
+            ordered = [leader, *(r for r in replicas if r != leader)]
+            placements.append(PartitionPlacement(index, ordered, leader, 1, list(ordered)))
         await self._put_placements(queue, placements)
         await self._bump(f"queue {queue.name} created")
 
@@ -234,7 +303,13 @@ class PlacementManager:
         await self._store.put(
             f"placement/{queue.queue_id.hex()}",
             [
-                {"index": p.index, "replicas": p.replicas, "leader": p.leader, "epoch": p.epoch}
+                {
+                    "index": p.index,
+                    "replicas": p.replicas,
+                    "leader": p.leader,
+                    "epoch": p.epoch,
+                    "isr": p.isr,
+                }
                 for p in placements
             ],
         )
@@ -250,6 +325,8 @@ class PlacementManager:
         moves = []
         for record in self._queues_source():
             for placement in self.placements.get(record.queue_id.hex(), []):
+                if len(placement.replicas) > 1:
+                    continue  # moving replicated partitions is not built yet
                 (target,) = ring.place(record.queue_id, placement.index, 1)
                 if target != placement.leader:
                     moves.append(
@@ -295,7 +372,7 @@ class PlacementManager:
                 placements = self.placements[record.queue_id.hex()]
                 old = placements[move.partition]
                 placements[move.partition] = PartitionPlacement(
-                    move.partition, [move.target], move.target, old.epoch + 1
+                    move.partition, [move.target], move.target, old.epoch + 1, [move.target]
                 )
                 await self._put_placements(record, placements)
                 await self._bump(

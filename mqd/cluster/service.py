@@ -22,6 +22,7 @@ import structlog
 
 from mqd import __version__
 from mqd.backend import BackendRole
+from mqd.cluster.replication import Follower, LeaderReplication
 from mqd.cluster.rpc import PeerPool
 from mqd.cluster.view import PlacementView
 from mqd.errors import (
@@ -234,7 +235,16 @@ async def handle_meta_rebalance(
     return messages.RebalanceResponse(moves=moves, placement_version=placement.version)
 
 
+async def handle_update_isr(
+    conn: ClientConnection, request: messages.UpdateIsrRequest
+) -> messages.UpdateIsrResponse:
+    _, placement = _metadata(conn)
+    await placement.update_isr(request)
+    return messages.UpdateIsrResponse(placement_version=placement.version)
+
+
 METADATA_HANDLERS: dict[int, Any] = {
+    Opcode.UPDATE_ISR: handle_update_isr,
     Opcode.REBALANCE: handle_meta_rebalance,
     Opcode.REGISTER_NODE: handle_register,
     Opcode.HEARTBEAT: handle_heartbeat,
@@ -261,7 +271,9 @@ class BackendService:
         *,
         node_id: str,
         limits: Limits,
+        replica_lag_max_ms: int = 10_000,
     ) -> None:
+        self.replica_lag_max_ms = replica_lag_max_ms
         self.backend = backend
         self.view = view
         self.peers = peers
@@ -275,6 +287,8 @@ class BackendService:
         # placement shows a newer epoch we refuse, never re-create an empty partition.
         self._released: dict[tuple[bytes, int], int] = {}
         self._exported_epoch: dict[tuple[bytes, int], int] = {}
+        self._leaders: dict[tuple[bytes, int], LeaderReplication] = {}
+        self._followers: dict[tuple[bytes, int], Follower] = {}
         backend.moved_sink = self.append_moved
         backend.bind_catalog(self._lookup_name)
         view.on_change(self.sync_partitions)
@@ -286,34 +300,148 @@ class BackendService:
         return record
 
     async def sync_partitions(self) -> None:
-        """Open what placement says this node leads; drop what was deleted."""
+        """Lead what placement says this node leads, follow what it replicates, drop
+        what was deleted; promote a follower that became leader, demote a leader that
+        lost its place (DESIGN.md §6)."""
         async with self._syncing:
-            led: dict[tuple[bytes, int], QueueRecord] = {}
+            lead: dict[tuple[bytes, int], tuple[QueueRecord, Any]] = {}
+            follow: dict[tuple[bytes, int], tuple[QueueRecord, Any]] = {}
             for queue_id, placements in self.view.partitions.items():
                 record = self.view.by_id[queue_id]
                 for placement in placements:
+                    key = (queue_id, placement.index)
                     if placement.leader == self.node_id:
-                        led[(queue_id, placement.index)] = record
-            for (queue_id, index), record in led.items():
-                if self._is_fenced(queue_id, index):
+                        lead[key] = (record, placement)
+                    elif self.node_id in placement.replicas:
+                        follow[key] = (record, placement)
+            for key, (record, placement) in lead.items():
+                await self._lead(key, record, placement)
+            for key, (record, _placement) in follow.items():
+                await self._follow(key, record)
+            for key in self.backend.open_partitions():
+                if key in lead or key in follow:
                     continue
-                released_at = self._released.get((queue_id, index))
-                if released_at is not None:
-                    if released_at >= self.view.leader(queue_id, index).epoch:
-                        continue
-                    del self._released[(queue_id, index)]
-                if not self.backend.has_partition(queue_id, index):
-                    await self.backend.create_partitions(record, [index])
-                    log.info("partition.opened", queue=record.name, partition=index)
-                self.backend.configure_partitions(record)
-            for queue_id, index in self.backend.open_partitions():
-                if (queue_id, index) in led:
-                    continue
-                deleted = queue_id not in self.view.by_id
-                await self.backend.close_partition(queue_id, index, destroy=deleted)
+                deleted = key[0] not in self.view.by_id
+                await self._stop_leading(key)
+                await self.backend.close_partition(*key, destroy=deleted)
                 log.info(
-                    "partition.closed", queue_id=queue_id.hex(), partition=index, deleted=deleted
+                    "partition.closed", queue_id=key[0].hex(), partition=key[1], deleted=deleted
                 )
+            for key in list(self._followers):
+                if key in lead or key in follow:
+                    continue
+                follower = self._followers.pop(key)
+                await follower.stop()
+                if key[0] not in self.view.by_id:
+                    await asyncio.to_thread(shutil.rmtree, follower.directory, True)
+
+    async def _lead(self, key: tuple[bytes, int], record: QueueRecord, placement: Any) -> None:
+        queue_id, index = key
+        if self._is_fenced(queue_id, index):
+            return
+        released_at = self._released.get(key)
+        if released_at is not None:
+            if released_at >= placement.epoch:
+                return
+            del self._released[key]
+        promoted = False
+        follower = self._followers.pop(key, None)
+        if follower is not None:
+            await follower.stop()
+            promoted = True
+        leader = self._leaders.get(key)
+        if leader is not None and leader.epoch != placement.epoch:
+            # Leader again at a newer epoch (a failover came back here): start afresh.
+            await self._stop_leading(key)
+            await self.backend.close_partition(queue_id, index, destroy=False)
+            leader = None
+        if not self.backend.has_partition(queue_id, index):
+            await self.backend.create_partitions(record, [index])
+            partition = self.backend.partition(record, index)
+            if len(placement.replicas) > 1:
+                leader = LeaderReplication(
+                    partition.store,
+                    node_id=self.node_id,
+                    replicas=list(placement.replicas),
+                    isr=list(placement.isr or placement.replicas),
+                    epoch=placement.epoch,
+                    min_insync=int(record.attributes.get("min_insync", 1)),
+                    change_isr=self._isr_changer(queue_id, index, placement.epoch),
+                    lag_max_s=self.replica_lag_max_ms / 1000,
+                )
+                leader.start()
+                self._leaders[key] = leader
+                partition.replication = leader
+            if promoted:
+                released = await partition.release_all_leases()
+                log.warning(
+                    "partition.promoted",
+                    queue=record.name,
+                    partition=index,
+                    epoch=placement.epoch,
+                    in_flight_released=released,
+                )
+            else:
+                log.info(
+                    "partition.opened", queue=record.name, partition=index, epoch=placement.epoch
+                )
+        elif leader is not None:
+            leader.update(list(placement.isr), placement.epoch)
+        self.backend.configure_partitions(record)
+
+    async def _stop_leading(self, key: tuple[bytes, int]) -> int:
+        leader = self._leaders.pop(key, None)
+        if leader is None:
+            return 0
+        await leader.close()
+        return leader.high_watermark
+
+    async def _follow(self, key: tuple[bytes, int], record: QueueRecord) -> None:
+        if key in self._followers:
+            return
+        if self.backend.has_partition(*key):
+            # Demoted: a newer leader took over; keep our log, cut it back when following.
+            await self._stop_leading(key)
+            await self.backend.close_partition(*key, destroy=False)
+            log.warning("partition.demoted", queue=record.name, partition=key[1])
+        follower = Follower(
+            self.backend.partition_dir(*key),
+            self.backend.storage_config,
+            peers=self.peers,
+            view=self.view,
+            queue_id=key[0],
+            index=key[1],
+            node_id=self.node_id,
+        )
+        await follower.start()
+        self._followers[key] = follower
+
+    def _isr_changer(self, queue_id: bytes, index: int, epoch: int) -> Any:
+        async def change(isr: list[str]) -> bool:
+            try:
+                await self.view.metadata_call(
+                    messages.UpdateIsrRequest(queue_id, index, epoch, self.node_id, isr)
+                )
+            except NotLeader:
+                return False
+            with contextlib.suppress(MqdError):
+                await self.view.refresh()
+            return True
+
+        return change
+
+    async def fetch(self, request: messages.FetchRequest) -> messages.FetchResponse:
+        leader = self._leaders.get((request.queue_id, request.partition))
+        if leader is None:
+            raise NotLeader("this backend does not lead the partition")
+        return await leader.fetch(request)
+
+    async def close(self) -> None:
+        for key in list(self._leaders):
+            await self._stop_leading(key)
+        for follower in self._followers.values():
+            await follower.stop()
+        self._followers.clear()
 
     def _is_fenced(self, queue_id: bytes, index: int) -> bool:
         until = self._fenced.get((queue_id, index))
@@ -630,7 +758,14 @@ async def handle_release(
     return messages.ReleasePartitionResponse()
 
 
+async def handle_fetch(
+    conn: ClientConnection, request: messages.FetchRequest
+) -> messages.FetchResponse:
+    return await _service(conn).fetch(request)
+
+
 BACKEND_HANDLERS: dict[int, Any] = {
+    Opcode.FETCH: handle_fetch,
     Opcode.ADOPT_PARTITION: handle_adopt,
     Opcode.EXPORT_PARTITION: handle_export,
     Opcode.FETCH_FILE: handle_fetch_file,

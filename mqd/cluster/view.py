@@ -189,6 +189,7 @@ class PlacementView:
                         "index": p.index,
                         "leader": p.leader,
                         "replicas": list(p.replicas),
+                        "isr": list(p.isr),
                         "epoch": p.epoch,
                     }
                     for p in self.partitions.get(record.queue_id, [])
@@ -209,7 +210,13 @@ def _write_cache(path: Path, snapshot: GetPlacementResponse) -> None:
                 "created_at_ms": q.created_at_ms,
                 "version": q.version,
                 "partitions": [
-                    {"index": p.index, "replicas": p.replicas, "leader": p.leader, "epoch": p.epoch}
+                    {
+                        "index": p.index,
+                        "replicas": p.replicas,
+                        "leader": p.leader,
+                        "epoch": p.epoch,
+                        "isr": p.isr,
+                    }
                     for p in q.partitions
                 ],
             }
@@ -247,7 +254,13 @@ def _decode_snapshot(raw: dict[str, Any]) -> GetPlacementResponse:
                 created_at_ms=q["created_at_ms"],
                 version=q["version"],
                 partitions=[
-                    PartitionPlacement(p["index"], p["replicas"], p["leader"], p["epoch"])
+                    PartitionPlacement(
+                        p["index"],
+                        p["replicas"],
+                        p["leader"],
+                        p["epoch"],
+                        p.get("isr", p["replicas"]),
+                    )
                     for p in q["partitions"]
                 ],
             )

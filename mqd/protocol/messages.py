@@ -47,6 +47,8 @@ class Opcode(IntEnum):
     EXPORT_PARTITION = 0x1021
     FETCH_FILE = 0x1022
     RELEASE_PARTITION = 0x1023
+    FETCH = 0x1030
+    UPDATE_ISR = 0x1031
 
 
 # A receive or peek request asks for the queue's default visibility timeout with this.
@@ -442,11 +444,14 @@ class PartitionPlacement:
         ("replicas", "STR_LIST"),
         ("leader", "STR"),
         ("epoch", "U64"),
+        ("isr", "STR_LIST"),
     )
     index: int
     replicas: list[str] = field(default_factory=list)
     leader: str = ""
     epoch: int = 0
+    # The in-sync replicas (leader included): every one holds every committed record.
+    isr: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -745,6 +750,71 @@ class ReleasePartitionResponse:
     FIELDS: ClassVar[tuple] = ()
 
 
+@dataclass(slots=True)
+class FetchRequest:
+    """A follower asks its leader for records from `from_offset`; asking acknowledges
+    that it holds, durably, every record below `from_offset` (DESIGN.md §6)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.FETCH
+    FIELDS: ClassVar[tuple] = (
+        ("queue_id", "BLOB"),
+        ("partition", "U16"),
+        ("epoch", "U64"),
+        ("replica", "STR"),
+        ("from_offset", "U64"),
+        ("wait_ms", "U32"),
+        ("bytes_max", "U32"),
+    )
+    queue_id: bytes
+    partition: int
+    epoch: int
+    replica: str
+    from_offset: int
+    wait_ms: int = 0
+    bytes_max: int = 1024 * 1024
+
+
+@dataclass(slots=True)
+class FetchResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.FETCH
+    FIELDS: ClassVar[tuple] = (
+        ("data", "BLOB"),
+        ("next_offset", "U64"),
+        ("leader_end", "U64"),
+        ("high_watermark", "U64"),
+    )
+    data: bytes
+    next_offset: int
+    leader_end: int
+    high_watermark: int
+
+
+@dataclass(slots=True)
+class UpdateIsrRequest:
+    """A leader changes its partition's in-sync set; refused unless `epoch` is current."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.UPDATE_ISR
+    FIELDS: ClassVar[tuple] = (
+        ("queue_id", "BLOB"),
+        ("partition", "U16"),
+        ("epoch", "U64"),
+        ("leader", "STR"),
+        ("isr", "STR_LIST"),
+    )
+    queue_id: bytes
+    partition: int
+    epoch: int
+    leader: str
+    isr: list[str]
+
+
+@dataclass(slots=True)
+class UpdateIsrResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.UPDATE_ISR
+    FIELDS: ClassVar[tuple] = (("placement_version", "U64"),)
+    placement_version: int
+
+
 # The op table: one row per opcode, driving the server's dispatch, the client
 # and the shell (STYLE.md "dispatch by table").
 OPS: dict[Opcode, tuple[type, type]] = {
@@ -774,5 +844,7 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.EXPORT_PARTITION: (ExportPartitionRequest, ExportPartitionResponse),
     Opcode.FETCH_FILE: (FetchFileRequest, FetchFileResponse),
     Opcode.RELEASE_PARTITION: (ReleasePartitionRequest, ReleasePartitionResponse),
+    Opcode.FETCH: (FetchRequest, FetchResponse),
+    Opcode.UPDATE_ISR: (UpdateIsrRequest, UpdateIsrResponse),
 }
 INTERNAL_OPCODE_MIN = 0x1000

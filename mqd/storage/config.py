@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mqd.errors import ConfigError
+from mqd.storage.crypto import Keyring, load_keyring
 
 FSYNC_POLICIES = ("always", "interval", "never")
 
@@ -33,6 +34,15 @@ class StorageConfig:
     index_backlog_rows_max: int = 200_000
     # Re-check each record's CRC in the encoded buffer right before it is written (STYLE.md).
     verify_before_write: bool = True
+    # Encryption at rest (DESIGN.md §4, `crypto.py`): a key file from `mqd storage keygen`.
+    # New segments seal message bodies and attributes with it; "" writes plaintext.
+    encryption_key_file: str = ""
+    # Key files of earlier keys, to read segments sealed with them until they are reclaimed.
+    encryption_old_key_files: list[str] = field(default_factory=list)
+
+    def keyring(self) -> Keyring:
+        """Load the key files (read on every call); `ConfigError` naming the key on any problem."""
+        return load_keyring(self.encryption_key_file, self.encryption_old_key_files)
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad key."""
@@ -63,3 +73,9 @@ class StorageConfig:
             )
         if self.record_bytes_max >= 2**32 - 64:
             raise ConfigError("storage.record_bytes_max must be below 4 GiB")
+        if not isinstance(self.encryption_key_file, str):
+            raise ConfigError("storage.encryption_key_file must be a path (a string)")
+        old = self.encryption_old_key_files
+        if not isinstance(old, list) or not all(isinstance(x, str) and x for x in old):
+            raise ConfigError("storage.encryption_old_key_files must be a list of paths")
+        self.keyring()

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mqd.errors import StorageError
 from mqd.storage import records as rec
+from mqd.storage.crypto import Keyring
 
 
 @dataclass(slots=True)
@@ -22,6 +24,9 @@ class SegmentScan:
     base: int
     created_ms: int = 0
     file_size: int = 0
+    key_id: int = 0  # from the header: the key new records were sealed with (0 = plaintext)
+    header_bytes: int = 0  # of this segment's format version; 0 = read it from the data
+    key_ids: set[int] = field(default_factory=set)  # named by its sealed records
     header_error: str = ""
     good_end: int = 0  # end of the contiguous run of good records after the header
     last_end: int = 0  # end of the last good record anywhere in the file
@@ -46,7 +51,7 @@ class SegmentScan:
 
     def readable(self, position: int) -> bool:
         """Whether a record starting at `position` lies outside every damaged range."""
-        if self.header_error or position < rec.HEADER_BYTES or position >= self.last_end:
+        if self.header_error or position < self.header_bytes or position >= self.last_end:
             return False
         return all(not (start <= position < end) for start, end, _ in self.bad_ranges)
 
@@ -115,14 +120,16 @@ def scan_segment(
     scan = SegmentScan(path=path, base=base_hint, file_size=len(data))
     found: list[tuple[int, int, int, int]] = []
     try:
-        _version, base, created_ms = rec.read_header(data)
+        header = rec.parse_header(data)
     except rec.CorruptRecord as exc:
         scan.header_error = exc.reason
         return scan, found
-    if base != base_hint:
-        scan.header_error = f"header base offset {base} does not match the file name"
+    if header.base != base_hint:
+        scan.header_error = f"header base offset {header.base} does not match the file name"
         return scan, found
-    scan.created_ms = created_ms
+    scan.created_ms = header.created_ms
+    scan.key_id = header.key_id
+    scan.header_bytes = header.size
     for item in iter_records(scan, data, record_bytes_max):
         found.append(item)
     return scan, found
@@ -131,12 +138,19 @@ def scan_segment(
 def iter_records(
     scan: SegmentScan, data: bytes, record_bytes_max: int
 ) -> Iterator[tuple[int, int, int, int]]:
-    pos = rec.HEADER_BYTES
+    if not scan.header_bytes:
+        try:
+            scan.header_bytes = rec.parse_header(data).size
+        except rec.CorruptRecord:
+            scan.header_bytes = rec.HEADER_BYTES
+    pos = scan.header_bytes
     end = len(data)
     last_offset = scan.base - 1
     contiguous = True
     check = rec.check_record
     unpack_common = rec.COMMON.unpack_from
+    sealed = rec.SEALED_MESSAGE
+    key_ids = scan.key_ids
     scan.good_end = pos
     scan.last_end = pos
     while pos < end:
@@ -153,6 +167,8 @@ def iter_records(
                 return
             pos = nxt
             continue
+        if rtype == sealed:
+            key_ids.add(rec.sealed_key_id(data, pos, size))
         yield pos, size, rtype, offset
         last_offset = offset
         pos += size
@@ -161,3 +177,36 @@ def iter_records(
         scan.last_end = pos
         if contiguous:
             scan.good_end = pos
+
+
+def require_keys(scan: SegmentScan, keys: Keyring) -> None:
+    """Check that `keys` holds every key the segment names (header and records).
+
+    A missing key is a `ConfigError` naming its id and the segment: found at
+    open from the ids alone, before any record is decrypted. (A key's id is a
+    hash of it, so a wrong key is a missing key.)
+    """
+    for key_id in sorted({scan.key_id, *scan.key_ids} - {0}):
+        keys.require(key_id, f"segment {scan.path}")
+
+
+def decode_checked(
+    scan: SegmentScan, data: bytes, found: list[tuple[int, int, int, int]], keys: Keyring
+) -> list[tuple[int, int, rec.Record]]:
+    """Decode records found by `scan_segment` (no bodies) for replay, checking GCM tags.
+
+    First `require_keys`. A sealed record whose CRC holds but whose tag fails was
+    altered after it was written (a torn write fails the CRC first): a
+    `StorageError`, never a truncation.
+    """
+    require_keys(scan, keys)
+    decode = rec.decode_record
+    try:
+        return [(pos, size, decode(data, pos, size, False, keys)) for pos, size, _t, _o in found]
+    except rec.TagMismatch as exc:
+        raise StorageError(
+            f"segment {scan.path}: {exc.reason}; refusing to open the partition "
+            "(check it with `mqd storage verify --key-file`)"
+        ) from None
+    except rec.KeyMissing as exc:  # `require_keys` makes this a bug
+        raise AssertionError(f"segment {scan.path}: {exc.reason}") from None

@@ -48,7 +48,13 @@ from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
 from mqd.storage.fs import FileSystem, write_all
 from mqd.storage.index import Index, IndexBatch, IndexUnusable
-from mqd.storage.scan import SegmentScan, iter_records, list_segments, scan_segment
+from mqd.storage.scan import (
+    SegmentScan,
+    decode_checked,
+    iter_records,
+    list_segments,
+    scan_segment,
+)
 from mqd.storage.types import Lease, MessageMeta, NewMessage, StoredMessage
 
 _SHIFT = 32
@@ -186,6 +192,8 @@ class PartitionStore:
         # Reads in flight in executor threads; fds of reclaimed segments wait for them.
         self._reads_in_flight = 0
         self._fds_to_close: list[int] = []
+        # Encryption at rest (crypto.py): the key for new records, and every key for reading.
+        self._keys = config.keyring()
         self._stats = {
             "commits": 0,
             "records_written": 0,
@@ -284,6 +292,8 @@ class PartitionStore:
             seg.live += 1
         if self._active is None or self._active.bad:
             await loop.run_in_executor(None, self._create_segment, log_end)
+        elif self._active.scan is not None and self._active.scan.key_id != self._keys.current_id:
+            await loop.run_in_executor(None, self._rekey_active, log_end)
         for seg in self._segments:
             if seg.live == 0:
                 seg.dead_at = -1
@@ -355,10 +365,9 @@ class PartitionStore:
             scan, found = scan_segment(path, data, self.config.record_bytes_max, base)
             is_last = i == len(files) - 1
             keep = [r for r in found if r[3] >= checkpoint] if found else []
-            # Decode what replay needs now, while the bytes are at hand.
-            decoded = []
-            for pos, size, _rtype, _off in keep:
-                decoded.append((pos, size, rec.decode_record(data, pos, size, with_body=False)))
+            # Decode what replay needs now, while the bytes are at hand; check every key the
+            # segment names is listed, and the GCM tags of what is replayed.
+            decoded = decode_checked(scan, data, keep, self._keys)
             out.append((scan, decoded, is_last))
         return out
 
@@ -399,7 +408,9 @@ class PartitionStore:
                 fd = self._fs.open(path, create=False)
                 try:
                     self._fs.ftruncate(fd, 0)
-                    write_all(self._fs, fd, rec.encode_header(scan.base, self._clock.now_ms()), 0)
+                    now_ms = self._clock.now_ms()
+                    header = rec.encode_header(scan.base, now_ms, self._keys.current_id)
+                    write_all(self._fs, fd, header, 0)
                     self._fs.fdatasync(fd)
                 finally:
                     self._fs.close(fd)
@@ -849,7 +860,7 @@ class PartitionStore:
     def _decode_read(self, seg: _Segment, blob: bytes, at: int, size: int, off: int):
         try:
             got = rec.check_record(blob, at, at + size, self.config.record_bytes_max)
-            r = rec.decode_message(blob, at, got)
+            r = rec.decode_message(blob, at, got, keys=self._keys)
             if got != size or r.offset != off:
                 raise rec.CorruptRecord("record does not match the index")
         except rec.CorruptRecord as exc:
@@ -922,7 +933,7 @@ class PartitionStore:
             kind = op.kind
             if kind == _APPEND:
                 op.result = offset
-                rec.encode_messages(op.payload, offset, now, parts, sizes)
+                rec.encode_messages(op.payload, offset, now, parts, sizes, self._keys.current)
                 offset += len(op.payload)
             elif kind == _DELETE:
                 offs = [o for o in op.payload if o in live]
@@ -1048,6 +1059,7 @@ class PartitionStore:
                         msize = (
                             size
                             - _FIXED
+                            - (rec.SEAL_OVERHEAD_BYTES if self._keys.current else 0)
                             - sum(
                                 len(x.encode())
                                 for x in (m.group_id, m.dedup_id, m.source_queue, m.original_id)
@@ -1210,6 +1222,26 @@ class PartitionStore:
         self._unsynced = False
         self._log.info("segment.rolled", sealed=old.path.name, new=self._active.path.name)
 
+    def _rekey_active(self, base: int) -> None:
+        """The key changed since the active segment was made (thread): roll, or re-head it.
+
+        So that a segment header always names the key of what the store writes into
+        it (rotation: new segments use the new key). An empty segment gets a new
+        header in place (a crash midway leaves a torn header, restarted at open).
+        """
+        seg = self._active
+        if seg.size > seg.scan.header_bytes:
+            self._roll(base)
+            return
+        created_ms = self._clock.now_ms()
+        self._fs.ftruncate(seg.fd, 0)
+        header = rec.encode_header(seg.base, created_ms, self._keys.current_id)
+        write_all(self._fs, seg.fd, header, 0)
+        self._fs.fdatasync(seg.fd)
+        seg.size = len(header)
+        seg.created_ms = created_ms
+        seg.scan = None
+
     def _create_segment(self, base: int) -> None:
         """Create, sync and install a new active segment (thread)."""
         path = self.directory / rec.segment_name(base)
@@ -1217,7 +1249,7 @@ class PartitionStore:
         fs = self._fs
         fd = fs.open(path, create=True)
         try:
-            write_all(fs, fd, rec.encode_header(base, created_ms), 0)
+            write_all(fs, fd, rec.encode_header(base, created_ms, self._keys.current_id), 0)
             fs.fdatasync(fd)
             fs.fsync_dir(self.directory)
         except OSError:

@@ -7,6 +7,11 @@ them with the node stopped: the node's data-dir lock is the CLI's business.
 
 DIR is a partition directory (one with `*.log` segments) or any directory
 above partition directories, searched recursively.
+
+Sealed segments (encryption at rest, `crypto.py`): given key files (`--key-file`,
+repeatable), `verify` also checks every sealed record's GCM tag and `dump`
+shows their bodies; without them it checks CRCs only and says how many sealed
+records it could not authenticate.
 """
 
 from __future__ import annotations
@@ -20,10 +25,18 @@ from typing import TextIO
 
 from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
+from mqd.storage.crypto import Keyring, format_key_id, load_key_file
 from mqd.storage.index import INDEX_FILE
 from mqd.storage.scan import base_of, list_segments, scan_segment
 
 _RECORD_BYTES_MAX = 2**32 - 65  # the tools accept any record the format can frame
+
+
+def load_keys(paths: list[str]) -> Keyring | None:
+    """The key ring of `--key-file` options (None if none given); ConfigError on a bad file."""
+    if not paths:
+        return None
+    return Keyring(None, [load_key_file(p, "--key-file") for p in paths])
 
 
 def find_partitions(path: Path) -> list[Path]:
@@ -44,6 +57,8 @@ class PartitionReport:
     path: Path
     segments: int = 0
     records: int = 0
+    sealed_records: int = 0
+    sealed_unchecked: int = 0  # sealed records whose tag was not checked (no keys given)
     live_messages: int = 0  # by replaying the whole log
     index_rows: int | None = None  # None: no index file
     index_checkpoint: int | None = None
@@ -75,9 +90,10 @@ class VerifyReport:
                 if p.index_rows is None
                 else f"index rows={p.index_rows} checkpoint={p.index_checkpoint}"
             )
+            sealed = f" sealed={p.sealed_records}" if p.sealed_records else ""
             lines.append(
                 f"{'ok ' if p.ok else 'BAD'} {p.path}: segments={p.segments} records={p.records}"
-                f" live={p.live_messages} log_end={p.log_end} {index}"
+                f"{sealed} live={p.live_messages} log_end={p.log_end} {index}"
             )
             lines += [f"    problem: {x}" for x in p.problems]
             lines += [f"    note: {x}" for x in p.notes]
@@ -87,12 +103,16 @@ class VerifyReport:
         return "\n".join(lines) + "\n"
 
 
-def verify(path: Path) -> VerifyReport:
-    """Check every record's CRC and framing, and the index rows against the log."""
-    return VerifyReport([_verify_partition(p) for p in find_partitions(Path(path))])
+def verify(path: Path, keys: Keyring | None = None) -> VerifyReport:
+    """Check every record's CRC and framing, and the index rows against the log.
+
+    With `keys`, also every sealed record's GCM tag; a key a segment needs and
+    `keys` lacks is a problem naming its id.
+    """
+    return VerifyReport([_verify_partition(p, keys) for p in find_partitions(Path(path))])
 
 
-def _verify_partition(part: Path) -> PartitionReport:
+def _verify_partition(part: Path, keys: Keyring | None = None) -> PartitionReport:
     report = PartitionReport(part)
     live: dict[int, tuple[int, int, int]] = {}  # offset -> (segment base, position, size)
     files = list_segments(part)
@@ -110,9 +130,28 @@ def _verify_partition(part: Path) -> PartitionReport:
             report.problems.append(f"{seg_path.name}: bytes {start}-{end} damaged ({why}, {where})")
         report.records += scan.records
         report.log_end = max(report.log_end, base, scan.last_offset + 1)
-        for pos, size, _rtype, _off in found:
+        missing = sorted(k for k in {scan.key_id, *scan.key_ids} - {0} if keys and not keys.get(k))
+        for key_id in missing:
+            report.problems.append(f"{seg_path.name}: sealed with key {format_key_id(key_id)}, "
+                                   "which no --key-file holds")  # fmt: skip
+        for pos, size, rtype, _off in found:
             r = rec.decode_record(data, pos, size, with_body=False)
             history.append((r.offset, "r", (base, pos, size, r)))
+            if rtype != rec.SEALED_MESSAGE:
+                continue
+            report.sealed_records += 1
+            if keys is None:
+                report.sealed_unchecked += 1
+                continue
+            try:
+                rec.decode_record(data, pos, size, with_body=False, keys=keys)
+            except rec.KeyMissing:
+                report.sealed_unchecked += 1  # reported once per key above
+            except rec.TagMismatch as exc:
+                report.problems.append(f"{seg_path.name}: position {pos}: {exc.reason}")
+    if report.sealed_unchecked:
+        report.notes.append(f"{report.sealed_unchecked} sealed record(s) not authenticated "
+                            "(give their key with --key-file)")  # fmt: skip
     history.sort(key=lambda h: h[0])
     # Replay the log; remember the live set as of the index checkpoint.
     checkpoint, rows = _read_index(part, report)
@@ -188,8 +227,13 @@ def _read_index(part: Path, report: PartitionReport):
     return checkpoint, rows
 
 
-def dump(path: Path, out: TextIO, *, body_preview_bytes: int = 32) -> int:
-    """Write every record as one readable line; returns the number of records."""
+def dump(
+    path: Path, out: TextIO, *, body_preview_bytes: int = 32, keys: Keyring | None = None
+) -> int:
+    """Write every record as one readable line; returns the number of records.
+
+    Sealed bodies and attributes are shown only with `keys` that open them.
+    """
     path = Path(path)
     if path.is_file():
         targets = [(path.parent, [(_base_or_zero(path), path)])]
@@ -201,22 +245,36 @@ def dump(path: Path, out: TextIO, *, body_preview_bytes: int = 32) -> int:
         for base, seg_path in files:
             data = seg_path.read_bytes()
             scan, found = scan_segment(seg_path, data, _RECORD_BYTES_MAX, base)
-            out.write(f"# segment {seg_path.name} bytes={len(data)} created_ms={scan.created_ms}\n")
+            sealed = f" key={format_key_id(scan.key_id)}" if scan.key_id else ""
+            out.write(f"# segment {seg_path.name} bytes={len(data)} created_ms={scan.created_ms}"
+                      f"{sealed}\n")  # fmt: skip
             if scan.header_error:
                 out.write(f"!! header: {scan.header_error}\n")
             damage = iter(scan.bad_ranges)
             pending = next(damage, None)
-            for pos, size, _rtype, _off in found:
+            for pos, size, rtype, _off in found:
                 while pending is not None and pending[0] < pos:
                     out.write(f"!! damaged bytes {pending[0]}-{pending[1]}: {pending[2]}\n")
                     pending = next(damage, None)
-                out.write(_describe(rec.decode_record(data, pos, size), pos, size,
-                                    body_preview_bytes) + "\n")  # fmt: skip
+                out.write(_describe_any(data, pos, size, rtype, keys, body_preview_bytes) + "\n")
                 count += 1
             while pending is not None:
                 out.write(f"!! damaged bytes {pending[0]}-{pending[1]}: {pending[2]}\n")
                 pending = next(damage, None)
     return count
+
+
+def _describe_any(data, pos: int, size: int, rtype: int, keys, preview: int) -> str:
+    if rtype != rec.SEALED_MESSAGE:
+        return _describe(rec.decode_record(data, pos, size), pos, size, preview)
+    key_id = format_key_id(rec.sealed_key_id(data, pos, size))
+    try:
+        r = rec.decode_record(data, pos, size, keys=keys or Keyring())
+    except rec.CorruptRecord as exc:
+        r = rec.decode_record(data, pos, size, with_body=False)
+        line = _describe(r, pos, size, 0).replace(" MESSAGE ", " SEALED_MESSAGE ")
+        return line.rsplit(" attributes=", 1)[0] + f" key={key_id} (not opened: {exc.reason})"
+    return _describe(r, pos, size, preview).replace(" MESSAGE ", f" SEALED_MESSAGE key={key_id} ")
 
 
 def _base_or_zero(path: Path) -> int:
@@ -260,7 +318,11 @@ class RebuildReport:
 
 
 async def rebuild_index_async(path: Path, config: StorageConfig | None = None) -> RebuildReport:
-    """Drop each partition's index and rebuild it from the log (with recovery)."""
+    """Drop each partition's index and rebuild it from the log (with recovery).
+
+    Sealed segments need the node's `[storage]` config (its key files); with
+    another current key, recovery would roll each active segment to that key.
+    """
     from mqd.storage.index import Index
     from mqd.storage.store import PartitionStore
 

@@ -1,0 +1,344 @@
+"""Partition replication: leaders, followers, the high watermark (DESIGN.md §6).
+
+A follower fetches the leader's records from its own log end (FETCH); asking
+for offset N acknowledges that it holds every record below N durably. The
+leader's high watermark is the lowest log end over its in-sync set (itself
+included): every in-sync replica holds every record below it, so any of them
+can take over without losing one. The leader acknowledges a send, an ack or a
+dead-letter move only once its records are below the high watermark, and
+refuses writes while fewer than `min_insync` replicas are in sync.
+
+The in-sync set changes only through metadata, with the leader's epoch
+(UPDATE_ISR): a follower that lags more than `replica_lag_max` leaves it, and
+rejoins once caught up. A stale leader's change is refused, so an isolated
+old leader can never shrink its set to commit alone.
+
+On a change of leader a follower cuts its log back to the high watermark it
+last learned (everything below is the same on every in-sync replica;
+anything above was never acknowledged) and fetches from the new leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from mqd.cluster.rpc import PeerPool
+from mqd.cluster.view import PlacementView
+from mqd.errors import MqdError, NotLeader, StorageError, Unavailable
+from mqd.protocol.messages import FetchRequest, FetchResponse
+from mqd.storage import PartitionStore, StorageConfig
+from mqd.storage.records import record_offset
+from mqd.storage.replica import ReplicaLog
+
+log = structlog.get_logger("mqd.cluster.replication")
+
+REPLICA_LAG_MAX_S = 10.0
+COMMIT_TIMEOUT_S = 30.0
+MAINTAIN_INTERVAL_S = 0.5
+FETCH_WAIT_MS = 2000
+FETCH_BYTES_MAX = 4 * 1024 * 1024
+HW_FILE = "replication.json"
+HW_PERSIST_INTERVAL_S = 1.0
+RETRY_MIN_S = 0.05
+RETRY_MAX_S = 1.0
+
+
+def read_persisted_hw(directory: Path) -> int:
+    try:
+        return int(json.loads((directory / HW_FILE).read_text())["high_watermark"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def persist_hw(directory: Path, high_watermark: int) -> None:
+    """A lower bound of the committed end: cutting back to it is always safe."""
+    path = directory / HW_FILE
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps({"high_watermark": high_watermark}))
+    with open(temp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+class LeaderReplication:
+    def __init__(
+        self,
+        store: PartitionStore,
+        *,
+        node_id: str,
+        replicas: list[str],
+        isr: list[str],
+        epoch: int,
+        min_insync: int,
+        change_isr: Callable[[list[str]], Awaitable[bool]],
+        lag_max_s: float = REPLICA_LAG_MAX_S,
+    ) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.replicas = list(replicas)
+        self.isr = list(isr)
+        self.epoch = epoch
+        self.min_insync = min_insync
+        self._change_isr = change_isr
+        self._lag_max_s = lag_max_s
+        self.acked: dict[str, int] = {}
+        started = time.monotonic()
+        self._caught_up_at: dict[str, float] = {r: started for r in replicas}
+        self.high_watermark = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_seq = 0
+        self._data = asyncio.Event()
+        self._polling: set[str] = set()
+        self._closed = False
+        self._maintainer: asyncio.Task[None] | None = None
+        self._last_persist = 0.0
+        store.durable_listeners.append(self._on_durable)
+        self._recompute()
+
+    def start(self) -> None:
+        self._maintainer = asyncio.create_task(self._maintain())
+
+    # --- the high watermark ------------------------------------------------------
+
+    def _on_durable(self, end: int) -> None:
+        self._data.set()
+        self._recompute()
+
+    def _recompute(self) -> None:
+        ends = [self.store.next_offset]
+        ends += [self.acked.get(r, 0) for r in self.isr if r != self.node_id]
+        high_watermark = min(ends)
+        if high_watermark > self.high_watermark:
+            self.high_watermark = high_watermark
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self.high_watermark:
+            _, _, future = heapq.heappop(waiters)
+            if not future.done():
+                future.set_result(None)
+        now = time.monotonic()
+        if now - self._last_persist >= HW_PERSIST_INTERVAL_S:
+            self._last_persist = now
+            with contextlib.suppress(OSError):
+                persist_hw(self.store.directory, self.high_watermark)
+
+    def check_writable(self) -> None:
+        if self._closed:
+            raise Unavailable("this backend no longer leads the partition")
+        if len(self.isr) < self.min_insync:
+            raise Unavailable(
+                f"only {len(self.isr)} in-sync replica(s) ({', '.join(self.isr)}); "
+                f"the queue needs min_insync={self.min_insync}"
+            )
+
+    async def wait_committed(self, end_offset: int) -> None:
+        """Return once every record below `end_offset` is below the high watermark."""
+        if end_offset <= self.high_watermark:
+            return
+        self.check_writable()
+        future = asyncio.get_running_loop().create_future()
+        self._waiter_seq += 1
+        heapq.heappush(self._waiters, (end_offset, self._waiter_seq, future))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), COMMIT_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable(
+                f"the in-sync replicas did not confirm within {COMMIT_TIMEOUT_S:g} s"
+            ) from None
+
+    # --- followers' fetches ---------------------------------------------------------
+
+    async def fetch(self, request: FetchRequest) -> FetchResponse:
+        if self._closed or request.epoch != self.epoch:
+            raise NotLeader(f"epoch {request.epoch} is not the current epoch {self.epoch}")
+        if request.replica not in self.replicas:
+            raise NotLeader(f"{request.replica} is not a replica of this partition")
+        previous = self.acked.get(request.replica, -1)
+        self.acked[request.replica] = request.from_offset
+        if request.from_offset >= self.store.next_offset:
+            self._caught_up_at[request.replica] = time.monotonic()
+        if request.from_offset != previous:
+            self._recompute()
+        if request.from_offset >= self.store.next_offset and request.wait_ms:
+            # Waiting at the end of the log is being in sync (a follower that stops
+            # fetching stops counting as caught up, and leaves the set after the lag limit).
+            self._polling.add(request.replica)
+            self._data.clear()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._data.wait(), request.wait_ms / 1000)
+            finally:
+                self._polling.discard(request.replica)
+        data, next_offset = await self.store.read_raw(
+            request.from_offset, min(request.bytes_max, FETCH_BYTES_MAX)
+        )
+        return FetchResponse(data, next_offset, self.store.next_offset, self.high_watermark)
+
+    # --- the in-sync set ---------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(MAINTAIN_INTERVAL_S)
+            now = time.monotonic()
+            end = self.store.next_offset
+            isr = list(self.isr)
+            for replica in self.replicas:
+                if replica == self.node_id:
+                    continue
+                if replica in self._polling:
+                    self._caught_up_at[replica] = now
+                caught_up = now - self._caught_up_at.get(replica, 0) < self._lag_max_s / 2 and (
+                    self.acked.get(replica, -1) >= end
+                )
+                lagging = now - self._caught_up_at.get(replica, now) > self._lag_max_s
+                if replica in isr and lagging:
+                    isr.remove(replica)
+                elif replica not in isr and caught_up:
+                    isr.append(replica)
+            if sorted(isr) != sorted(self.isr):
+                try:
+                    accepted = await self._change_isr(isr)
+                except MqdError as exc:
+                    log.warning("isr.change_failed", error=str(exc))
+                    continue
+                if accepted:
+                    log.info("isr.changed", isr=isr, epoch=self.epoch)
+                    self._set_isr(isr)
+
+    def _set_isr(self, isr: list[str]) -> None:
+        self.isr = list(isr)
+        self._recompute()
+        if len(self.isr) < self.min_insync:
+            # Too few copies to commit anything: tell the waiting writers now.
+            self._fail_waiters(
+                Unavailable(
+                    f"only {len(self.isr)} in-sync replica(s); the queue needs "
+                    f"min_insync={self.min_insync}"
+                )
+            )
+
+    def _fail_waiters(self, error: Exception) -> None:
+        for _, _, future in self._waiters:
+            if not future.done():
+                future.set_exception(error)
+                future.exception()
+        self._waiters.clear()
+
+    def update(self, isr: list[str], epoch: int) -> None:
+        """Placement moved on (metadata is the authority on the set)."""
+        if epoch == self.epoch and sorted(isr) != sorted(self.isr):
+            self._set_isr(isr)
+
+    async def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(ValueError):
+            self.store.durable_listeners.remove(self._on_durable)
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            await asyncio.gather(self._maintainer, return_exceptions=True)
+        self._fail_waiters(Unavailable("leadership of the partition moved; retry"))
+        self._data.set()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(persist_hw, self.store.directory, self.high_watermark)
+
+
+class Follower:
+    """Keeps a partition's log in step with its leader."""
+
+    def __init__(
+        self,
+        directory: Path,
+        config: StorageConfig,
+        *,
+        peers: PeerPool,
+        view: PlacementView,
+        queue_id: bytes,
+        index: int,
+        node_id: str,
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self.peers = peers
+        self.view = view
+        self.queue_id = queue_id
+        self.index = index
+        self.node_id = node_id
+        self.replica: ReplicaLog | None = None
+        self.high_watermark = 0
+        self._epoch = -1
+        self._task: asyncio.Task[None] | None = None
+        self._last_persist = 0.0
+
+    async def start(self) -> None:
+        self.replica = await ReplicaLog.open(self.directory, self.config)
+        self.high_watermark = await asyncio.to_thread(read_persisted_hw, self.directory)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self.replica is not None
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                placement = self.view.leader(self.queue_id, self.index)
+                if placement.leader == self.node_id:
+                    return  # promoted: the backend service takes over
+                if placement.epoch != self._epoch:
+                    # A new leader: drop what may not be on it, then follow it.
+                    await self.replica.truncate(self.high_watermark)
+                    self._epoch = placement.epoch
+                address = self.view.cluster_address(placement.leader)
+                response = await self.peers.call(
+                    address,
+                    FetchRequest(
+                        self.queue_id,
+                        self.index,
+                        placement.epoch,
+                        self.node_id,
+                        self.replica.next_offset,
+                        FETCH_WAIT_MS,
+                        FETCH_BYTES_MAX,
+                    ),
+                    timeout_s=FETCH_WAIT_MS / 1000 + 10,
+                )
+                if response.data:
+                    first = record_offset(response.data, 0)[1]
+                    if first != self.replica.next_offset:
+                        # The leader reclaimed what we lacked (all of it deleted): start over there.
+                        await self.replica.truncate(0)
+                    await self.replica.append(response.data, first)
+                self.high_watermark = max(
+                    self.high_watermark, min(response.high_watermark, self.replica.next_offset)
+                )
+                await self._maybe_persist()
+                delay = RETRY_MIN_S
+            except asyncio.CancelledError:
+                raise
+            except (MqdError, StorageError) as exc:
+                log.debug("follower.fetch_failed", error=str(exc), partition=self.index)
+                with contextlib.suppress(MqdError):
+                    await self.view.refresh()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _maybe_persist(self) -> None:
+        now = time.monotonic()
+        if now - self._last_persist >= HW_PERSIST_INTERVAL_S:
+            self._last_persist = now
+            await asyncio.to_thread(persist_hw, self.directory, self.high_watermark)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.replica is not None:
+            await self.replica.close()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(persist_hw, self.directory, self.high_watermark)

@@ -1,0 +1,159 @@
+"""Replication and failover with real processes: a killed leader loses nothing acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+import mqd.client
+from mqd import launcher
+from mqd.errors import MqdError, Unavailable
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def fast_failure_detection(manifest: launcher.Manifest) -> None:
+    """Shorter sessions and lag limits than the defaults, so the tests wait seconds."""
+    for node in manifest.nodes:
+        path = manifest.path(node.config)
+        text = path.read_text()
+        text = text.replace("session_timeout_ms = 6000", "session_timeout_ms = 2000")
+        text = text.replace("heartbeat_interval_ms = 1000", "heartbeat_interval_ms = 300")
+        text = text.replace("\n[tls]\n", "\nreplica_lag_max_ms = 1500\n\n[tls]\n")
+        path.write_text(text)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    manifest = launcher.create_cluster(tmp_path / "rep", metadata=1, backends=3, frontends=1)
+    fast_failure_detection(manifest)
+    launcher.start_cluster(manifest, timeout_s=90)
+    try:
+        yield manifest
+    finally:
+        launcher.stop_nodes(manifest, manifest.in_order(["frontend", "backend", "metadata"]))
+
+
+def tls_for(manifest: launcher.Manifest) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(manifest.client_ca))
+
+
+async def placement_of(client, queue: str) -> list[dict]:
+    return (await client.stats())["cluster"]["placement"][queue]
+
+
+async def wait_for(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+async def drain(queue, expected: int) -> dict[str, bytes]:
+    seen: dict[str, bytes] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < expected and time.monotonic() < deadline:
+        try:
+            batch = await queue.receive(max_messages=100, wait=1, visibility_timeout=60)
+        except Unavailable:
+            await asyncio.sleep(0.2)
+            continue
+        for message in batch:
+            seen[message.id] = message.body
+        if batch:
+            await queue.ack(*batch)
+    return seen
+
+
+async def test_queue_defaults_to_three_replicas_two_in_sync(cluster):
+    (frontend,) = cluster.by_role("frontend")
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        queue = await client.create_queue("copies")
+        attributes = await queue.attributes()
+        assert attributes["replication_factor"] == 3
+        assert attributes["min_insync"] == 2
+        (part,) = await placement_of(client, "copies")
+        assert sorted(part["replicas"]) == ["backend-1", "backend-2", "backend-3"]
+        assert sorted(part["isr"]) == sorted(part["replicas"])
+        with pytest.raises(MqdError):
+            await client.create_queue("too-many", replication_factor=4)
+
+
+async def test_killing_the_leader_loses_no_acknowledged_message(cluster):
+    (frontend,) = cluster.by_role("frontend")
+    tls = tls_for(cluster)
+    async with await mqd.client.connect(frontend.client_address, tls=tls) as client:
+        queue = await client.create_queue("survive", replication_factor=3, min_insync=2)
+        acked = set()
+        for round_number in range(10):
+            acked |= set(await queue.send_batch([b"r%d-%d" % (round_number, i) for i in range(50)]))
+        # A delivered-and-acked message must stay deleted after the failover.
+        consumed = await queue.receive(max_messages=20, visibility_timeout=60)
+        await queue.ack(*consumed)
+        acked_deletes = {m.id for m in consumed}
+        in_flight = await queue.receive(max_messages=10, visibility_timeout=300)
+
+        (part,) = await placement_of(client, "survive")
+        old_leader = part["leader"]
+        await asyncio.to_thread(
+            launcher.stop_nodes, cluster, [cluster.node(old_leader)], 0.1
+        )  # SIGTERM then SIGKILL after 0.1 s: the leader dies mid-flight
+
+        async def new_leader() -> bool:
+            (now,) = await placement_of(client, "survive")
+            return now["leader"] != old_leader and now["epoch"] > part["epoch"]
+
+        await wait_for(new_leader)
+        # Sends work on the new leader (2 of 3 replicas left = min_insync).
+        more = set()
+        for _ in range(20):
+            try:
+                more |= set(await queue.send_batch([b"after"] * 10))
+                break
+            except Unavailable:
+                await asyncio.sleep(0.3)
+        assert more, "no send succeeded after the failover"
+
+        remaining = (acked - acked_deletes) | more
+        seen = await drain(queue, len(remaining))
+        assert set(seen) >= remaining, f"lost {len(remaining - set(seen))} acknowledged messages"
+        assert not set(seen) & acked_deletes, "an acknowledged delete came back"
+        # In-flight messages became visible again on the new leader (protocol.md §7).
+        assert {m.id for m in in_flight} <= set(seen)
+
+
+async def test_writes_refused_below_min_insync(cluster):
+    (frontend,) = cluster.by_role("frontend")
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        queue = await client.create_queue("strict", replication_factor=3, min_insync=3)
+        await queue.send(b"all three")
+        (part,) = await placement_of(client, "strict")
+        follower = next(r for r in part["replicas"] if r != part["leader"])
+        await asyncio.to_thread(launcher.stop_nodes, cluster, [cluster.node(follower)])
+
+        async def shrunk() -> bool:
+            (now,) = await placement_of(client, "strict")
+            return follower not in now["isr"]
+
+        await wait_for(shrunk)
+        with pytest.raises(Unavailable) as refused:
+            await queue.send(b"not enough copies")
+        assert "min_insync" in str(refused.value)
+        # The old message is still readable from the leader.
+        (got,) = await queue.receive()
+        assert got.body == b"all three"
+
+        await asyncio.to_thread(launcher.restart_node, cluster, cluster.node(follower))
+
+        async def rejoined() -> bool:
+            (now,) = await placement_of(client, "strict")
+            return follower in now["isr"]
+
+        await wait_for(rejoined)
+        await queue.send(b"three again")
