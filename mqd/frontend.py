@@ -139,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
         self.certificate_name: str | None = None
         self._counted = False
         self._close_after_error = False
+        self._login: asyncio.Task[None] | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._closing = False
@@ -344,9 +345,13 @@ class ClientConnection(asyncio.Protocol):
     # --- authentication and authorisation (protocol.md §8) ----------------------------------
 
     async def login(self, token: str) -> None:
-        """HELLO's authentication: fix the session once, count it against its principal."""
-        if self.session is not None:
-            return  # HELLO again changes nothing (protocol.md §4.1).
+        """HELLO's authentication: fix the session once, count it against its principal.
+        HELLO again changes nothing (protocol.md §4.1); two at once share the first."""
+        if self._login is None:
+            self._login = self._loop.create_task(self._first_login(token))
+        await asyncio.shield(self._login)
+
+    async def _first_login(self, token: str) -> None:
         auth = self.frontend.auth
         session = await auth.authenticate(token, self.certificate_name)
         try:

@@ -457,3 +457,18 @@ def test_root_has_everything_and_others_only_their_grants():
     assert not state.allows("a", "receive", "x-1")
     assert not state.allows("a", "send", "y")
     assert state.visible("a", "x-1") and not state.visible("b", "x-1")
+
+
+def test_a_cluster_frontend_refuses_to_start_with_authentication_on(tmp_path):
+    certs = tmp_path / "certs"
+    init_ca(certs)
+    issue(certs, "f1", ["localhost"])
+    path = write_config(
+        tmp_path,
+        "[node]\nid = 'f1'\nroles = ['frontend']\n"
+        "[cluster]\nlisten = '127.0.0.1:7201'\nmetadata = ['127.0.0.1:7001']\n"
+        f"[tls]\ncert = '{certs / 'f1.pem'}'\nkey = '{certs / 'f1.key'}'\nca = '{certs / 'ca.pem'}'\n"
+        + AUTH_REQUIRED,
+    )
+    with pytest.raises(ConfigError, match="cluster frontend cannot authenticate"):
+        load_config(path)

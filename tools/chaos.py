@@ -116,7 +116,7 @@ EXAMPLES_MAX = 5
 # would not be healed COOLDOWN_S before the end; durations and gaps in these ranges.
 WARMUP_S = 3.0
 COOLDOWN_S = 2.0
-FAULT_DURATION_S = (2.0, 6.0)
+FAULT_DURATION_S = (2.0, 9.0)
 FAULT_GAP_S = (1.0, 4.0)
 DELAY_S = (0.05, 1.0)
 

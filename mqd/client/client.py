@@ -40,6 +40,7 @@ from mqd.protocol.messages import (
     GetQueueRequest,
     HelloResponse,
     ListQueuesRequest,
+    Opcode,
     PeekRequest,
     PingRequest,
     PurgeQueueRequest,
@@ -176,6 +177,27 @@ class RedriveResult(int):
         return f"RedriveResult(moved={int(self)}, problems={self.problems!r})"
 
 
+_IDEMPOTENT_OPS = frozenset(
+    {
+        Opcode.PING,
+        Opcode.LIST_QUEUES,
+        Opcode.GET_QUEUE,
+        Opcode.PEEK,
+        Opcode.STATS,
+        Opcode.DELETE,  # acking an acked message succeeds
+        Opcode.CHANGE_VISIBILITY,
+        Opcode.RECEIVE,  # at worst a message waits out its lease on the lost connection
+    }
+)
+
+
+def _is_idempotent(msg: Any) -> bool:
+    if msg.OPCODE in _IDEMPOTENT_OPS:
+        return True
+    # A send whose every entry has a dedup id is stored once however often it is sent.
+    return msg.OPCODE == Opcode.SEND and all(entry.dedup_id for entry in msg.entries)
+
+
 def _throttle_delay_s(exc: Throttled) -> float:
     """THROTTLED's `retry_after_ms` plus up to half again of jitter (protocol.md §2.3)."""
     retry_after_ms = exc.details.get("retry_after_ms")
@@ -202,12 +224,18 @@ class Client:
         connect_timeout: float = 10.0,
         request_timeout: float = 30.0,
     ) -> None:
+        if isinstance(tls, str | os.PathLike):
+            # A CA file to trust (a cluster's `client_ca`): verify the server against it.
+            tls = ssl.create_default_context(cafile=os.fspath(tls))
         if tls is not None and not isinstance(tls, ssl.SSLContext):
-            raise InvalidArgument(f"tls must be an ssl.SSLContext or None, got {tls!r}")
+            raise InvalidArgument(
+                f"tls must be an ssl.SSLContext, a CA file path or None, got {tls!r}"
+            )
         if token is not None and type(token) is not str:
             raise InvalidArgument("token must be a str or None")
         self._addresses = _parse_addresses(address)
-        self._address_index = 0
+        # Many clients given the same frontends spread over them.
+        self._address_index = random.randrange(len(self._addresses))
         self._tls = tls
         self._token = token
         self._client_name = client_name or f"mqd-python pid={os.getpid()}"
@@ -263,6 +291,8 @@ class Client:
                 return conn
             if conn is not None:
                 await conn.close()
+                # That server went away: try the next address first.
+                self._address_index = (self._address_index + 1) % len(self._addresses)
             self._conn = None
             conn = await self._open()
             if self._closed:  # closed while we were connecting
@@ -280,12 +310,19 @@ class Client:
         on_abandoned: Callable[[Any], None] | None = None,
     ) -> Any:
         deadline: float | None = None
+        reconnects = 0
         while True:
             conn = self._conn
             if conn is None or not conn.usable():
                 conn = await self._connection()
             try:
                 return await conn.request(msg, timeout_s, on_abandoned)
+            except ConnectionClosed:
+                # Another frontend can answer a call that is safe to repeat (protocol.md §7.10).
+                if reconnects >= len(self._addresses) or not _is_idempotent(msg):
+                    raise
+                reconnects += 1
+                continue
             except Throttled as exc:
                 # THROTTLED had no effect (protocol.md §8.3): wait as asked, with jitter so
                 # throttled clients do not return in step, while the call's time allows.

@@ -7,11 +7,13 @@ body. On NOT_LEADER the frontend refreshes its placement and retries once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from mqd.cluster.rpc import PeerPool
 from mqd.cluster.view import PlacementView
-from mqd.errors import NotLeader, QueueNotFound, Unavailable
+from mqd.errors import MqdError, NotLeader, QueueNotFound, Unavailable
 from mqd.metadata import QueueRecord
 from mqd.protocol import codec
 from mqd.protocol.messages import (
@@ -40,6 +42,11 @@ from mqd.protocol.messages import (
     VisibilityChange,
 )
 
+# How long a frontend keeps retrying a call whose partition is failing over
+# (a session timeout to notice the dead leader, plus an election).
+FAILOVER_RETRY_S = 15.0
+RETRY_MIN_S = 0.1
+RETRY_MAX_S = 1.0
 # A partition call that long-polls gets its wait plus this much before the frontend gives up.
 CALL_MARGIN_S = 10.0
 _NO_TIMEOUT = float("inf")
@@ -52,9 +59,24 @@ class RemoteEndpoint:
         self._queue_id = queue_id
         self.index = index
 
-    async def _call(self, opcode: Opcode, inner: Any, *, timeout_s: float | None = None) -> Any:
+    async def _call(
+        self,
+        opcode: Opcode,
+        inner: Any,
+        *,
+        timeout_s: float | None = None,
+        retry: bool = True,
+        idempotent: bool = True,
+    ) -> Any:
+        """Call the partition's leader. NOT_LEADER refreshes placement and tries again at
+        once; UNAVAILABLE (a leader gone, a failover under way, a move) is retried with
+        backoff for up to FAILOVER_RETRY_S when the op is safe to repeat (DESIGN.md §6)."""
         body = codec.encode_body(inner)
-        for attempt in (1, 2):
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + (FAILOVER_RETRY_S if retry else 0)
+        delay = RETRY_MIN_S
+        stale_leader = 0
+        while True:
             placement = self._view.leader(self._queue_id, self.index)
             address = self._view.cluster_address(placement.leader)
             request = PartitionCallRequest(
@@ -62,21 +84,39 @@ class RemoteEndpoint:
             )
             try:
                 response = await self._peers.call(address, request, timeout_s=timeout_s)
-            except (NotLeader, QueueNotFound) as exc:
-                if attempt == 2:
+            except QueueNotFound:
+                if stale_leader:
+                    raise
+                stale_leader += 1
+                await self._view.refresh()
+                continue
+            except (NotLeader, Unavailable) as exc:
+                if isinstance(exc, NotLeader) and stale_leader == 0:
+                    stale_leader += 1
+                    await self._view.refresh()
+                    continue
+                not_applied = isinstance(exc, NotLeader) or exc.details.get("not_applied")
+                if loop.time() + delay > give_up_at or not (idempotent or not_applied):
                     if isinstance(exc, NotLeader):
-                        # Placement is moving under us; the client may retry (protocol.md §7.10).
                         raise Unavailable(
                             f"partition {self.index} is changing leader; retry"
                         ) from exc
                     raise
-                await self._view.refresh()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                with contextlib.suppress(MqdError):
+                    await self._view.refresh()
                 continue
             return codec.decode_body(OPS[opcode][1], response.body)
-        raise AssertionError("unreachable")
 
     async def send(self, queue: QueueRecord, entries: list[SendEntry]) -> list[str]:
-        response = await self._call(Opcode.SEND, SendRequest(queue.name, entries))
+        # A send is repeated after an UNAVAILABLE of unknown outcome only when every
+        # entry has a dedup id: the new leader then stores it once (protocol.md §7.10).
+        response = await self._call(
+            Opcode.SEND,
+            SendRequest(queue.name, entries),
+            idempotent=all(entry.dedup_id for entry in entries),
+        )
         return response.message_ids
 
     async def receive(

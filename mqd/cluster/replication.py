@@ -131,12 +131,16 @@ class LeaderReplication:
                 persist_hw(self.store.directory, self.high_watermark)
 
     def check_writable(self) -> None:
+        """Refuse a write before anything is stored (`not_applied`: safe to retry)."""
         if self._closed:
-            raise Unavailable("this backend no longer leads the partition")
+            raise Unavailable(
+                "this backend no longer leads the partition", details={"not_applied": True}
+            )
         if len(self.isr) < self.min_insync:
             raise Unavailable(
                 f"only {len(self.isr)} in-sync replica(s) ({', '.join(self.isr)}); "
-                f"the queue needs min_insync={self.min_insync}"
+                f"the queue needs min_insync={self.min_insync}",
+                details={"not_applied": True},
             )
 
     async def wait_committed(self, end_offset: int) -> None:

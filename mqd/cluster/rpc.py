@@ -55,7 +55,9 @@ class PeerPool:
                     request_timeout_s=REQUEST_TIMEOUT_S,
                 )
             except (OSError, ConnectionClosed, RequestTimeout, ssl.SSLError) as exc:
-                raise Unavailable(f"node at {address} is unreachable: {exc}") from exc
+                raise Unavailable(
+                    f"node at {address} is unreachable: {exc}", details={"not_applied": True}
+                ) from exc
             self._connections[address] = conn
             return conn
 

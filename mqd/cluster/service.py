@@ -536,7 +536,10 @@ class BackendService:
     ) -> tuple[QueueRecord, LocalEndpoint]:
         """The queue and this node's endpoint for a partition it leads; NOT_LEADER otherwise."""
         if self._is_fenced(queue_id, index):
-            raise Unavailable("the partition is moving to another backend; retry shortly")
+            raise Unavailable(
+                "the partition is moving to another backend; retry shortly",
+                details={"not_applied": True},
+            )
         record = self.view.by_id.get(queue_id)
         if record is None:
             # Placement may be newer than ours (a queue just created): look once.
@@ -552,7 +555,9 @@ class BackendService:
                 await self.view.refresh()
             placement = self.view.leader(queue_id, index)
             if self._released.get((queue_id, index), -1) >= placement.epoch:
-                raise Unavailable("the partition has just moved; retry shortly")
+                raise Unavailable(
+                    "the partition has just moved; retry shortly", details={"not_applied": True}
+                )
         if placement.leader != self.node_id:
             node = self.view.nodes.get(placement.leader)
             raise NotLeader(
