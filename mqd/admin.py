@@ -48,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rebalance.add_argument("--token", default=None)
     rebalance.add_argument("--json", action="store_true", help="print JSON")
     rebalance.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    retire = actions.add_parser(
+        "decommission", help="retire a backend for good: its replicas move to other backends"
+    )
+    retire.add_argument("node", metavar="NODE", help="the backend's node id")
+    retire.add_argument("--address", default=DEFAULT_ADDRESS, help="a frontend (HOST:PORT)")
+    retire.add_argument("--ca", metavar="FILE", help="CA file to trust (TLS client port)")
+    retire.add_argument("--token", default=None)
+    retire.add_argument("--json", action="store_true", help="print JSON")
     _add_auth_arguments(actions)
 
 
@@ -170,9 +178,41 @@ def _print_rebalance(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+async def _decommission(args: argparse.Namespace) -> Any:
+    import mqd.client
+    from mqd.protocol.messages import DecommissionRequest
+
+    tls = ssl.create_default_context(cafile=args.ca) if args.ca else None
+    async with await mqd.client.connect(args.address, tls=tls, token=args.token) as client:
+        return await client._call(DecommissionRequest(node_id=args.node))
+
+
+def _print_decommission(args: argparse.Namespace) -> int:
+    try:
+        answer = asyncio.run(_decommission(args))
+    except MqdError as exc:
+        print(f"mqd admin: {exc}", file=sys.stderr)
+        return 1
+    moves = [
+        {"queue": m.queue, "partition": m.partition, "new_replica": m.target, "status": m.status}
+        for m in answer.moves
+    ]
+    if args.json:
+        print(json.dumps({"placement_version": answer.placement_version, "moves": moves}))
+    else:
+        print(f"{args.node} decommissioned; {len(moves)} replica(s) reassigned")
+        for move in moves:
+            print(
+                f"  {move['queue']} partition {move['partition']}: {move['new_replica'] or '-'}  [{move['status']}]"
+            )
+    return 1 if any(m["status"].startswith("failed") for m in moves) else 0
+
+
 def main(args: argparse.Namespace) -> int:
     if args.admin_command == "rebalance":
         return _print_rebalance(args)
+    if args.admin_command == "decommission":
+        return _print_decommission(args)
     if args.admin_command in ("user", "grant", "revoke", "acl"):
         try:
             return _auth_command(args)

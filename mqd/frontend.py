@@ -689,6 +689,12 @@ async def handle_rebalance(
     return await conn.frontend.router.catalog.rebalance(request.dry_run)
 
 
+async def handle_decommission(
+    conn: ClientConnection, request: messages.DecommissionRequest
+) -> messages.DecommissionResponse:
+    return await conn.frontend.router.catalog.decommission(request.node_id)
+
+
 async def handle_stats(
     conn: ClientConnection, request: messages.StatsRequest
 ) -> messages.StatsResponse:
@@ -711,6 +717,7 @@ HANDLERS: dict[int, Handler] = {
     Opcode.PEEK: handle_peek,
     Opcode.REDRIVE: handle_redrive,
     Opcode.REBALANCE: handle_rebalance,
+    Opcode.DECOMMISSION: handle_decommission,
     Opcode.STATS: handle_stats,
 }
 assert set(HANDLERS) == {op for op in messages.OPS if op < messages.INTERNAL_OPCODE_MIN}, (
@@ -739,6 +746,7 @@ PERMISSIONS: dict[int, tuple[str, str] | None] = {
     Opcode.REDRIVE: ("admin", "queue"),
     Opcode.STATS: ("admin", ""),
     Opcode.REBALANCE: ("admin", ""),
+    Opcode.DECOMMISSION: ("admin", ""),
 }
 assert set(PERMISSIONS) == set(HANDLERS), "every op has a row in the permission table"
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from mqd.errors import ErrorCode, InvalidArgument, QueueNotFound
 from mqd.metadata import QueueRecord
 from mqd.protocol.messages import (
+    DecommissionResponse,
     DeliveredMessage,
     EntryFailure,
     QueueInfo,
@@ -83,6 +84,7 @@ class Catalog(Protocol):
     def stats(self) -> dict[str, Any]: ...
     def stop_long_polls(self) -> None: ...
     async def rebalance(self, dry_run: bool) -> RebalanceResponse: ...
+    async def decommission(self, node_id: str) -> DecommissionResponse: ...
 
 
 def receipt_partition(receipt: str) -> int | None:
@@ -407,6 +409,9 @@ class LocalCatalog:
     async def rebalance(self, dry_run: bool) -> RebalanceResponse:
         """One node holds every partition: nothing to move."""
         return RebalanceResponse(moves=[], placement_version=0)
+
+    async def decommission(self, node_id: str) -> DecommissionResponse:
+        raise InvalidArgument("a single node has no other backend to take its partitions")
 
 
 __all__ = ["Catalog", "LocalCatalog", "PartitionEndpoint", "QueueNotFound", "Router", "merge_stats"]

@@ -61,6 +61,7 @@ from mqd.protocol.messages import (
     VISIBILITY_DEFAULT,
     ChangeVisibilityRequest,
     CreateQueueRequest,
+    DecommissionRequest,
     DeleteQueueRequest,
     DeleteRequest,
     DeliveredMessage,
@@ -974,6 +975,17 @@ def _cmd_rebalance(sh: Shell, call: Call) -> Answer:
     return Answer(data=jsonable(answer), text=text)
 
 
+def _cmd_decommission(sh: Shell, call: Call) -> Answer:
+    answer = sh.request(DecommissionRequest(node_id=call.args["NODE"]))
+    rows = [[m.queue, str(m.partition), m.target or "-", m.status] for m in answer.moves]
+    text = (
+        render_table(["queue", "partition", "new replica", "status"], rows)
+        if rows
+        else f"{call.args['NODE']} held no partitions"
+    )
+    return Answer(data=jsonable(answer), text=text)
+
+
 def _cmd_purge(sh: Shell, call: Call) -> Answer:
     name = call.args["NAME"]
     purged = sh.request(PurgeQueueRequest(name)).purged
@@ -1336,6 +1348,8 @@ _ROWS: tuple[Command, ...] = (
             _cmd_rebalance, (),
             (Option("dry_run", "bool", "only print the plan", "true"),),
             op="REBALANCE"),
+    Command("decommission", "retire a backend: its replicas move elsewhere (DECOMMISSION)",
+            _cmd_decommission, (Param("NODE", "text"),), op="DECOMMISSION"),
     Command("hello", "show the server's HELLO answer for this connection", _cmd_hello,
             read_only=True),
     Command("reconnect", "close the connection and connect again (HELLO)", _cmd_reconnect,

@@ -157,3 +157,42 @@ async def test_writes_refused_below_min_insync(cluster):
 
         await wait_for(rejoined)
         await queue.send(b"three again")
+
+
+async def test_decommission_rereplicates_a_dead_backend(tmp_path: Path):
+    manifest = launcher.create_cluster(tmp_path / "dec", metadata=1, backends=3, frontends=1)
+    fast_failure_detection(manifest)
+    await asyncio.to_thread(launcher.start_cluster, manifest, 90)
+    try:
+        (frontend,) = manifest.by_role("frontend")
+        async with await mqd.client.connect(
+            frontend.client_address, tls=tls_for(manifest)
+        ) as client:
+            queue = await client.create_queue(
+                "retire", replication_factor=2, min_insync=1, partitions=3
+            )
+            sent = set()
+            for _ in range(5):
+                sent |= set(await queue.send_batch([b"x"] * 20))
+            parts = await placement_of(client, "retire")
+            victim = next(r for part in parts for r in part["replicas"])
+            await asyncio.to_thread(launcher.stop_nodes, manifest, [manifest.node(victim)], 0.1)
+
+            from mqd.protocol.messages import DecommissionRequest
+
+            answer = await client._call(DecommissionRequest(node_id=victim))
+            assert answer.moves and all(m.status == "moved" for m in answer.moves)
+            after = await placement_of(client, "retire")
+            assert all(victim not in part["replicas"] for part in after)
+            assert all(len(part["replicas"]) == 2 for part in after)
+
+            async def caught_up() -> bool:
+                return all(len(p["isr"]) == 2 for p in await placement_of(client, "retire"))
+
+            await wait_for(caught_up)
+            seen = await drain(queue, len(sent))
+            assert set(seen) == sent
+    finally:
+        await asyncio.to_thread(
+            launcher.stop_nodes, manifest, manifest.in_order(["frontend", "backend", "metadata"])
+        )

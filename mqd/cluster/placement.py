@@ -393,6 +393,74 @@ class PlacementManager:
                 )
         return moves
 
+    # --- decommission ------------------------------------------------------------------
+
+    async def decommission(self, node_id: str) -> list[PartitionMove]:
+        """Retire a backend: every partition replica it held moves to another live backend
+        (the next on the ring not already a replica), which catches up from the leader and
+        joins the in-sync set; a partition it led first fails over to an in-sync replica."""
+        node = self.nodes.get(node_id)
+        if node is None or "backend" not in node.roles:
+            raise InvalidArgument(f"{node_id!r} is not a backend of this cluster")
+        others = [b for b in self.live_backends() if b != node_id]
+        ring = HashRing(others, vnodes=self._vnodes) if others else None
+        moves: list[PartitionMove] = []
+        for record in self._queues_source():
+            placements = self.placements.get(record.queue_id.hex(), [])
+            changed = False
+            for position, placement in enumerate(placements):
+                if node_id not in placement.replicas:
+                    continue
+                remaining = [r for r in placement.replicas if r != node_id]
+                candidates = (
+                    ring.place(record.queue_id, placement.index, len(others)) if ring else []
+                )
+                replacement = next((c for c in candidates if c not in remaining), None)
+                replicas = remaining + ([replacement] if replacement else [])
+                isr = [r for r in placement.isr if r != node_id]
+                leader, epoch = placement.leader, placement.epoch
+                if leader == node_id:
+                    if not isr:
+                        moves.append(
+                            PartitionMove(
+                                record.name,
+                                placement.index,
+                                node_id,
+                                "",
+                                "failed: no in-sync replica can take over",
+                            )
+                        )
+                        continue
+                    leader, epoch = isr[0], epoch + 1
+                if not replicas:
+                    moves.append(
+                        PartitionMove(
+                            record.name, placement.index, node_id, "", "failed: no other backend"
+                        )
+                    )
+                    continue
+                placements[position] = PartitionPlacement(
+                    placement.index, replicas, leader, epoch, isr or [leader]
+                )
+                changed = True
+                moves.append(
+                    PartitionMove(
+                        record.name,
+                        placement.index,
+                        node_id,
+                        replacement or "",
+                        "moved" if replacement else "dropped: fewer replicas left",
+                    )
+                )
+            if changed:
+                await self._put_placements(record, placements)
+        self.nodes.pop(node_id, None)
+        self._last_seen.pop(node_id, None)
+        await self._store.delete(f"node/{node_id}")
+        await self._bump(f"node {node_id} decommissioned")
+        log.warning("node.decommissioned", node=node_id, replicas_moved=len(moves))
+        return moves
+
     # --- what everyone reads ------------------------------------------------------------
 
     def snapshot(self) -> GetPlacementResponse:

@@ -21,6 +21,8 @@ from mqd.protocol.messages import (
     VISIBILITY_DEFAULT,
     ChangeVisibilityRequest,
     CreateQueueRequest,
+    DecommissionRequest,
+    DecommissionResponse,
     DeleteQueueRequest,
     DeleteRequest,
     DeliveredMessage,
@@ -223,6 +225,11 @@ class RemoteCatalog:
 
     async def rebalance(self, dry_run: bool) -> RebalanceResponse:
         response = await self.view.metadata_call(RebalanceRequest(dry_run), timeout_s=_NO_TIMEOUT)
+        await self.view.refresh()
+        return response
+
+    async def decommission(self, node_id: str) -> DecommissionResponse:
+        response = await self.view.metadata_call(DecommissionRequest(node_id))
         await self.view.refresh()
         return response
 

@@ -243,7 +243,16 @@ async def handle_update_isr(
     return messages.UpdateIsrResponse(placement_version=placement.version)
 
 
+async def handle_meta_decommission(
+    conn: ClientConnection, request: messages.DecommissionRequest
+) -> messages.DecommissionResponse:
+    _, placement = _metadata(conn)
+    moves = await placement.decommission(request.node_id)
+    return messages.DecommissionResponse(moves=moves, placement_version=placement.version)
+
+
 METADATA_HANDLERS: dict[int, Any] = {
+    Opcode.DECOMMISSION: handle_meta_decommission,
     Opcode.UPDATE_ISR: handle_update_isr,
     Opcode.REBALANCE: handle_meta_rebalance,
     Opcode.REGISTER_NODE: handle_register,

@@ -35,6 +35,7 @@ class Opcode(IntEnum):
     REDRIVE = 0x0025
     STATS = 0x0030
     REBALANCE = 0x0040
+    DECOMMISSION = 0x0041
     # Internal ops: node to node over the mutually authenticated cluster port
     # (protocol.md §7). A client port answers them with UNKNOWN_OPCODE.
     REGISTER_NODE = 0x1001
@@ -661,6 +662,25 @@ class RebalanceResponse:
 
 
 @dataclass(slots=True)
+class DecommissionRequest:
+    """Retire a backend for good: its replicas move to other backends (admin)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.DECOMMISSION
+    FIELDS: ClassVar[tuple] = (("node_id", "STR"),)
+    node_id: str
+
+
+@dataclass(slots=True)
+class DecommissionResponse:
+    """One entry per partition replica that moved (`source` = the retired node)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.DECOMMISSION
+    FIELDS: ClassVar[tuple] = (("moves", ("LIST", PartitionMove)), ("placement_version", "U64"))
+    moves: list[PartitionMove] = field(default_factory=list)
+    placement_version: int = 0
+
+
+@dataclass(slots=True)
 class AdoptPartitionRequest:
     """Metadata asks a backend to copy a partition from its current leader."""
 
@@ -840,6 +860,7 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.PARTITION_WAIT: (PartitionWaitRequest, PartitionWaitResponse),
     Opcode.ACCEPT_MOVED: (AcceptMovedRequest, AcceptMovedResponse),
     Opcode.REBALANCE: (RebalanceRequest, RebalanceResponse),
+    Opcode.DECOMMISSION: (DecommissionRequest, DecommissionResponse),
     Opcode.ADOPT_PARTITION: (AdoptPartitionRequest, AdoptPartitionResponse),
     Opcode.EXPORT_PARTITION: (ExportPartitionRequest, ExportPartitionResponse),
     Opcode.FETCH_FILE: (FetchFileRequest, FetchFileResponse),
