@@ -41,7 +41,7 @@ from typing import Any
 import structlog
 
 from mqd.clock import SystemClock
-from mqd.errors import ErrorCode, QueueNotFound
+from mqd.errors import ErrorCode, MqdError, QueueNotFound
 from mqd.protocol.messages import DeliveredMessage, EntryFailure, SendEntry
 from mqd.receipts import ReceiptSigner, message_id
 from mqd.storage import Lease, MessageMeta, NewMessage, PartitionStore, StoredMessage
@@ -112,6 +112,7 @@ class Partition:
         self.dead_letter_sink: DeadLetterSink | None = None
         # Set by a cluster backend on a replicated partition it leads.
         self.replication: Any = None
+        self._late_admits: set[asyncio.Task[None]] = set()
         self._closed = False
         # Cold tier (module docstring).
         self._cold_heads: dict[str, int] = {}
@@ -271,12 +272,25 @@ class Partition:
 
     async def _admit_committed(self, metas: list[MessageMeta]) -> None:
         """Receivers see messages only below the high watermark (DESIGN.md §6)."""
+        if not metas:
+            return
         try:
-            if metas:
-                await self._committed(metas[-1].offset + 1)
-        finally:
-            # Stored here either way: if it commits late, it is still ours to deliver.
-            self._admit(metas)
+            await self._committed(metas[-1].offset + 1)
+        except BaseException:
+            # The sender hears of a failure, but the records are in our log: should they
+            # commit later (the set catches up), they are delivered then, not before.
+            if self.replication is not None:
+                task = asyncio.get_running_loop().create_task(self._admit_when_committed(metas))
+                self._late_admits.add(task)
+                task.add_done_callback(self._late_admits.discard)
+            raise
+        self._admit(metas)
+
+    async def _admit_when_committed(self, metas: list[MessageMeta]) -> None:
+        with contextlib.suppress(MqdError):
+            await self.replication.wait_committed(metas[-1].offset + 1, timeout_s=None)
+            if not self._closed:
+                self._admit(metas)
 
     async def release_all_leases(self) -> int:
         """A new leader makes every in-flight message visible again (protocol.md §7)."""
@@ -935,6 +949,7 @@ class Partition:
 
     async def delete(self, receipts: list[str]) -> list[EntryFailure]:
         """Ack by receipt. Acking a message that is already gone succeeds (idempotent retry)."""
+        self._check_writable()
         self._advance(self._now_ms())
         failures: list[EntryFailure] = []
         offsets: list[int] = []
@@ -1122,6 +1137,8 @@ class Partition:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for task in self._late_admits:
+            task.cancel()
         self._wake_waiters()
 
     async def _stop_pulling(self) -> None:

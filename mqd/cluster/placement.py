@@ -129,7 +129,9 @@ class PlacementManager:
             del key
         for key, value in (await self._store.load("placement/")).items():
             self.placements[key.removeprefix("placement/")] = [
-                PartitionPlacement(p["index"], p["replicas"], p["leader"], p["epoch"])
+                PartitionPlacement(
+                    p["index"], p["replicas"], p["leader"], p["epoch"], p.get("isr", p["replicas"])
+                )
                 for p in value
             ]
         self._liveness = asyncio.create_task(self._liveness_loop())
@@ -404,6 +406,20 @@ class PlacementManager:
             raise InvalidArgument(f"{node_id!r} is not a backend of this cluster")
         others = [b for b in self.live_backends() if b != node_id]
         ring = HashRing(others, vnodes=self._vnodes) if others else None
+        stranded = [
+            f"{record.name}/{placement.index}"
+            for record in self._queues_source()
+            for placement in self.placements.get(record.queue_id.hex(), [])
+            if node_id in placement.replicas and not [r for r in placement.isr if r != node_id]
+        ]
+        if stranded:
+            # Nothing else holds these: retiring the node would lose them. Refuse whole.
+            raise InvalidArgument(
+                f"{node_id} holds the only in-sync copy of {', '.join(stranded[:10])}"
+                + (" …" if len(stranded) > 10 else "")
+                + "; rebalance them to another backend first (mqd admin rebalance) "
+                "or bring the node back"
+            )
         moves: list[PartitionMove] = []
         for record in self._queues_source():
             placements = self.placements.get(record.queue_id.hex(), [])

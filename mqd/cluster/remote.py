@@ -166,7 +166,10 @@ class RemoteEndpoint:
         return response.messages
 
     async def purge(self, queue: QueueRecord) -> int:
-        return (await self._call(Opcode.PURGE_QUEUE, PurgeQueueRequest(queue.name))).purged
+        response = await self._call(
+            Opcode.PURGE_QUEUE, PurgeQueueRequest(queue.name), idempotent=False
+        )
+        return response.purged
 
     async def stats(self, queue: QueueRecord) -> dict[str, Any]:
         return (await self._call(Opcode.GET_QUEUE, GetQueueRequest(queue.name))).queue.stats
@@ -178,6 +181,7 @@ class RemoteEndpoint:
             Opcode.REDRIVE,
             RedriveRequest(queue.name, to, max_messages, rate_per_s),
             timeout_s=_NO_TIMEOUT,
+            idempotent=False,
         )
         return response.moved, response.problems
 

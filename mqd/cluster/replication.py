@@ -143,16 +143,19 @@ class LeaderReplication:
                 details={"not_applied": True},
             )
 
-    async def wait_committed(self, end_offset: int) -> None:
+    async def wait_committed(
+        self, end_offset: int, *, timeout_s: float | None = COMMIT_TIMEOUT_S
+    ) -> None:
         """Return once every record below `end_offset` is below the high watermark."""
         if end_offset <= self.high_watermark:
             return
-        self.check_writable()
+        if timeout_s is not None:
+            self.check_writable()
         future = asyncio.get_running_loop().create_future()
         self._waiter_seq += 1
         heapq.heappush(self._waiters, (end_offset, self._waiter_seq, future))
         try:
-            await asyncio.wait_for(asyncio.shield(future), COMMIT_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:
             raise Unavailable(
                 f"the in-sync replicas did not confirm within {COMMIT_TIMEOUT_S:g} s"
@@ -236,9 +239,17 @@ class LeaderReplication:
                 future.exception()
         self._waiters.clear()
 
-    def update(self, isr: list[str], epoch: int) -> None:
-        """Placement moved on (metadata is the authority on the set)."""
-        if epoch == self.epoch and sorted(isr) != sorted(self.isr):
+    def update(self, isr: list[str], epoch: int, replicas: list[str]) -> None:
+        """Placement moved on (metadata is the authority on the set and the replicas)."""
+        if epoch != self.epoch:
+            return
+        if replicas != self.replicas:
+            # A replica replaced (decommission): the newcomer fetches, catches up, joins.
+            self.replicas = list(replicas)
+            now = time.monotonic()
+            for replica in replicas:
+                self._caught_up_at.setdefault(replica, now)
+        if sorted(isr) != sorted(self.isr):
             self._set_isr(isr)
 
     async def close(self) -> None:

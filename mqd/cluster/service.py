@@ -395,7 +395,7 @@ class BackendService:
                     "partition.opened", queue=record.name, partition=index, epoch=placement.epoch
                 )
         elif leader is not None:
-            leader.update(list(placement.isr), placement.epoch)
+            leader.update(list(placement.isr), placement.epoch, list(placement.replicas))
         self.backend.configure_partitions(record)
 
     async def _stop_leading(self, key: tuple[bytes, int]) -> int:
