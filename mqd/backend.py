@@ -47,6 +47,8 @@ class BackendRole:
         # Where dead letters and redriven messages go; a cluster backend routes them
         # to whichever node leads the target partition.
         self.moved_sink: Callable[[str, list[NewMessage]], Awaitable[None]] = self.append_moved
+        # Set by the node: observes each commit group of every store (mqd.metrics).
+        self.commit_observer: Callable[[int, float], None] | None = None
 
     def partition_dir(self, queue_id: bytes, index: int) -> Path:
         return self._partition_dir(queue_id, index)
@@ -99,6 +101,8 @@ class BackendRole:
                 self._storage_config,
                 **({"clock": self._clock} if self._clock else {}),
             )
+            if self.commit_observer is not None:
+                store.commit_observers.append(self.commit_observer)
             self._partitions[key] = Partition(
                 queue.queue_id,
                 index,
@@ -156,6 +160,9 @@ class BackendRole:
     def backend_count(self) -> int:
         """The single node is its own only backend: one copy of each partition."""
         return 1
+
+    def partitions(self) -> list[Partition]:
+        return list(self._partitions.values())
 
     def has_partition(self, queue_id: bytes, index: int) -> bool:
         return (queue_id, index) in self._partitions

@@ -76,6 +76,14 @@ class AuthSection:
 class LogSection:
     format: str = "auto"  # auto | console | json
     level: str = "info"
+    # A request slower than this gets a `request.slow` log line (0 = never).
+    slow_request_ms: int = 1000
+
+
+@dataclass(slots=True)
+class MetricsSection:
+    # HOST:PORT of the Prometheus endpoint (GET /metrics); empty = off.
+    listen: str = ""
 
 
 @dataclass(slots=True)
@@ -89,6 +97,7 @@ class Config:
     auth: AuthSection = field(default_factory=AuthSection)
     quotas: Quotas = field(default_factory=Quotas)
     log: LogSection = field(default_factory=LogSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     @property
     def data_dir(self) -> Path:
@@ -146,6 +155,12 @@ class Config:
         _validate_auth(self)
         if self.log.format not in ("auto", "console", "json"):
             raise ConfigError(f"log.format: must be auto, console or json, got {self.log.format!r}")
+        if self.metrics.listen:
+            parse_address(self.metrics.listen, key="metrics.listen")
+        if not 0 <= self.log.slow_request_ms <= 3_600_000:
+            raise ConfigError(
+                f"log.slow_request_ms: must be 0 to 3600000, got {self.log.slow_request_ms}"
+            )
         if self.log.level not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 f"log.level: must be debug, info, warning or error, got {self.log.level!r}"

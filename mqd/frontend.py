@@ -63,6 +63,8 @@ class FrontendRole:
     ) -> None:
         self.router = router
         self.handlers = HANDLERS
+        self.metrics: Any = None
+        self.slow_request_s = 1.0
         # Without one, every client is the anonymous principal with every permission.
         self.auth = auth or Authenticator(None, enabled=False, quotas=Quotas())
         self.limits = limits
@@ -109,6 +111,41 @@ class FrontendRole:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def use_metrics(self, metrics: Any, slow_request_ms: int) -> None:
+        self.metrics = metrics
+        self.slow_request_s = slow_request_ms / 1000
+        metrics.connections.set_function(lambda: len(self.connections))
+
+    def observe_request(self, opcode: int, request: Any, started: float, outcome: str) -> None:
+        elapsed = time.perf_counter() - started
+        try:
+            op = Opcode(opcode).name
+        except ValueError:
+            op = f"0x{opcode:04x}"
+        if self.metrics is not None:
+            self.metrics.request_seconds.labels(op).observe(elapsed)
+            if outcome != "ok":
+                self.metrics.request_errors.labels(op, outcome).inc()
+        if (
+            self.slow_request_s
+            and elapsed >= self.slow_request_s
+            and not getattr(request, "wait_ms", 0)
+        ):
+            # A long poll is slow on purpose; everything else this slow is worth a line.
+            log.warning(
+                "request.slow",
+                op=op,
+                queue=getattr(request, "queue", "") or getattr(request, "name", ""),
+                entries=len(
+                    getattr(request, "entries", None)
+                    or getattr(request, "receipts", None)
+                    or getattr(request, "changes", None)
+                    or ()
+                ),
+                elapsed_ms=round(elapsed * 1000, 1),
+                outcome=outcome,
+            )
+
     def stats(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
@@ -118,6 +155,7 @@ class FrontendRole:
             "connections_total": self.connections_total,
             "requests_total": self.requests_total,
             **self.router.catalog.stats(),
+            **({"metrics": self.metrics.snapshot()} if self.metrics is not None else {}),
         }
 
 
@@ -187,6 +225,8 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         self._last_activity = time.monotonic()
+        if self.frontend.metrics is not None:
+            self.frontend.metrics.bytes_received.inc(len(data))
         decoder = self.decoder
         try:
             decoder.feed(data)
@@ -270,6 +310,17 @@ class ClientConnection(asyncio.Protocol):
         task.add_done_callback(self.tasks.discard)
 
     async def _run(self, handler: Handler, request: Any, opcode: int, correlation_id: int) -> None:
+        started = time.perf_counter()
+        outcome = "INTERNAL"
+        try:
+            outcome = await self._answer(handler, request, opcode, correlation_id)
+        finally:
+            self.frontend.observe_request(opcode, request, started, outcome)
+
+    async def _answer(
+        self, handler: Handler, request: Any, opcode: int, correlation_id: int
+    ) -> str:
+        """Run one request and write its answer; the outcome: "ok" or the error code's name."""
         try:
             if opcode != Opcode.HELLO:
                 await self._authorize(opcode, request)
@@ -279,7 +330,7 @@ class ClientConnection(asyncio.Protocol):
                 self._send_fatal(correlation_id, opcode, exc.code, exc.message, exc.details)
             else:
                 self._send_error(correlation_id, opcode, exc.code, exc.message, exc.details)
-            return
+            return exc.code.name
         except asyncio.CancelledError:
             self._send_error(
                 correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down"
@@ -290,8 +341,9 @@ class ClientConnection(asyncio.Protocol):
             self._send_error(
                 correlation_id, opcode, ErrorCode.INTERNAL, "internal error; see the server log"
             )
-            return
+            return "INTERNAL"
         self._write(codec.encode_response(correlation_id, response))
+        return "ok"
 
     # --- output ---------------------------------------------------------------------
 
@@ -307,7 +359,10 @@ class ClientConnection(asyncio.Protocol):
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            self.transport.write(data)
+            if self.frontend.metrics is not None:
+                self.frontend.metrics.bytes_sent.inc(len(data))
 
     def _send_error(
         self,

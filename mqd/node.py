@@ -28,6 +28,7 @@ from mqd.errors import ConfigError
 from mqd.frontend import FrontendRole
 from mqd.log import configure_logging
 from mqd.metadata import Catalog, MetadataRole
+from mqd.metrics import NodeMetrics
 from mqd.receipts import ReceiptSigner, load_or_create_secret
 from mqd.router import LocalCatalog, Router
 
@@ -121,8 +122,12 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
     signer = ReceiptSigner(load_or_create_secret(data_dir / "receipt.key"))
     catalog = await Catalog.open(data_dir / "catalog.db")
     backend = BackendRole(data_dir / "partitions", config.storage, signer)
+    metrics = NodeMetrics()
+    backend.commit_observer = metrics.observe_commit
+    metrics.watch_queues(backend.partitions)
     metadata = MetadataRole(catalog, backend, config.limits, clock=clock)
     frontend: FrontendRole | None = None
+    metrics_server: asyncio.Server | None = None
     try:
         queues = await metadata.start()
         backend.bind_catalog(metadata.lookup)
@@ -140,12 +145,14 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
                 failure_delay_ms=config.auth.failure_delay_ms,
             ),
         )
+        frontend.use_metrics(metrics, config.log.slow_request_ms)
         try:
             address = await frontend.start(host, port, ssl_context)
         except OSError as exc:
             raise ConfigError(
                 f"frontend.listen: cannot listen on {config.frontend.listen}: {exc.strerror}"
             ) from None
+        metrics_server = await _serve_metrics(config, metrics)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -162,6 +169,8 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
         await stop.wait()
         log.info("server.draining")
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         if frontend is not None:
             await frontend.drain(DRAIN_TIMEOUT_S)
         await backend.close()
@@ -186,6 +195,20 @@ def _warn_if_insecure(config: Config) -> None:
             + ("" if config.tls.cert else " in plaintext")
             + ("" if config.auth_enabled else " without authentication"),
         )
+
+
+async def _serve_metrics(config: Config, metrics: NodeMetrics) -> asyncio.Server | None:
+    if not config.metrics.listen:
+        return None
+    host, port = parse_address(config.metrics.listen, key="metrics.listen")
+    try:
+        server, address = await metrics.serve(host, port)
+    except OSError as exc:
+        raise ConfigError(
+            f"metrics.listen: cannot listen on {config.metrics.listen}: {exc.strerror}"
+        ) from None
+    log.info("metrics.listening", address=address, path="/metrics")
+    return server
 
 
 async def _listen(
@@ -240,6 +263,8 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
     cluster_server: ClusterServer | None = None
     frontend: FrontendRole | None = None
     loop = asyncio.get_running_loop()
+    metrics = NodeMetrics()
+    metrics_server: asyncio.Server | None = None
     try:
         if "metadata" in roles:
             placement = PlacementManager(
@@ -257,6 +282,8 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             secret_file = data_dir / "cluster-receipt.key"
             secret = await _cluster_receipt_secret(membership, secret_file, placement)
             backend = BackendRole(data_dir / "partitions", config.storage, ReceiptSigner(secret))
+            backend.commit_observer = metrics.observe_commit
+            metrics.watch_queues(backend.partitions)
             await backend.start([], remove_orphans=False)
             service = BackendService(
                 backend,
@@ -278,6 +305,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             view=view,
             peers=peers,
         )
+        cluster_server.use_metrics(metrics, config.log.slow_request_ms)
         address = await _listen(
             cluster_server, config.cluster.listen, "cluster.listen", cluster_server_context(config)
         )
@@ -292,17 +320,21 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
                 roles=roles,
                 clock=clock,
             )
+            frontend.use_metrics(metrics, config.log.slow_request_ms)
             client_address = await _listen(
                 frontend, config.frontend.listen, "frontend.listen", _server_ssl_context(config)
             )
             log.info(
                 "server.listening", address=client_address, port="client", tls=bool(config.tls.cert)
             )
+        metrics_server = await _serve_metrics(config, metrics)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("server.draining")
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         if frontend is not None:
             await frontend.drain(DRAIN_TIMEOUT_S)
         if cluster_server is not None:

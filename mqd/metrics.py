@@ -1,0 +1,159 @@
+"""Prometheus metrics of a node (DESIGN.md §8), built on `prometheus-client`.
+
+Counters and histograms are updated on the hot path by a handful of calls per
+request or commit group (never per message); per-queue gauges are read from
+the partitions when `/metrics` is scraped. The same figures answer the STATS
+op, so `mqd shell stats` and a Prometheus server see one truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = structlog.get_logger("mqd.metrics")
+
+_LATENCY_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25,
+)  # fmt: skip
+_GROUP_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_HTTP_REQUEST_BYTES_MAX = 8192
+_HTTP_TIMEOUT_S = 5.0
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.request_seconds = Histogram(
+            "mqd_request_seconds", "Time to answer a request, by op.", ["op"],
+            buckets=_LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.request_errors = Counter(
+            "mqd_request_errors", "Requests answered with an error, by op and code.",
+            ["op", "code"], registry=registry,
+        )  # fmt: skip
+        self.connections = Gauge("mqd_connections", "Open client connections.", registry=registry)
+        self.bytes_received = Counter(
+            "mqd_received_bytes", "Bytes read from client connections.", registry=registry
+        )
+        self.bytes_sent = Counter(
+            "mqd_sent_bytes", "Bytes written to client connections.", registry=registry
+        )
+        self.commit_group_records = Histogram(
+            "mqd_commit_group_records", "Records written by one commit group (one write, one fsync).",
+            buckets=_GROUP_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.commit_seconds = Histogram(
+            "mqd_commit_write_seconds", "Time of a commit group's write and fsync.",
+            buckets=_LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+
+    def observe_commit(self, records: int, seconds: float) -> None:
+        self.commit_group_records.observe(records)
+        self.commit_seconds.observe(seconds)
+
+    def watch_queues(self, partitions: Callable[[], Iterable[Any]]) -> None:
+        """Per-queue gauges, read from `partitions()` (objects with .name,
+        .partition_index, .stats(), and optionally .replication) at each scrape."""
+        self.registry.register(_QueueCollector(partitions))
+
+    def snapshot(self) -> dict[str, float]:
+        """Every sample as {"name{label=value,…}": value}: what STATS reports."""
+        figures: dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                figures[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return figures
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def serve(self, host: str, port: int) -> tuple[asyncio.Server, str]:
+        """A minimal HTTP/1.0 endpoint: GET /metrics in the Prometheus text format."""
+        server = await asyncio.start_server(self._handle_http, host, port)
+        sockname = server.sockets[0].getsockname()
+        return server, f"{sockname[0]}:{sockname[1]}"
+
+    async def _handle_http(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HTTP_TIMEOUT_S)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            writer.close()
+            return
+        line = request[:_HTTP_REQUEST_BYTES_MAX].split(b"\r\n", 1)[0].split()
+        if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+            body = self.exposition()
+            head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+        else:
+            body = b"not found: try GET /metrics\n"
+            head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+        writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
+
+_QUEUE_GAUGES = {
+    "visible": ("mqd_queue_visible", "Messages ready to receive."),
+    "in_flight": ("mqd_queue_in_flight", "Messages received and not yet acked or released."),
+    "delayed": ("mqd_queue_delayed", "Messages waiting out a delay."),
+    "oldest_message_age_s": ("mqd_queue_oldest_message_age_seconds", "Age of the oldest message."),
+}
+_QUEUE_COUNTERS = {
+    "sent_total": ("mqd_queue_sent", "Messages sent since start."),
+    "received_total": ("mqd_queue_received", "Deliveries since start."),
+    "acked_total": ("mqd_queue_acked", "Messages acked since start."),
+    "expired_total": ("mqd_queue_expired", "Messages dropped by retention since start."),
+    "dead_lettered_total": ("mqd_queue_dead_lettered", "Messages moved to a DLQ since start."),
+}
+
+
+class _QueueCollector(Collector):
+    def __init__(self, partitions: Callable[[], Iterable[Any]]) -> None:
+        self._partitions = partitions
+
+    def collect(self) -> Iterable[Any]:
+        labels = ["queue", "partition"]
+        gauges = {
+            key: GaugeMetricFamily(name, doc, labels=labels)
+            for key, (name, doc) in _QUEUE_GAUGES.items()
+        }
+        counters = {
+            key: CounterMetricFamily(name, doc, labels=labels)
+            for key, (name, doc) in _QUEUE_COUNTERS.items()
+        }
+        lag = GaugeMetricFamily(
+            "mqd_replication_lag_records",
+            "Records a follower is behind its leader (from the leader's view).",
+            labels=["queue", "partition", "replica"],
+        )
+        for partition in self._partitions():
+            values = [partition.name, str(partition.partition_index)]
+            stats = partition.stats()
+            for key, family in gauges.items():
+                family.add_metric(values, float(stats.get(key, 0)))
+            for key, family in counters.items():
+                family.add_metric(values, float(stats.get(key, 0)))
+            replication = getattr(partition, "replication", None)
+            if replication is not None:
+                end = replication.store.next_offset
+                for replica in replication.replicas:
+                    if replica != replication.node_id:
+                        behind = max(0, end - replication.acked.get(replica, 0))
+                        lag.add_metric([*values, replica], float(behind))
+        yield from gauges.values()
+        yield from counters.values()
+        yield lag

@@ -1,0 +1,56 @@
+"""Observability: the Prometheus endpoint, STATS figures, slow-request lines."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import mqd.client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def http_get(address: str, path: str) -> tuple[int, str]:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
+    metrics_address = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "metrics.toml"
+    config.write_text(f'[metrics]\nlisten = "{metrics_address}"\n\n[log]\nslow_request_ms = 1\n')
+    server = server_factory("m", config=config)
+    async with await mqd.client.connect(server.address) as client:
+        queue = await client.create_queue("observed")
+        await queue.send_batch([b"a", b"b", b"c"])
+        got = await queue.receive(max_messages=2)
+        await queue.ack(got[0])
+        stats = await client.stats()
+
+    status, body = await http_get(metrics_address, "/metrics")
+    assert status == 200
+    assert 'mqd_queue_visible{partition="0",queue="observed"} 1.0' in body
+    assert 'mqd_queue_in_flight{partition="0",queue="observed"} 1.0' in body
+    assert 'mqd_queue_acked_total{partition="0",queue="observed"} 1.0' in body
+    assert 'mqd_request_seconds_count{op="SEND"} 1.0' in body
+    assert "mqd_commit_group_records_count" in body
+    assert "mqd_commit_write_seconds_bucket" in body
+    assert "mqd_connections" in body
+    assert (await http_get(metrics_address, "/nope"))[0] == 404
+
+    figures = stats["metrics"]
+    assert figures["mqd_request_seconds_count{op=SEND}"] == 1.0
+    assert figures["mqd_queue_sent_total{partition=0,queue=observed}"] == 3.0
+    # slow_request_ms = 1: every non-long-poll request is "slow" and says so.
+    assert server.events("request.slow")
