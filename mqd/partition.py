@@ -667,7 +667,9 @@ class Partition:
             self._arm_timer()
         self.received_total += len(taken)
         try:
-            await self.store.lease(leases)
+            # The delivery needs no fsync before it answers (at least once: a lost lease
+            # only makes the message visible again early); its record rides the next group.
+            await self.store.lease(leases, wait=False)
             stored = await self.store.read([meta.offset for meta in taken])
         except BaseException:
             self._undo_delivery(taken)

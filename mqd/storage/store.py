@@ -780,10 +780,24 @@ class PartitionStore:
         if offsets:
             await self._submit(_DELETE, offsets)
 
-    async def lease(self, leases: list[Lease]) -> None:
-        """Record receives / visibility changes; leases of unknown offsets are ignored."""
-        if leases:
-            await self._submit(_LEASE, leases)
+    async def lease(self, leases: list[Lease], *, wait: bool = True) -> None:
+        """Record receives / visibility changes; leases of unknown offsets are ignored.
+
+        With `wait=False` the record goes out with the next commit group and the
+        caller does not wait for it (a receive: losing its lease in a crash only
+        makes the message visible early, which at-least-once delivery allows).
+        """
+        if not leases:
+            return
+        future = self._submit(_LEASE, leases)
+        if wait:
+            await future
+        else:
+            future.add_done_callback(self._report_lost_lease)
+
+    def _report_lost_lease(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._log.warning("lease.write_failed", error=str(future.exception()))
 
     async def purge(self, up_to_offset: int | None = None) -> int:
         """Delete every live message (below `up_to_offset`); returns how many."""
