@@ -215,6 +215,16 @@ class AuthState:
         principal = self.principals.get(name)
         return principal.limits if principal is not None else {}
 
+    @functools.cached_property
+    def version(self) -> int:
+        """A digest of the whole state (never 0): equal versions, equal states. A cluster
+        frontend sends it back to metadata to hear "unchanged" (protocol.md §7.17)."""
+        rows = sorted(principal_row(p) for p in self.principals.values())
+        grants = sorted(grant_row(g) for gs in self.grants.values() for g in gs)
+        text = json.dumps([rows, grants], separators=(",", ":"))
+        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+        return digest or 1
+
 
 # --- the catalog tables (SQL shared by the server's aiosqlite and the CLI's sqlite3) --------
 

@@ -35,16 +35,26 @@ def _serve(args: argparse.Namespace) -> int:
 def _storage(args: argparse.Namespace) -> int:
     from mqd.storage import tools
 
+    if args.storage_command == "keygen":
+        from mqd.storage.crypto import keygen_main
+
+        return keygen_main(args.file)
     path = Path(args.dir)
     if not path.is_dir():
         raise ConfigError(f"DIR: no such directory {args.dir!r}")
     if args.storage_command == "verify":
-        report = tools.verify(path)
+        report = tools.verify(path, keys=tools.load_keys(args.key_file))
         print(report.text(), end="")
         return 0 if report.ok else 1
     if args.storage_command == "dump":
-        tools.dump(path, sys.stdout)
+        tools.dump(path, sys.stdout, keys=tools.load_keys(args.key_file))
         return 0
+    storage_config = None
+    if args.config:
+        from mqd.config import load_config
+
+        # Sealed segments need the node's keys: read them from its config.
+        storage_config = load_config(Path(args.config)).storage
     # Rewriting the index under a running server would race its index writer.
     from mqd.node import DataDirLock
 
@@ -53,7 +63,7 @@ def _storage(args: argparse.Namespace) -> int:
     if lock is not None:
         lock.acquire()
     try:
-        report = tools.rebuild_index(path)
+        report = tools.rebuild_index(path, storage_config)
     finally:
         if lock is not None:
             lock.release()
@@ -101,6 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument(
             "dir", metavar="DIR", help="a data directory or one partition directory"
         )
+        if name == "rebuild-index":
+            action.add_argument(
+                "--config", metavar="FILE", help="the node's config (its [storage] keys)"
+            )
+        else:
+            action.add_argument(
+                "--key-file",
+                action="append",
+                default=[],
+                metavar="FILE",
+                help="storage key file (repeatable): check tags, show sealed bodies",
+            )
+    keygen = storage_commands.add_parser(
+        "keygen", help="write a new random storage key (mode 0600)"
+    )
+    keygen.add_argument("file", metavar="FILE")
     storage.set_defaults(func=_storage)
 
     shell = commands.add_parser("shell", help="interactive protocol shell (telnet-like debugger)")

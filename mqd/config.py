@@ -170,13 +170,7 @@ class Config:
 
 
 def _validate_auth(config: Config) -> None:
-    if config.clustered and "frontend" in config.node.roles and config.auth_enabled:
-        # Refuse rather than serve unauthenticated: protocol.md §8.5.
-        raise ConfigError(
-            "auth: a cluster frontend cannot authenticate clients yet (principals live in the "
-            "single node's catalog only); listen on loopback without [auth] required, or set "
-            "frontend.insecure = true on a trusted network"
-        )
+    # A cluster frontend authenticates against metadata's catalog (protocol.md §8.5).
     if not 0 <= config.auth.failure_delay_ms <= 10_000:
         raise ConfigError(
             f"auth.failure_delay_ms: must be an integer from 0 to 10000, got "

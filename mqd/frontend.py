@@ -27,6 +27,8 @@ from mqd.errors import (
     ProtocolError,
     QueueNotFound,
     ServerError,
+    Throttled,
+    TooManyRequests,
     Unauthenticated,
     Unavailable,
 )
@@ -35,6 +37,7 @@ from mqd.metadata import QueueRecord
 from mqd.protocol import codec, messages
 from mqd.protocol.frame import FLAG_RESPONSE, PROTOCOL_VERSION, Frame, FrameDecoder
 from mqd.protocol.messages import VISIBILITY_DEFAULT, Opcode
+from mqd.protocol.push import encode_push, encode_push_end
 from mqd.router import Router
 
 log = structlog.get_logger("mqd.frontend")
@@ -46,6 +49,13 @@ _ATTRIBUTE_NAME_CHARS = frozenset(
 _PRIORITY_MAX = 9
 # Room left in a RECEIVE response frame for everything but the messages.
 RESPONSE_HEADROOM_BYTES = 64 * 1024
+# A subscription pushes nothing more while the connection's write buffer holds more than
+# this (the client does not read): it looks again every PUSH_ROOM_POLL_S.
+PUSH_BUFFER_BYTES_MAX = 1024 * 1024
+PUSH_ROOM_POLL_S = 0.01
+# A subscription's receive that comes back empty sooner than this (a partition closing,
+# a draining node) is followed by a pause as long, so it never spins.
+PUSH_EMPTY_FAST_S = 0.05
 
 
 class FrontendRole:
@@ -97,6 +107,8 @@ class FrontendRole:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        for conn in list(self.connections):
+            conn.end_subscriptions(ErrorCode.UNAVAILABLE, "the server is shutting down")
         self.router.catalog.stop_long_polls()
         await self.finish(timeout_s)
 
@@ -154,6 +166,7 @@ class FrontendRole:
             "connections": len(self.connections),
             "connections_total": self.connections_total,
             "requests_total": self.requests_total,
+            "subscriptions": sum(len(conn.subscriptions) for conn in self.connections),
             **self.router.catalog.stats(),
             **({"metrics": self.metrics.snapshot()} if self.metrics is not None else {}),
         }
@@ -178,11 +191,21 @@ class ClientConnection(asyncio.Protocol):
         self._counted = False
         self._close_after_error = False
         self._login: asyncio.Task[None] | None = None
+        # Push subscriptions by the id the client gave them (protocol.md §4.18).
+        self.subscriptions: dict[int, Subscription] = {}
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._closing = False
         self._last_activity = time.monotonic()
+        # The connection's one timer (`_on_timer`) checks every deadline of §1.7; `_timer_due`
+        # is when it fires, on the time.monotonic() clock.
+        self._opened_at = self._last_activity
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+        # When the first byte of the frame now partly in the decoder arrived; None = no
+        # partial frame (protocol.md §1.7, frame_timeout_ms).
+        self._frame_started: float | None = None
+        self._reading_paused = False
         self._loop = asyncio.get_running_loop()
 
     # --- transport callbacks ----------------------------------------------------
@@ -202,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         self.frontend.connections.add(self)
-        self._timer = self._loop.call_later(self.limits.handshake_timeout_ms / 1000, self._on_timer)
+        self._arm_timer(self._opened_at + self.limits.handshake_timeout_ms / 1000)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -211,15 +234,23 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         # Requests already running finish (their effects are durable); answers are dropped.
+        # Subscriptions end: what they pushed keeps its lease (protocol.md §4.18).
+        self.end_subscriptions()
 
     def pause_writing(self) -> None:
         # The peer reads slower than we answer: stop reading its requests until it catches up.
         if self.transport is not None:
             self.transport.pause_reading()
+            self._reading_paused = True
 
     def resume_writing(self) -> None:
         if self.transport is not None and not self._closing:
             self.transport.resume_reading()
+            self._reading_paused = False
+            if self._frame_started is not None:
+                # While we did not read, a partial frame waited on us, not on the peer.
+                self._frame_started = time.monotonic()
+                self._arm_timer(self._frame_started + self.limits.frame_timeout_ms / 1000)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -228,30 +259,76 @@ class ClientConnection(asyncio.Protocol):
         if self.frontend.metrics is not None:
             self.frontend.metrics.bytes_received.inc(len(data))
         decoder = self.decoder
+        completed = False
         try:
             decoder.feed(data)
             while not self._closing:
                 frame = decoder.next_frame()
                 if frame is None:
                     break
+                completed = True
                 self._on_frame(frame)
         except ServerError as exc:
             # Broken framing: we can no longer find frame boundaries (protocol.md §1).
             self._send_fatal(0, 0, exc.code, exc.message)
+            return
+        if self._closing:
+            return
+        # Every whole frame was taken out above, so what is left is the start of one
+        # frame: it must be whole within frame_timeout_ms of its first byte (§1.7).
+        if not decoder.buffered_bytes:
+            self._frame_started = None
+        elif completed or self._frame_started is None:
+            self._frame_started = self._last_activity
+            self._arm_timer(self._last_activity + self.limits.frame_timeout_ms / 1000)
+
+    def _arm_timer(self, due: float) -> None:
+        """Make sure `_on_timer` runs by `due` (time.monotonic()); a later timer moves up."""
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self._loop.call_later(max(0.0, due - time.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
+        """Check the deadlines of protocol.md §1.7, then sleep until the next one."""
         self._timer = None
         if self._closing:
             return
+        limits = self.limits
+        now = time.monotonic()
         if not self.hello_done:
-            self._send_fatal(0, 0, ErrorCode.TIMEOUT, "no HELLO within handshake_timeout_ms")
-            return
-        idle_s = self.limits.idle_timeout_ms / 1000
-        quiet_s = time.monotonic() - self._last_activity
-        if not self.tasks and quiet_s >= idle_s:
-            self._send_fatal(0, 0, ErrorCode.TIMEOUT, "connection idle for idle_timeout_ms")
-            return
-        self._timer = self._loop.call_later(max(1.0, idle_s - quiet_s), self._on_timer)
+            due = self._opened_at + limits.handshake_timeout_ms / 1000
+            if now >= due:
+                self._send_fatal(0, 0, ErrorCode.TIMEOUT, "no HELLO within handshake_timeout_ms")
+                return
+        else:
+            idle_s = limits.idle_timeout_ms / 1000
+            quiet_s = now - self._last_activity
+            if not self.tasks and quiet_s >= idle_s:
+                self._send_fatal(0, 0, ErrorCode.TIMEOUT, "connection idle for idle_timeout_ms")
+                return
+            due = now + max(1.0, idle_s - quiet_s)
+        started = self._frame_started
+        if started is not None and not self._reading_paused:
+            frame_due = started + limits.frame_timeout_ms / 1000
+            if now >= frame_due:
+                # Late, but still arriving at frame_bytes_per_s_min on average (a large
+                # frame on a slow link): look again in a second. A stalled one is cut.
+                rate_min = limits.frame_bytes_per_s_min
+                if not rate_min or self.decoder.buffered_bytes < rate_min * (now - started):
+                    self._send_fatal(
+                        0,
+                        0,
+                        ErrorCode.TIMEOUT,
+                        "a frame did not arrive whole within frame_timeout_ms",
+                        {"frame_bytes_received": self.decoder.buffered_bytes},
+                    )
+                    return
+                frame_due = now + 1.0
+            due = min(due, frame_due)
+        self._arm_timer(due)
 
     # --- frames -------------------------------------------------------------------
 
@@ -394,6 +471,7 @@ class ClientConnection(asyncio.Protocol):
         self._closing = True
         self.frontend.connections.discard(self)
         self._uncount()
+        self.end_subscriptions()
         if self.transport is not None:
             self.transport.close()
 
@@ -460,6 +538,154 @@ class ClientConnection(asyncio.Protocol):
             raise BatchTooLarge(
                 f"{what}: {count} entries; at most batch_messages_max={self.limits.batch_messages_max}"
             )
+
+    # --- push subscriptions (protocol.md §4.18) ---------------------------------------------
+
+    def end_subscriptions(self, code: ErrorCode | None = None, message: str = "") -> None:
+        """End every subscription: with an end frame saying why, or silently (closing)."""
+        for subscription in list(self.subscriptions.values()):
+            subscription.end(code, message)
+
+    async def push_room(self) -> None:
+        """Wait while the client leaves our pushes unread (protocol.md §1.7 backpressure).
+
+        A poll, only while the buffer is over the mark: it keeps pushes out of the
+        transport callbacks, whose pause also stops reading requests.
+        """
+        transport = self.transport
+        while (  # noqa: ASYNC110
+            transport is not None
+            and not self._closing
+            and transport.get_write_buffer_size() > PUSH_BUFFER_BYTES_MAX
+        ):
+            await asyncio.sleep(PUSH_ROOM_POLL_S)
+
+
+class Subscription:
+    """One push subscription (protocol.md §4.18): while it holds credits, a task
+    receives for its subscriber, exactly as a long-poll RECEIVE would (so through
+    `Router`, on a single node and through a cluster frontend alike), and pushes
+    each batch as one DELIVER frame. It parks at 0 credits until a GRANT.
+
+    The task counts among the connection's `tasks`, like a long poll: it keeps
+    the connection from idling out and takes one of requests_in_flight_max.
+    """
+
+    def __init__(self, conn: ClientConnection, request: messages.SubscribeRequest) -> None:
+        self.conn = conn
+        self.request = request
+        self.subscription_id = request.subscription_id
+        self.credits = request.credits
+        self.pushed_total = 0
+        self._granted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ended = False
+
+    def start(self) -> None:
+        conn = self.conn
+        conn.subscriptions[self.subscription_id] = self
+        task = conn._loop.create_task(
+            self._run(), name=f"mqd-subscription {self.request.queue} {self.subscription_id}"
+        )
+        self._task = task
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
+
+    def grant(self, credits: int) -> int:
+        limit = self.conn.limits.subscription_credits_max
+        if self.credits + credits > limit:
+            raise InvalidArgument(
+                f"GRANT: {self.credits} credits + {credits} exceeds "
+                f"subscription_credits_max={limit}"
+            )
+        self.credits += credits
+        if self.credits:
+            self._granted.set()
+        return self.credits
+
+    async def stop(self) -> None:
+        """UNSUBSCRIBE: no push for it is written after this returns."""
+        self.end(None, "")
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def end(self, code: ErrorCode | None, message: str, details: dict | None = None) -> None:
+        """Forget the subscription, stop its task, and tell the client if `code` is given."""
+        if self._ended:
+            return
+        self._ended = True
+        conn = self.conn
+        if conn.subscriptions.get(self.subscription_id) is self:
+            del conn.subscriptions[self.subscription_id]
+        if code is not None:
+            conn._write(encode_push_end(self.subscription_id, code, message, details))
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            # On a single node a receive cancelled mid-way gives its messages back;
+            # through a cluster frontend they may wait out their lease instead.
+            task.cancel()
+
+    async def _run(self) -> None:
+        conn = self.conn
+        frontend = conn.frontend
+        limits = conn.limits
+        request = self.request
+        loop = conn._loop
+        try:
+            while True:
+                if frontend.draining:
+                    raise Unavailable("the server is shutting down")
+                if self.credits <= 0:
+                    self._granted.clear()
+                    await self._granted.wait()
+                    continue
+                await conn.push_room()
+                # Each batch is authorized like a RECEIVE: a revoked grant or a rotated
+                # token ends the subscription (FORBIDDEN, UNAUTHENTICATED).
+                await conn._authorize(Opcode.SUBSCRIBE, request)
+                record = await conn.queue(request.queue)
+                visibility = _subscription_visibility_ms(limits, record, request)
+                assert conn.session is not None
+                try:
+                    frontend.auth.admit(conn.session, 1, 1, take=False)
+                except Throttled as exc:
+                    # Over quota (protocol.md §8.3): wait as long as a client would be told to.
+                    await asyncio.sleep(exc.details.get("retry_after_ms", 100) / 1000)
+                    continue
+                started = loop.time()
+                delivered = await frontend.router.receive(
+                    record,
+                    min(self.credits, limits.batch_messages_max),
+                    limits.receive_wait_ms_max,
+                    visibility,
+                    limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES,
+                )
+                if not delivered:
+                    if loop.time() - started < PUSH_EMPTY_FAST_S:
+                        await asyncio.sleep(PUSH_EMPTY_FAST_S)
+                    continue
+                assert len(delivered) <= self.credits
+                _charge_delivered(conn, delivered)
+                self.credits -= len(delivered)
+                self.pushed_total += len(delivered)
+                conn._write(encode_push(self.subscription_id, messages.DeliverPush(delivered)))
+        except ServerError as exc:
+            self.end(exc.code, exc.message, exc.details)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("subscription.failed", queue=request.queue, peer=conn.peer)
+            self.end(ErrorCode.INTERNAL, "internal error; see the server log")
+
+
+def _subscription_visibility_ms(
+    limits: Limits, record: QueueRecord, request: messages.SubscribeRequest
+) -> int:
+    milliseconds = visibility_ms(limits, record, request.visibility_timeout_ms)
+    if milliseconds == 0:
+        # A lease of 0 leaves pushed messages ready: they would be pushed again at once.
+        raise InvalidArgument("a subscription needs a visibility timeout above 0")
+    return milliseconds
 
 
 # --- handlers (one per opcode) -----------------------------------------------------
@@ -738,6 +964,54 @@ async def handle_redrive(
     return messages.RedriveResponse(moved=moved, problems=problems)
 
 
+async def handle_subscribe(
+    conn: ClientConnection, request: messages.SubscribeRequest
+) -> messages.SubscribeResponse:
+    record = await conn.queue(request.queue)
+    limits = conn.limits
+    if request.subscription_id == 0:
+        raise InvalidArgument("subscription_id must be 1 or more")
+    if request.subscription_id in conn.subscriptions:
+        raise InvalidArgument(
+            f"subscription {request.subscription_id} is already open on this connection"
+        )
+    if len(conn.subscriptions) >= limits.subscriptions_per_connection_max:
+        raise TooManyRequests(
+            f"more than subscriptions_per_connection_max={limits.subscriptions_per_connection_max} "
+            "subscriptions on this connection"
+        )
+    if request.credits > limits.subscription_credits_max:
+        raise InvalidArgument(
+            f"credits {request.credits} exceeds subscription_credits_max={limits.subscription_credits_max}"
+        )
+    visibility = _subscription_visibility_ms(limits, record, request)
+    if conn.frontend.draining:
+        raise Unavailable("the server is shutting down")
+    # The task's first step runs after this answer is queued, so the answer comes first.
+    Subscription(conn, request).start()
+    return messages.SubscribeResponse(visibility_timeout_ms=visibility)
+
+
+async def handle_grant(
+    conn: ClientConnection, request: messages.GrantRequest
+) -> messages.GrantResponse:
+    subscription = conn.subscriptions.get(request.subscription_id)
+    if subscription is None:
+        raise InvalidArgument(
+            f"no subscription {request.subscription_id} on this connection (it may have ended)"
+        )
+    return messages.GrantResponse(credits=subscription.grant(request.credits))
+
+
+async def handle_unsubscribe(
+    conn: ClientConnection, request: messages.UnsubscribeRequest
+) -> messages.UnsubscribeResponse:
+    subscription = conn.subscriptions.get(request.subscription_id)
+    if subscription is not None:
+        await subscription.stop()
+    return messages.UnsubscribeResponse()
+
+
 async def handle_rebalance(
     conn: ClientConnection, request: messages.RebalanceRequest
 ) -> messages.RebalanceResponse:
@@ -771,6 +1045,9 @@ HANDLERS: dict[int, Handler] = {
     Opcode.CHANGE_VISIBILITY: handle_change_visibility,
     Opcode.PEEK: handle_peek,
     Opcode.REDRIVE: handle_redrive,
+    Opcode.SUBSCRIBE: handle_subscribe,
+    Opcode.GRANT: handle_grant,
+    Opcode.UNSUBSCRIBE: handle_unsubscribe,
     Opcode.REBALANCE: handle_rebalance,
     Opcode.DECOMMISSION: handle_decommission,
     Opcode.STATS: handle_stats,
@@ -799,6 +1076,11 @@ PERMISSIONS: dict[int, tuple[str, str] | None] = {
     Opcode.CHANGE_VISIBILITY: ("receive", "queue"),
     Opcode.PEEK: ("receive", "queue"),
     Opcode.REDRIVE: ("admin", "queue"),
+    Opcode.SUBSCRIBE: ("receive", "queue"),
+    # A subscription belongs to its connection; SUBSCRIBE checked (and each batch
+    # re-checks) the permission.
+    Opcode.GRANT: None,
+    Opcode.UNSUBSCRIBE: None,
     Opcode.STATS: ("admin", ""),
     Opcode.REBALANCE: ("admin", ""),
     Opcode.DECOMMISSION: ("admin", ""),

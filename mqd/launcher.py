@@ -14,6 +14,7 @@ manifest every other subcommand reads. Each node is then a background
 data dir, log file and pid file under `D/nodes/ID/`:
 
     D/cluster.json
+    D/root.token  (principal root's token, mode 0600; used when [auth] is on)
     D/certs/ca.pem, ca.key, ID.pem, ID.key
     D/nodes/ID/config.toml, node.log, pid, data/
 
@@ -63,6 +64,8 @@ HEARTBEAT_INTERVAL_MS = 1000
 CERT_SANS = ("localhost", "127.0.0.1")
 
 LISTENING_EVENT = "server.listening"
+# The token of principal `root`, made with the cluster (protocol.md §8.5).
+ROOT_TOKEN_NAME = "root.token"
 
 
 class LauncherError(Exception):
@@ -335,8 +338,53 @@ def create_cluster(directory: Path, *, metadata: int, backends: int, frontends: 
     for node in manifest.nodes:
         manifest.path(node.data_dir).mkdir(parents=True, exist_ok=True)
         _write_atomic(manifest.path(node.config), render_config(manifest, node))
+    _create_root(manifest)
     manifest.save()
     return manifest
+
+
+def _create_root(manifest: Manifest) -> None:
+    """Principal `root` in every metadata node's catalog, its token in D/root.token (0600).
+
+    Written before the nodes first start, as `mqd admin user add root --data-dir`
+    would; authentication stays off unless a node's config turns it on.
+    """
+    import sqlite3
+
+    from mqd import auth
+
+    path = manifest.path(ROOT_TOKEN_NAME)
+    if path.exists():
+        return
+    token_id, secret, token = auth.new_token()
+    root = auth.Principal(
+        auth.ROOT, token_id, auth.make_verifier(secret), int(time.time() * 1000), {}
+    )
+    for node in manifest.by_role("metadata"):
+        db = sqlite3.connect(manifest.path(node.data_dir) / "catalog.db", isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            for statement in auth.SCHEMA:
+                db.execute(statement)
+            db.execute(auth.PUT_PRINCIPAL, auth.principal_row(root))
+        finally:
+            db.close()
+    temp = path.with_name(path.name + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def root_token(manifest: Manifest) -> str | None:
+    """Principal root's token (D/root.token), if the cluster has one."""
+    try:
+        return manifest.path(ROOT_TOKEN_NAME).read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -569,14 +617,16 @@ def client_ssl_context(ca_path: Path | str) -> ssl.SSLContext:
 
 
 async def frontend_cluster_view(
-    address: str, ca_path: Path, timeout_s: float = PROBE_TIMEOUT_S
+    address: str, ca_path: Path, timeout_s: float = PROBE_TIMEOUT_S, token: str | None = None
 ) -> dict[str, Any]:
-    """`stats()["cluster"]` of one frontend, over TLS trusting the cluster CA."""
+    """`stats()["cluster"]` of one frontend, over TLS trusting the cluster CA (as `token`'s
+    principal: root's, in case authentication is on)."""
     from mqd.client import connect
 
     client = await connect(
         address,
         tls=client_ssl_context(ca_path),
+        token=token,
         client_name="mqd-cluster",
         connect_timeout=timeout_s,
         request_timeout=timeout_s,
@@ -644,6 +694,7 @@ async def _wait_ready(
                         node.client_address,
                         manifest.client_ca,
                         timeout_s=min(PROBE_TIMEOUT_S, remaining),
+                        token=root_token(manifest),
                     )
                 except Exception as exc:  # any failure is "not yet"; the deadline bounds it
                     watch.ready = False
@@ -862,6 +913,11 @@ def _start(args: argparse.Namespace, directory: Path) -> int:
             for name, count in counts.items()
         }
         manifest = create_cluster(directory, **sizes)
+        print(
+            f"principal root's token is in {manifest.path(ROOT_TOKEN_NAME)} (mode 0600); "
+            "authentication is off unless the nodes' configs set [auth] required = true",
+            file=sys.stderr,
+        )
     start_cluster(manifest, timeout_s=args.timeout)
     if getattr(args, "json", False):
         print(json.dumps(cluster_status(manifest), indent=2))

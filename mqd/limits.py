@@ -28,6 +28,12 @@ class Limits:
     queue_name_chars_max: int = 80
     handshake_timeout_ms: int = 10_000
     idle_timeout_ms: int = 300_000
+    # Push subscriptions (protocol.md §4.18): open at once on one connection, and the
+    # credits (messages it may push unacknowledged by a GRANT) one may hold.
+    subscriptions_per_connection_max: int = 64
+    subscription_credits_max: int = 10_000
+    frame_timeout_ms: int = 30_000
+    frame_bytes_per_s_min: int = 16_384
 
     @property
     def frame_bytes_max(self) -> int:
@@ -46,6 +52,10 @@ class Limits:
             "queue_name_chars_max": (1, 80),
             "handshake_timeout_ms": (100, 600_000),
             "idle_timeout_ms": (1000, 86_400_000),
+            "subscriptions_per_connection_max": (1, 65_536),
+            "subscription_credits_max": (1, 1_000_000),
+            "frame_timeout_ms": (100, 3_600_000),
+            "frame_bytes_per_s_min": (0, 1 << 30),
         }
         for name, (low, high) in bounds.items():
             value = getattr(self, name)

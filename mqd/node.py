@@ -229,7 +229,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
     frontend routes clients with a cached placement (DESIGN.md §2, §6).
     """
     from mqd.cluster.placement import PlacementManager, RecordStore
-    from mqd.cluster.remote import RemoteCatalog
+    from mqd.cluster.remote import RemoteAuthCatalog, RemoteCatalog
     from mqd.cluster.rpc import PeerPool
     from mqd.cluster.service import BackendService, ClusterServer, Membership
     from mqd.cluster.tls import cluster_client_context, cluster_server_context
@@ -313,20 +313,36 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
         membership.start()
         view.start()
         if "frontend" in roles:
+            # Principals and grants live in metadata's catalog: a cached copy (protocol.md
+            # §7.17, §8.5), fetched once now so the first HELLO finds it.
+            auth_catalog = RemoteAuthCatalog(view) if config.auth_enabled else None
+            if auth_catalog is not None:
+                await auth_catalog.refresh_auth()
             frontend = FrontendRole(
                 router=Router(RemoteCatalog(view, peers)),
                 limits=config.limits,
                 node_id=node_id,
                 roles=roles,
                 clock=clock,
+                auth=Authenticator(
+                    auth_catalog,
+                    enabled=config.auth_enabled,
+                    quotas=config.quotas,
+                    failure_delay_ms=config.auth.failure_delay_ms,
+                ),
             )
             frontend.use_metrics(metrics, config.log.slow_request_ms)
             client_address = await _listen(
                 frontend, config.frontend.listen, "frontend.listen", _server_ssl_context(config)
             )
             log.info(
-                "server.listening", address=client_address, port="client", tls=bool(config.tls.cert)
+                "server.listening",
+                address=client_address,
+                port="client",
+                tls=bool(config.tls.cert),
+                auth=config.auth_enabled,
             )
+            _warn_if_insecure(config)
         metrics_server = await _serve_metrics(config, metrics)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)

@@ -459,7 +459,8 @@ def test_root_has_everything_and_others_only_their_grants():
     assert state.visible("a", "x-1") and not state.visible("b", "x-1")
 
 
-def test_a_cluster_frontend_refuses_to_start_with_authentication_on(tmp_path):
+def test_a_cluster_frontend_starts_with_authentication_on(tmp_path):
+    """It authenticates against metadata's catalog (protocol.md §8.5, tests/test_cluster_auth.py)."""
     certs = tmp_path / "certs"
     init_ca(certs)
     issue(certs, "f1", ["localhost"])
@@ -470,5 +471,4 @@ def test_a_cluster_frontend_refuses_to_start_with_authentication_on(tmp_path):
         f"[tls]\ncert = '{certs / 'f1.pem'}'\nkey = '{certs / 'f1.key'}'\nca = '{certs / 'ca.pem'}'\n"
         + AUTH_REQUIRED,
     )
-    with pytest.raises(ConfigError, match="cluster frontend cannot authenticate"):
-        load_config(path)
+    assert load_config(path).auth_enabled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from pathlib import Path
@@ -69,7 +70,8 @@ async def test_sealed_end_to_end_restart_and_wrong_key(server_factory, tmp_path:
     keygen(key_b)
     for config in (None, _config(tmp_path, "b.toml", str(key_b))):
         probe = ServerProcess(server.data_dir, config=config)
-        result = subprocess.run(
+        result = await asyncio.to_thread(
+            subprocess.run,
             probe.command(),
             capture_output=True,
             text=True,

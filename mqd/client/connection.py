@@ -31,12 +31,14 @@ from mqd.errors import (
 from mqd.protocol.codec import decode_response, encode_request
 from mqd.protocol.frame import (
     FLAG_ERROR,
+    FLAG_PUSH,
     PREFIX_BYTES,
     PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN,
     Frame,
 )
 from mqd.protocol.messages import ErrorBody, HelloRequest, HelloResponse, Opcode
+from mqd.protocol.push import decode_push
 
 from .transport import FrameProtocol, open_frame_connection
 
@@ -56,6 +58,10 @@ RESPONSE_FRAME_BYTES_MAX = 256 * 1024 * 1024
 # skip it. A server restart takes far longer (about 0.2 s measured).
 IDLE_CHECK_S = 0.005
 _CORRELATION_ID_MAX = 0xFFFFFFFF
+
+# What a subscription's listener is handed: the DeliverPush or ErrorBody of one push
+# frame (protocol.md §4.18), or ConnectionClosed when the connection is gone.
+PushListener = Callable[[Any], None]
 
 
 def _limit(limits: dict[str, Any], name: str) -> int:
@@ -82,6 +88,9 @@ class Connection:
         self._closed_cause: BaseException | None = None
         self._lost_waiter: asyncio.Future[None] = self._loop.create_future()
         self._last_alive = self._loop.time()
+        # Push subscriptions by id (protocol.md §4.18); the client picks the ids.
+        self._push_listeners: dict[int, PushListener] = {}
+        self._next_subscription_id = 0
         # Set from the HELLO response.
         self.hello: HelloResponse | None = None
         self.limits: dict[str, Any] = {}
@@ -307,10 +316,50 @@ class Connection:
                 )
             )
 
+    # --- push subscriptions ------------------------------------------------------
+
+    def add_push_listener(self, listener: PushListener) -> int:
+        """Reserve a subscription id whose push frames go to `listener` (before SUBSCRIBE).
+
+        The listener gets each push body in order, then ConnectionClosed if the
+        connection is lost first; `remove_push_listener` frees the id.
+        """
+        if self._closed_reason is not None:
+            raise self._closed_error()
+        listeners = self._push_listeners
+        sid = self._next_subscription_id % _CORRELATION_ID_MAX + 1
+        while sid in listeners:
+            sid = sid % _CORRELATION_ID_MAX + 1
+        self._next_subscription_id = sid
+        listeners[sid] = listener
+        return sid
+
+    def remove_push_listener(self, subscription_id: int) -> None:
+        self._push_listeners.pop(subscription_id, None)
+
+    def _on_push(self, frame: Frame) -> None:
+        try:
+            body = decode_push(frame)
+        except Exception as exc:
+            raise ProtocolError(
+                f"undecodable push frame for subscription {frame.correlation_id}: {exc}"
+            ) from exc  # the transport aborts the connection
+        listener = self._push_listeners.get(frame.correlation_id)
+        if listener is None:
+            # The server pushes only between SUBSCRIBE and the end of the subscription,
+            # and we drop a listener only after that: a broken server.
+            raise ProtocolError(f"a push for unknown subscription {frame.correlation_id}")
+        if isinstance(body, ErrorBody):
+            self._push_listeners.pop(frame.correlation_id, None)
+        listener(body)
+
     # --- frames from the transport ---------------------------------------------
 
     def _on_frame(self, frame: Frame) -> None:
         self._last_alive = self._loop.time()
+        if frame.flags & FLAG_PUSH:
+            self._on_push(frame)
+            return
         future = self._pending.pop(frame.correlation_id, None)
         if future is None or future.done():
             if frame.flags & FLAG_ERROR:
@@ -365,6 +414,9 @@ class Connection:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(self._closed_error())
+        listeners, self._push_listeners = self._push_listeners, {}
+        for listener in listeners.values():
+            listener(self._closed_error())
 
     # --- closing -----------------------------------------------------------------
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
+import structlog
+
+from mqd import auth
 from mqd.cluster.rpc import PeerPool
 from mqd.cluster.view import PlacementView
 from mqd.errors import MqdError, NotLeader, QueueNotFound, Unavailable
@@ -19,6 +23,9 @@ from mqd.protocol import codec
 from mqd.protocol.messages import (
     OPS,
     VISIBILITY_DEFAULT,
+    AuthGrant,
+    AuthSnapshotRequest,
+    AuthSnapshotResponse,
     ChangeVisibilityRequest,
     CreateQueueRequest,
     DecommissionRequest,
@@ -43,6 +50,8 @@ from mqd.protocol.messages import (
     SetQueueAttributesRequest,
     VisibilityChange,
 )
+
+log = structlog.get_logger("mqd.cluster.remote")
 
 # How long a frontend keeps retrying a call whose partition is failing over
 # (a session timeout to notice the dead leader, plus an election).
@@ -241,4 +250,89 @@ class RemoteCatalog:
         """Long polls run on the backends; a draining frontend just stops waiting for them."""
 
 
-__all__ = ["VISIBILITY_DEFAULT", "RemoteCatalog", "RemoteEndpoint"]
+# An auth snapshot call gives up after this long (a HELLO waits for it) …
+AUTH_CALL_TIMEOUT_S = 2.0
+# … and after a failure the cached snapshot is used without asking for this long.
+AUTH_RETRY_S = 1.0
+
+
+class RemoteAuthCatalog:
+    """A cluster frontend's `auth.AuthCatalog`: a cached copy of the principals and
+    grants in the metadata role's catalog, fetched with AUTH_SNAPSHOT (protocol.md §7.17).
+
+    `Authenticator` refreshes it at every HELLO and at most every second otherwise;
+    a refresh costs one small call (metadata answers "unchanged" to the version it
+    holds). While metadata is unreachable the last snapshot stays in use, so known
+    tokens keep logging in and grants keep being enforced.
+    """
+
+    def __init__(self, view: PlacementView, *, monotonic: Any = time.monotonic) -> None:
+        self._view = view
+        self._monotonic = monotonic
+        self._state = auth.AuthState()
+        self._version = 0
+        self._failed_s: float | None = None
+        # One call at a time, so an older answer never replaces a newer one.
+        self._calling = asyncio.Lock()
+
+    @property
+    def version(self) -> int:
+        """The version of the cached snapshot; 0 before the first one arrived."""
+        return self._version
+
+    def auth_state(self) -> auth.AuthState:
+        return self._state
+
+    async def refresh_auth(self) -> auth.AuthState:
+        """The latest snapshot, or the cached one if metadata does not answer."""
+        if (
+            self._failed_s is not None
+            and self._version
+            and self._monotonic() - self._failed_s < AUTH_RETRY_S
+        ):
+            return self._state
+        try:
+            await self._call(AuthSnapshotRequest())
+        except (MqdError, OSError) as exc:
+            if self._failed_s is None:
+                log.warning(
+                    "auth.metadata_unreachable",
+                    error=str(exc),
+                    principals=len(self._state.principals),
+                    using="cached principals and grants" if self._version else "none yet",
+                )
+            self._failed_s = self._monotonic()
+            return self._state
+        if self._failed_s is not None:
+            log.info("auth.metadata_reachable", principals=len(self._state.principals))
+            self._failed_s = None
+        return self._state
+
+    async def add_grant(self, grant: auth.Grant) -> None:
+        """Record a (creator) grant in metadata's catalog; the answer is the new snapshot."""
+        wire = AuthGrant(grant.principal, grant.pattern, grant.permission, grant.owner)
+        await self._call(AuthSnapshotRequest(add_grants=[wire]))
+
+    async def _call(self, request: AuthSnapshotRequest) -> None:
+        async with self._calling:
+            request.since_version = self._version  # as of now, inside the lock
+            # The bound covers connecting too: a HELLO never waits long on metadata.
+            response: AuthSnapshotResponse = await asyncio.wait_for(
+                self._view.metadata_call(request), AUTH_CALL_TIMEOUT_S
+            )
+            if response.version == self._version:
+                return
+            self._state = auth.AuthState(
+                [
+                    auth.Principal(p.name, p.token_id, p.verifier, p.created_at_ms, dict(p.limits))
+                    for p in response.principals
+                ],
+                [
+                    auth.Grant(g.principal, g.pattern, g.permission, g.owner)
+                    for g in response.grants
+                ],
+            )
+            self._version = response.version
+
+
+__all__ = ["VISIBILITY_DEFAULT", "RemoteAuthCatalog", "RemoteCatalog", "RemoteEndpoint"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from mqd import __version__
+from mqd import __version__, auth
 from mqd.backend import BackendRole
 from mqd.cluster.replication import Follower, LeaderReplication
 from mqd.cluster.rpc import PeerPool
@@ -251,6 +251,38 @@ async def handle_meta_decommission(
     return messages.DecommissionResponse(moves=moves, placement_version=placement.version)
 
 
+async def handle_auth_snapshot(
+    conn: ClientConnection, request: messages.AuthSnapshotRequest
+) -> messages.AuthSnapshotResponse:
+    """Principals and grants for a frontend's cache (protocol.md §7.17): creator grants
+    first, then the catalog's state unless the frontend holds this version already."""
+    metadata, _ = _metadata(conn)
+    for wire in request.add_grants:
+        grant = auth.Grant(
+            auth.validate_principal_name(wire.principal),
+            auth.validate_pattern(wire.pattern),
+            auth.validate_permission(wire.permission),
+            wire.owner,
+        )
+        await metadata.add_grant(grant)
+    # Picks up what `mqd admin user|grant --data-dir` wrote to this node's catalog.
+    state = await metadata.refresh_auth()
+    if state.version == request.since_version:
+        return messages.AuthSnapshotResponse(version=state.version)
+    return messages.AuthSnapshotResponse(
+        version=state.version,
+        principals=[
+            messages.AuthPrincipal(p.name, p.token_id, p.verifier, p.created_at_ms, dict(p.limits))
+            for p in state.principals.values()
+        ],
+        grants=[
+            messages.AuthGrant(g.principal, g.pattern, g.permission, g.owner)
+            for grants in state.grants.values()
+            for g in grants
+        ],
+    )
+
+
 METADATA_HANDLERS: dict[int, Any] = {
     Opcode.DECOMMISSION: handle_meta_decommission,
     Opcode.UPDATE_ISR: handle_update_isr,
@@ -258,6 +290,7 @@ METADATA_HANDLERS: dict[int, Any] = {
     Opcode.REGISTER_NODE: handle_register,
     Opcode.HEARTBEAT: handle_heartbeat,
     Opcode.GET_PLACEMENT: handle_get_placement,
+    Opcode.AUTH_SNAPSHOT: handle_auth_snapshot,
     Opcode.CREATE_QUEUE: handle_meta_create,
     Opcode.DELETE_QUEUE: handle_meta_delete,
     Opcode.GET_QUEUE: handle_meta_get,

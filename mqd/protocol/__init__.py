@@ -19,6 +19,7 @@ from mqd.protocol.codec import (
 )
 from mqd.protocol.frame import (
     FLAG_ERROR,
+    FLAG_PUSH,
     FLAG_RESPONSE,
     FLAGS_KNOWN,
     HEADER,
@@ -40,6 +41,10 @@ from mqd.protocol.messages import (
     AcceptMovedResponse,
     AdoptPartitionRequest,
     AdoptPartitionResponse,
+    AuthGrant,
+    AuthPrincipal,
+    AuthSnapshotRequest,
+    AuthSnapshotResponse,
     ChangeVisibilityRequest,
     ChangeVisibilityResponse,
     CreateQueueRequest,
@@ -108,10 +113,12 @@ from mqd.protocol.messages import (
     UpdateIsrResponse,
     VisibilityChange,
 )
+from mqd.protocol.push import decode_push, encode_push, encode_push_end
 
 __all__ = [
     "FLAGS_KNOWN",
     "FLAG_ERROR",
+    "FLAG_PUSH",
     "FLAG_RESPONSE",
     "HEADER",
     "HEADER_BYTES",
@@ -127,6 +134,10 @@ __all__ = [
     "AcceptMovedResponse",
     "AdoptPartitionRequest",
     "AdoptPartitionResponse",
+    "AuthGrant",
+    "AuthPrincipal",
+    "AuthSnapshotRequest",
+    "AuthSnapshotResponse",
     "ChangeVisibilityRequest",
     "ChangeVisibilityResponse",
     "CreateQueueRequest",
@@ -197,12 +208,15 @@ __all__ = [
     "UpdateIsrResponse",
     "VisibilityChange",
     "decode_body",
+    "decode_push",
     "decode_request",
     "decode_response",
     "encode_body",
     "encode_error",
     "encode_exception",
     "encode_frame",
+    "encode_push",
+    "encode_push_end",
     "encode_request",
     "encode_response",
     "error_from_body",

@@ -36,7 +36,11 @@ assert HEADER.size == HEADER_BYTES and LENGTH.size == PREFIX_BYTES
 
 FLAG_RESPONSE = 0x01
 FLAG_ERROR = 0x02
-# Every other flag bit is reserved and must be zero in v1 (protocol.md §1.3).
+# A frame the server sends on its own for a subscription (protocol.md §4.18): never
+# with RESPONSE; its correlation id is the subscription id, not a request's.
+FLAG_PUSH = 0x04
+# The flags a request or a response may carry; every other bit is reserved and must
+# be zero in v1 (protocol.md §1.3). PUSH appears only on push frames (§4.18).
 FLAGS_KNOWN = FLAG_RESPONSE | FLAG_ERROR
 
 # The largest length prefix representable on the wire.

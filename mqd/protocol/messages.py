@@ -33,6 +33,11 @@ class Opcode(IntEnum):
     CHANGE_VISIBILITY = 0x0023
     PEEK = 0x0024
     REDRIVE = 0x0025
+    SUBSCRIBE = 0x0026
+    GRANT = 0x0027
+    UNSUBSCRIBE = 0x0028
+    # Not a request: the opcode of the push frames of a subscription (protocol.md §4.18).
+    DELIVER = 0x0029
     STATS = 0x0030
     REBALANCE = 0x0040
     DECOMMISSION = 0x0041
@@ -41,6 +46,7 @@ class Opcode(IntEnum):
     REGISTER_NODE = 0x1001
     HEARTBEAT = 0x1002
     GET_PLACEMENT = 0x1003
+    AUTH_SNAPSHOT = 0x1004
     PARTITION_CALL = 0x1010
     PARTITION_WAIT = 0x1011
     ACCEPT_MOVED = 0x1012
@@ -403,6 +409,73 @@ class RedriveResponse:
 
 
 @dataclass(slots=True)
+class SubscribeRequest:
+    """Open a push subscription (protocol.md §4.18): the server pushes up to `credits`
+    messages, each leased for `visibility_timeout_ms`, as they become ready."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.SUBSCRIBE
+    FIELDS: ClassVar[tuple] = (
+        ("subscription_id", "U32"),
+        ("queue", "STR"),
+        ("credits", "U32"),
+        ("visibility_timeout_ms", "U32"),
+    )
+    subscription_id: int
+    queue: str
+    credits: int = 0
+    visibility_timeout_ms: int = VISIBILITY_DEFAULT
+
+
+@dataclass(slots=True)
+class SubscribeResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.SUBSCRIBE
+    FIELDS: ClassVar[tuple] = (("visibility_timeout_ms", "U32"),)
+    visibility_timeout_ms: int
+
+
+@dataclass(slots=True)
+class GrantRequest:
+    """Allow a subscription `credits` more messages."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.GRANT
+    FIELDS: ClassVar[tuple] = (("subscription_id", "U32"), ("credits", "U32"))
+    subscription_id: int
+    credits: int
+
+
+@dataclass(slots=True)
+class GrantResponse:
+    """The subscription's credits after the grant: messages it may still push."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.GRANT
+    FIELDS: ClassVar[tuple] = (("credits", "U32"),)
+    credits: int
+
+
+@dataclass(slots=True)
+class UnsubscribeRequest:
+    OPCODE: ClassVar[Opcode] = Opcode.UNSUBSCRIBE
+    FIELDS: ClassVar[tuple] = (("subscription_id", "U32"),)
+    subscription_id: int
+
+
+@dataclass(slots=True)
+class UnsubscribeResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.UNSUBSCRIBE
+    FIELDS: ClassVar[tuple] = ()
+
+
+@dataclass(slots=True)
+class DeliverPush:
+    """The body of a push frame (flags PUSH, opcode DELIVER, correlation id = the
+    subscription id): messages now in flight for the subscriber (protocol.md §4.18)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.DELIVER
+    FIELDS: ClassVar[tuple] = (("messages", ("LIST", DeliveredMessage)),)
+    messages: list[DeliveredMessage]
+
+
+@dataclass(slots=True)
 class StatsRequest:
     OPCODE: ClassVar[Opcode] = Opcode.STATS
     FIELDS: ClassVar[tuple] = ()
@@ -533,6 +606,70 @@ class GetPlacementResponse:
     version: int
     queues: list[QueuePlacement] = field(default_factory=list)
     nodes: list[NodeInfo] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class AuthPrincipal:
+    """A principal with a token, as the catalog stores it (protocol.md §8.1): never the
+    token, only the scrypt verifier of its secret."""
+
+    FIELDS: ClassVar[tuple] = (
+        ("name", "STR"),
+        ("token_id", "STR"),
+        ("verifier", "STR"),
+        ("created_at_ms", "U64"),
+        ("limits", "VALUE_MAP"),
+    )
+    name: str
+    token_id: str
+    verifier: str
+    created_at_ms: int = 0
+    limits: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class AuthGrant:
+    """A permission on a queue pattern; `owner`: a creator grant (protocol.md §8.2)."""
+
+    FIELDS: ClassVar[tuple] = (
+        ("principal", "STR"),
+        ("pattern", "STR"),
+        ("permission", "STR"),
+        ("owner", "BOOL"),
+    )
+    principal: str
+    pattern: str
+    permission: str
+    owner: bool = False
+
+
+@dataclass(slots=True)
+class AuthSnapshotRequest:
+    """A frontend asks metadata for principals and grants unless it holds `since_version`
+    already; `add_grants` (creator grants) are recorded first (protocol.md §7.17)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.AUTH_SNAPSHOT
+    FIELDS: ClassVar[tuple] = (
+        ("since_version", "U64"),
+        ("add_grants", ("LIST", AuthGrant)),
+    )
+    since_version: int = 0
+    add_grants: list[AuthGrant] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class AuthSnapshotResponse:
+    """`version` equal to the request's `since_version`: unchanged, and both lists empty."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.AUTH_SNAPSHOT
+    FIELDS: ClassVar[tuple] = (
+        ("version", "U64"),
+        ("principals", ("LIST", AuthPrincipal)),
+        ("grants", ("LIST", AuthGrant)),
+    )
+    version: int
+    principals: list[AuthPrincipal] = field(default_factory=list)
+    grants: list[AuthGrant] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -852,10 +989,14 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.CHANGE_VISIBILITY: (ChangeVisibilityRequest, ChangeVisibilityResponse),
     Opcode.PEEK: (PeekRequest, PeekResponse),
     Opcode.REDRIVE: (RedriveRequest, RedriveResponse),
+    Opcode.SUBSCRIBE: (SubscribeRequest, SubscribeResponse),
+    Opcode.GRANT: (GrantRequest, GrantResponse),
+    Opcode.UNSUBSCRIBE: (UnsubscribeRequest, UnsubscribeResponse),
     Opcode.STATS: (StatsRequest, StatsResponse),
     Opcode.REGISTER_NODE: (RegisterNodeRequest, RegisterNodeResponse),
     Opcode.HEARTBEAT: (HeartbeatRequest, HeartbeatResponse),
     Opcode.GET_PLACEMENT: (GetPlacementRequest, GetPlacementResponse),
+    Opcode.AUTH_SNAPSHOT: (AuthSnapshotRequest, AuthSnapshotResponse),
     Opcode.PARTITION_CALL: (PartitionCallRequest, PartitionCallResponse),
     Opcode.PARTITION_WAIT: (PartitionWaitRequest, PartitionWaitResponse),
     Opcode.ACCEPT_MOVED: (AcceptMovedRequest, AcceptMovedResponse),
@@ -869,3 +1010,5 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.UPDATE_ISR: (UpdateIsrRequest, UpdateIsrResponse),
 }
 INTERNAL_OPCODE_MIN = 0x1000
+# Frames the server sends unasked (flags PUSH, protocol.md §4.18): opcode → body.
+PUSHES: dict[Opcode, type] = {Opcode.DELIVER: DeliverPush}
