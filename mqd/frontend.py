@@ -318,13 +318,8 @@ class ClientConnection(asyncio.Protocol):
                 # frame on a slow link): look again in a second. A stalled one is cut.
                 rate_min = limits.frame_bytes_per_s_min
                 if not rate_min or self.decoder.buffered_bytes < rate_min * (now - started):
-                    self._send_fatal(
-                        0,
-                        0,
-                        ErrorCode.TIMEOUT,
-                        "a frame did not arrive whole within frame_timeout_ms",
-                        {"frame_bytes_received": self.decoder.buffered_bytes},
-                    )
+                    message = "a frame did not arrive whole within frame_timeout_ms"
+                    self._send_fatal(0, 0, ErrorCode.TIMEOUT, message)
                     return
                 frame_due = now + 1.0
             due = min(due, frame_due)

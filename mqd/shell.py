@@ -45,6 +45,7 @@ from mqd.errors import ErrorCode, MqdError, ServerError
 from mqd.protocol import codec
 from mqd.protocol.frame import (
     FLAG_ERROR,
+    FLAG_PUSH,
     FLAG_RESPONSE,
     HEADER,
     HEADER_BYTES,
@@ -65,8 +66,10 @@ from mqd.protocol.messages import (
     DeleteQueueRequest,
     DeleteRequest,
     DeliveredMessage,
+    DeliverPush,
     ErrorBody,
     GetQueueRequest,
+    GrantRequest,
     HelloRequest,
     HelloResponse,
     ListQueuesRequest,
@@ -82,8 +85,11 @@ from mqd.protocol.messages import (
     SendRequest,
     SetQueueAttributesRequest,
     StatsRequest,
+    SubscribeRequest,
+    UnsubscribeRequest,
     VisibilityChange,
 )
+from mqd.protocol.push import decode_push
 
 # --- limits and defaults (STYLE.md "a limit on everything") -------------------------
 
@@ -101,6 +107,10 @@ FATAL_CLOSE_WAIT_S = 1.0
 RESPONSE_FRAME_BYTES_MAX = 256 * 1024 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 TAIL_POLL_S = 0.5
+# `subscribe`: credits granted at a time unless N is given, and the subscription id the
+# shell uses (one subscription at a time, protocol.md §4.18).
+SUBSCRIBE_CREDITS_DEFAULT = 10
+SHELL_SUBSCRIPTION_ID = 1
 TAIL_PAGE_MESSAGES_MAX = 100
 WATCH_INTERVAL_S = 1.0
 HISTORY_FILE_NAME = ".mqd_history"
@@ -395,8 +405,9 @@ def _opcode_name(opcode: int) -> str:
 
 
 def _flags_text(flags: int) -> str:
-    names = [n for bit, n in ((FLAG_RESPONSE, "RESPONSE"), (FLAG_ERROR, "ERROR")) if flags & bit]
-    rest = flags & ~(FLAG_RESPONSE | FLAG_ERROR)
+    known = ((FLAG_RESPONSE, "RESPONSE"), (FLAG_ERROR, "ERROR"), (FLAG_PUSH, "PUSH"))
+    names = [n for bit, n in known if flags & bit]
+    rest = flags & ~(FLAG_RESPONSE | FLAG_ERROR | FLAG_PUSH)
     if rest:
         names.append(f"0x{rest:02x}")
     return f"0x{flags:02x}" + (f" {'|'.join(names)}" if names else "")
@@ -447,6 +458,8 @@ def decode_frame_body(data: bytes) -> tuple[Any, str | None]:
     if len(body) != length - HEADER_BYTES:
         return None, f"length field says {length} but {len(data) - PREFIX_BYTES} bytes follow it"
     try:
+        if flags & FLAG_PUSH:
+            return decode_push(Frame(version, flags, opcode, cid, body)), None
         if flags & FLAG_RESPONSE:
             return codec.decode_response(Frame(version, flags, opcode, cid, body)), None
         row = OPS.get(opcode)  # type: ignore[call-overload]
@@ -682,8 +695,8 @@ class Wire:
                 frame = self.read_frame(deadline)
             except WireTimeout:
                 raise WireTimeout(timeout_s) from None
-            if frame.correlation_id == cid:
-                break
+            if frame.correlation_id == cid and not frame.flags & FLAG_PUSH:
+                break  # (a push frame's id is a subscription's, protocol.md §4.18)
             if frame.correlation_id == 0 and frame.flags & FLAG_ERROR:
                 break  # an error about the connection itself (protocol.md §2)
             self.on_stray(frame)
@@ -769,6 +782,8 @@ class Command:
     op: str | None = None
     # Safe to repeat under `watch`: it changes nothing on the server.
     read_only: bool = False
+    # Further Opcode members this command speaks (subscribe: GRANT, UNSUBSCRIBE, DELIVER).
+    also_ops: tuple[str, ...] = ()
     details: str = ""
     aliases: tuple[str, ...] = ()
 
@@ -1226,6 +1241,82 @@ def _cmd_tail(sh: Shell, call: Call) -> Answer:
         return Answer()
 
 
+def _cmd_subscribe(sh: Shell, call: Call) -> Answer:
+    """SUBSCRIBE, print each pushed message, GRANT as they are printed; UNSUBSCRIBE at the end."""
+    name = call.args["NAME"]
+    credits = call.args.get("N", SUBSCRIBE_CREDITS_DEFAULT)
+    most = call.options.get("max")
+    if credits < 1 or (most is not None and most < 1):
+        raise ShellError(USAGE, "N and max= must be at least 1")
+    if most is not None:
+        credits = min(credits, most)
+    wire = sh.connection()
+    sid = SHELL_SUBSCRIPTION_ID
+    visibility = call.options.get("vis", VISIBILITY_DEFAULT)
+    answer = wire.request(SubscribeRequest(sid, name, credits, visibility))
+    sh.note(
+        f"subscribed to {name}: {credits} credits, lease "
+        f"{answer.visibility_timeout_ms / 1000:g} s (Ctrl-C to stop)"
+    )
+    pushed: list[DeliveredMessage] = []
+    grants: set[int] = set()  # GRANT requests not answered yet
+    state = {"outstanding": credits, "ended": None}
+
+    def on_frame(frame: Frame) -> bool:
+        """Handle a frame for this subscription; False if it is none of ours."""
+        if frame.flags & FLAG_PUSH and frame.correlation_id == sid:
+            body = decode_push(frame)
+            if isinstance(body, ErrorBody):
+                state["ended"] = codec.error_from_body(body)
+                return True
+            assert isinstance(body, DeliverPush)
+            for m in body.messages:
+                pushed.append(m)
+                line = f"${len(pushed)}  {m.id}  {show_body(m.body, None)}"
+                if m.attributes:
+                    line += "  {" + ", ".join(f"{k}={v}" for k, v in m.attributes.items()) + "}"
+                sh.emit(Answer(data=dict(jsonable(m), queue=name, index=len(pushed)), text=line))
+            state["outstanding"] -= len(body.messages)
+            want = credits - state["outstanding"]
+            if most is not None:
+                want = min(want, most - len(pushed) - state["outstanding"])
+            if want > 0 and state["ended"] is None:
+                cid = wire.take_cid()
+                wire.send(codec.encode_request(cid, GrantRequest(sid, want)))
+                grants.add(cid)
+                state["outstanding"] += want
+            return True
+        if frame.correlation_id in grants and not frame.flags & FLAG_PUSH:
+            grants.discard(frame.correlation_id)
+            return True
+        return False
+
+    sh.push_handler = on_frame
+    try:
+        try:
+            while state["ended"] is None and (most is None or len(pushed) < most):
+                try:
+                    frame = wire.read_frame(time.monotonic() + TAIL_POLL_S)
+                except WireTimeout:
+                    continue
+                if not on_frame(frame):
+                    sh.on_stray(frame)
+        except KeyboardInterrupt:
+            pass
+        if state["ended"] is None and wire.is_open:
+            # Pushes that come before the answer are printed too (they are ours).
+            wire.request(UnsubscribeRequest(sid))
+    finally:
+        sh.push_handler = None
+        sh.last_received = list(pushed)
+    ended = state["ended"]
+    text = f"{len(pushed)} pushed (in flight: ack $1 … ${len(pushed)})" if pushed else "none pushed"
+    answer = Answer(data={"subscribed": name, "pushed": len(pushed)}, text=text)
+    if ended is not None:
+        answer.error = (ended.code.name, f"the subscription ended: {ended.message}")
+    return answer
+
+
 def _cmd_watch(sh: Shell, call: Call) -> Answer:
     line = call.args["COMMAND"]
     inner = parse_call(shlex.split(line))
@@ -1365,6 +1456,13 @@ _ROWS: tuple[Command, ...] = (
     Command("tail", "print new messages as they arrive (PEEK after_id), until Ctrl-C",
             _cmd_tail, (_NAME,),
             (Option("from", "text", "end (default: only new messages) or start", "end|start"),)),
+    Command("subscribe", "print messages as the server pushes them (SUBSCRIBE), until Ctrl-C",
+            _cmd_subscribe, (_NAME, Param("N", "count", optional=True)),
+            (Option("vis", "seconds", "visibility timeout of each pushed message"),
+             Option("max", "count", "stop after this many messages", "N")),
+            op="SUBSCRIBE", also_ops=("GRANT", "UNSUBSCRIBE", "DELIVER"),
+            details="grants N credits (default 10) and more as messages are printed;\n"
+            "the pushed messages are in flight: they become $1, $2 … for ack, nack, vis"),
     Command("watch", "re-run a read-only command every second, until Ctrl-C", _cmd_watch,
             (Param("COMMAND", "line"),), details="e.g. watch info q"),
     Command("help", "list the commands, or explain one", _cmd_help,
@@ -1430,6 +1528,8 @@ class Shell:
         self.hello: HelloResponse | None = None
         self.queue_names: list[str] | None = None
         self.last_received: list[DeliveredMessage] = []
+        # While `subscribe` runs: takes the frames of its subscription (True if it did).
+        self.push_handler: Callable[[Frame], bool] | None = None
         self._force_trace = 0
         self._quiet = 0
         self._frames: list[dict[str, Any]] = []
@@ -1504,6 +1604,16 @@ class Shell:
             print(frame_text(direction, data), file=self.out, flush=True)
 
     def on_stray(self, frame: Frame) -> None:
+        if self.push_handler is not None and self.push_handler(frame):
+            return
+        if frame.flags & FLAG_PUSH:
+            message, _ = decode_frame_body(frame_bytes(frame))
+            count = len(message.messages) if isinstance(message, DeliverPush) else 0
+            self.note(
+                f"a push for subscription {frame.correlation_id} that ended here "
+                f"({count} messages now in flight until their lease runs out)"
+            )
+            return
         what = f"correlation id {frame.correlation_id}, {_opcode_name(frame.opcode)}"
         message, _ = decode_frame_body(frame_bytes(frame))
         if isinstance(message, ErrorBody):

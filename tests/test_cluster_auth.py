@@ -19,8 +19,10 @@ import time
 import pytest
 
 import mqd.client
-from mqd import cli, launcher
-from mqd.errors import Forbidden, QueueNotFound, Unauthenticated
+from mqd import auth, cli, launcher
+from mqd.cluster.remote import RemoteAuthCatalog
+from mqd.errors import Forbidden, QueueNotFound, Unauthenticated, Unavailable
+from mqd.protocol import messages
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -224,6 +226,9 @@ async def test_known_tokens_log_in_while_metadata_is_down(cluster):
                     await root.get_queue("never-made")
             with pytest.raises(Unauthenticated):
                 await connect(cluster, address, None)
+        # The frontends did notice, and went on with their cached copy.
+        for node in cluster.by_role("frontend"):
+            assert "auth.metadata_unreachable" in cluster.path(node.log).read_text()
     finally:
         await asyncio.to_thread(launcher.restart_node, cluster, metadata)
     # Back: changes count again.
@@ -236,3 +241,91 @@ async def test_known_tokens_log_in_while_metadata_is_down(cluster):
     await eventually(new_token_works, timeout_s=15)
     with pytest.raises(Unauthenticated):
         await connect(cluster, frontends(cluster)[1], token)
+
+
+# --- the frontend's cache, without processes -------------------------------------------------
+
+
+class FakeMetadata:
+    """A `PlacementView` whose metadata answers AUTH_SNAPSHOT from an `auth.AuthState`."""
+
+    def __init__(self) -> None:
+        self.state = auth.AuthState()
+        self.down = False
+        self.requests: list[messages.AuthSnapshotRequest] = []
+
+    async def metadata_call(self, request, *, timeout_s=None):  # type: ignore[no-untyped-def]
+        self.requests.append(request)
+        if self.down:
+            raise Unavailable("metadata is unreachable")
+        grants = [g for gs in self.state.grants.values() for g in gs]
+        grants += [
+            auth.Grant(g.principal, g.pattern, g.permission, g.owner) for g in request.add_grants
+        ]
+        self.state = auth.AuthState(self.state.principals.values(), grants)
+        if self.state.version == request.since_version:
+            return messages.AuthSnapshotResponse(version=self.state.version)
+        return messages.AuthSnapshotResponse(
+            version=self.state.version,
+            principals=[
+                messages.AuthPrincipal(p.name, p.token_id, p.verifier, p.created_at_ms, p.limits)
+                for p in self.state.principals.values()
+            ],
+            grants=[
+                messages.AuthGrant(g.principal, g.pattern, g.permission, g.owner) for g in grants
+            ],
+        )
+
+
+async def test_remote_auth_catalog_caches_and_survives_metadata_loss():
+    now = [0.0]
+    metadata = FakeMetadata()
+    alice = auth.Principal("alice", "0123456789ab", "scrypt$1$1$1$00$00", 1, {"bytes_per_s": 5})
+    metadata.state = auth.AuthState([alice], [auth.Grant("alice", "a-*", "send")])
+    catalog = RemoteAuthCatalog(metadata, monotonic=lambda: now[0])  # type: ignore[arg-type]
+    assert catalog.auth_state().principals == {} and catalog.version == 0
+
+    state = await catalog.refresh_auth()
+    assert state.principals == {"alice": alice} and state.allows("alice", "send", "a-1")
+    assert catalog.version == metadata.state.version
+
+    # Unchanged: metadata answers with the version only, the copy stays the same object.
+    assert await catalog.refresh_auth() is state
+    assert metadata.requests[-1].since_version == catalog.version
+
+    # The creator grant goes to metadata, and the answer is the new snapshot.
+    await catalog.add_grant(auth.Grant("alice", "b-1", "admin", owner=True))
+    assert catalog.auth_state().allows("alice", "admin", "b-1")
+    assert catalog.auth_state().owned_queues("alice") == 1
+
+    # Metadata down: the cached copy, and no call again for AUTH_RETRY_S.
+    metadata.down = True
+    calls = len(metadata.requests)
+    assert (await catalog.refresh_auth()).principals == {"alice": alice}
+    assert (await catalog.refresh_auth()).principals == {"alice": alice}
+    assert len(metadata.requests) == calls + 1
+    now[0] += 1.5
+    await catalog.refresh_auth()
+    assert len(metadata.requests) == calls + 2
+    with pytest.raises(Unavailable):
+        await catalog.add_grant(auth.Grant("alice", "b-2", "admin", owner=True))
+
+    # Back: changes arrive.
+    metadata.down = False
+    metadata.state = auth.AuthState([alice], [])
+    now[0] += 1.5
+    assert not (await catalog.refresh_auth()).allows("alice", "send", "a-1")
+
+
+def test_auth_state_version_is_a_digest_of_the_contents():
+    alice = auth.Principal("alice", "0123456789ab", "v", 1, {})
+    one = auth.AuthState(
+        [alice], [auth.Grant("alice", "q", "send"), auth.Grant("alice", "*", "receive")]
+    )
+    two = auth.AuthState(
+        [alice], [auth.Grant("alice", "*", "receive"), auth.Grant("alice", "q", "send")]
+    )
+    assert one.version == two.version != 0
+    assert auth.AuthState([alice], []).version != one.version
+    rotated = auth.Principal("alice", "ba9876543210", "w", 1, {})
+    assert auth.AuthState([rotated], []).version != auth.AuthState([alice], []).version

@@ -217,7 +217,7 @@ def _truncate(frame: bytes, pos: int, value: int) -> bytes:
 
 
 def _length_lie(frame: bytes, pos: int, value: int) -> bytes:
-    length = len(frame) - 4
+    length = max(0, len(frame) - 4)
     lie = (
         length + 1 + value % 64,
         max(0, length - 1 - value % 64),
@@ -226,7 +226,7 @@ def _length_lie(frame: bytes, pos: int, value: int) -> bytes:
         0xFFFFFFFF - value % 2,
         value & 0xFFFFFFFF,
     )[pos % 6]
-    return struct.pack(">I", lie) + frame[4:]
+    return struct.pack(">I", lie % (1 << 32)) + frame[4:]
 
 
 def _set_byte(offset: int) -> Callable[[bytes, int, int], bytes]:

@@ -56,6 +56,7 @@ from .batching import U32_MAX, make_entries, make_entry, plan_chunks, seconds_to
 from .connection import Connection
 from .consumer import Consumer, Handler, MessageStream
 from .message import Message, messages_from_delivered
+from .subscription import Subscription
 
 log = structlog.get_logger("mqd.client")
 
@@ -248,6 +249,9 @@ class Client:
         # From the latest HELLO; kept after the connection closes.
         self._hello: HelloResponse | None = None
         self._limits: dict[str, Any] = {}
+        # Set when the server answered SUBSCRIBE with UNKNOWN_OPCODE (a server older than
+        # protocol.md §4.18): consumers long-poll RECEIVE instead.
+        self._push_unsupported = False
 
     # --- connection management -------------------------------------------------
 
@@ -681,6 +685,22 @@ class Queue:
 
     # --- consuming ---------------------------------------------------------------------
 
+    async def subscribe(
+        self, credits: int, visibility_timeout: float | None = None
+    ) -> Subscription:
+        """Have the server push messages as they become ready (SUBSCRIBE, protocol.md §4.18).
+
+        It pushes at most `credits` messages, then waits for `subscription.grant(n)`.
+        Each pushed message is in flight for `visibility_timeout` seconds (None:
+        the queue's; must be positive) like a received one: ack or release it.
+        `await subscription.next_batch()` waits for the next messages; `await
+        subscription.close()` ends it and returns those pushed but not taken
+        (`async with` releases them). A server without subscriptions raises
+        UnknownOpcode; `consume()` and the consumer then long-poll instead.
+        """
+        _check_count(credits, "credits")
+        return await Subscription.open(self, credits, visibility_timeout)
+
     def consume(
         self,
         prefetch: int = 10,
@@ -691,10 +711,13 @@ class Queue:
     ) -> MessageStream:
         """A stream of messages: `async for message in queue.consume(): ...; await queue.ack(message)`.
 
-        Underneath it long-polls RECEIVE for up to `prefetch` messages at a
-        time, waiting up to `wait` seconds, and yields them one by one; the
-        caller acks (or nacks) each. A lost connection is retried with a
-        bounded backoff. Messages fetched but not yet yielded when the stream
+        Underneath it subscribes (SUBSCRIBE, protocol.md §4.18) with `prefetch`
+        credits: the server pushes messages as they become ready, and the
+        stream grants more as it yields them, so at most `prefetch` messages
+        are on their way or buffered. Against a server without subscriptions
+        it long-polls RECEIVE for up to `prefetch` messages at a time, waiting
+        up to `wait` seconds. It yields messages one by one; the caller acks
+        (or nacks) each. A lost connection is retried with a bounded backoff. Messages fetched but not yet yielded when the stream
         ends are released at once (CHANGE_VISIBILITY 0): deterministically
         with `async with queue.consume() as stream:` or `await stream.aclose()`,
         and shortly afterwards (when the stream is garbage collected) after a

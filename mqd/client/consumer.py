@@ -1,18 +1,21 @@
 """Consuming a queue: a message stream and a managed consumer with leases.
 
-Two ways to consume, on top of `Queue.receive` / `ack` / CHANGE_VISIBILITY
-(protocol.md §4.10-§4.12):
+Two ways to consume, on top of a push subscription (`Subscription`,
+SUBSCRIBE with credits, protocol.md §4.18) and `ack` / CHANGE_VISIBILITY
+(§4.11-§4.12); against a server without SUBSCRIBE (UNKNOWN_OPCODE) both
+long-poll RECEIVE (§4.10) instead:
 
-- `MessageStream` (`Queue.consume`): `async for message in stream`, long
-  polling underneath; the caller acks. Messages fetched but not yet yielded
-  are released (CHANGE_VISIBILITY 0) when the stream ends.
+- `MessageStream` (`Queue.consume`): `async for message in stream`; the
+  caller acks. Messages fetched but not yet yielded are released
+  (CHANGE_VISIBILITY 0) when the stream ends.
 - `Consumer` (`Queue.consumer`, `Queue.run_consumer`): runs an async handler
   per message with bounded concurrency and does the bookkeeping: it extends
   the leases of the messages it holds (heartbeat), acks when the handler
   returns, releases with a backoff delay when it raises, and stops gracefully.
 
 One owner per mutable thing (STYLE.md): in a Consumer, one fetcher task
-receives, `concurrency` worker tasks run the handler, and one settler task
+receives (or holds the subscription and grants credits as handlers finish),
+`concurrency` worker tasks run the handler, and one settler task
 sends every DELETE and CHANGE_VISIBILITY. The settler batches: one round
 sends at most one DELETE (the acks gathered within `ack_window` s) and one
 CHANGE_VISIBILITY (releases and lease extensions together, each with its own
@@ -48,10 +51,12 @@ from mqd.errors import (
     Throttled,
     TooManyRequests,
     Unavailable,
+    UnknownOpcode,
 )
 
 from .batching import seconds_to_ms
 from .message import Message
+from .subscription import Subscription, credits_max
 
 if TYPE_CHECKING:
     from .client import Queue
@@ -92,6 +97,15 @@ EMPTY_POLL_PAUSE_S = 0.1
 _BATCH_MESSAGES_DEFAULT = 100
 # 2**this bounds the retry-delay doubling (far beyond any retry_delay_max).
 _RETRY_EXPONENT_MAX = 40
+# A stopping Consumer gives its UNSUBSCRIBE this long to be answered, so that the
+# messages pushed meanwhile are released rather than left to their lease.
+UNSUBSCRIBE_AT_STOP_S = 5.0
+
+
+def _grant_due(window: int, outstanding: int, held: int) -> int:
+    """Credits to grant now: top the window up once half of it (at least 1) is free."""
+    need = window - outstanding - held
+    return need if need >= max(1, window // 2) else 0
 
 
 class Backoff:
@@ -214,10 +228,50 @@ async def _stream_messages(
     """
     backoff = Backoff(RECONNECT_DELAY_MIN_S, reconnect_delay_max_s)
     loop = asyncio.get_running_loop()
+    client = queue.client
+    subscription: Subscription | None = None
+    window = prefetch
     try:
         while True:
+            if subscription is not None:
+                grant = _grant_due(window, subscription.outstanding, len(buffer))
+                if grant:
+                    subscription.grant(grant)
             if buffer:
                 yield buffer.popleft()
+                continue
+            if not client._push_unsupported:
+                if subscription is None or subscription.ended:
+                    subscription = None
+                    window = min(prefetch, credits_max(queue))
+                    try:
+                        subscription = await Subscription.open(queue, window, visibility_timeout)
+                    except UnknownOpcode:
+                        client._push_unsupported = True
+                        continue
+                    except TRANSIENT_ERRORS as exc:
+                        delay = backoff.next_delay()
+                        log.warning(
+                            "consumer.subscribe_failed",
+                            queue=queue.name,
+                            error=str(exc),
+                            retry_in_s=round(delay, 3),
+                        )
+                        await asyncio.sleep(delay)
+                        continue
+                try:
+                    buffer.extend(await subscription.next_batch())
+                except TRANSIENT_ERRORS as exc:
+                    delay = backoff.next_delay()
+                    log.warning(
+                        "consumer.subscription_ended",
+                        queue=queue.name,
+                        error=str(exc),
+                        retry_in_s=round(delay, 3),
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
                 continue
             started = loop.time()
             try:
@@ -237,6 +291,8 @@ async def _stream_messages(
                 await asyncio.sleep(EMPTY_POLL_PAUSE_S)
             buffer.extend(messages)
     finally:
+        if subscription is not None:
+            buffer.extend(await subscription.close())
         left = list(buffer)
         buffer.clear()
         await _release(queue, left)
@@ -379,6 +435,7 @@ class Consumer:
         self._settler_closing = False
         self._unstarted: list[_Lease] = []  # taken from the buffer after stop()
         self._settling_now = 0  # messages in the DELETE / CHANGE_VISIBILITY under way
+        self._subscribed = False  # the fetcher holds a subscription (protocol.md §4.18)
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -512,6 +569,10 @@ class Consumer:
             # it (Queue._release_abandoned), one delivery later. That is why
             # the fetcher had until now to finish: a prefetched message
             # released while the poll waits would be taken by it.
+            # A subscription's fetcher ends by itself (UNSUBSCRIBE, then it hands
+            # over what was pushed meanwhile): give it a moment first.
+            if not fetcher.done() and self._subscribed:
+                await asyncio.wait([fetcher], timeout=UNSUBSCRIBE_AT_STOP_S)
             fetcher.cancel()
             await asyncio.gather(fetcher, return_exceptions=True)
             # 4. Release what no handler started.
@@ -553,8 +614,97 @@ class Consumer:
             return 0
         return self.concurrency + self.prefetch - buffered - self._running
 
+    def _window(self) -> int:
+        """Messages the consumer may hold unstarted or running: its subscription's credits."""
+        return min(self.concurrency + self.prefetch, credits_max(self.queue))
+
+    def _take_in(self, messages: list[Message]) -> None:
+        """Hold received messages (leases kept from now) and queue them for the workers."""
+        assert self._buffer is not None and self._settle_wakeup is not None
+        now = asyncio.get_running_loop().time()
+        self.stats.received += len(messages)
+        for message in messages:
+            lease = _Lease(message, now)
+            self._held[message.receipt] = lease
+            self._buffer.put_nowait(lease)
+        self._settle_wakeup.set()  # so the settler plans the next heartbeat
+
+    async def _push_fetch_loop(self) -> bool:
+        """Fetch by subscription, granting credits as handlers finish; False: not supported."""
+        assert self._buffer is not None and self._room is not None
+        queue = self.queue
+        room = self._room
+        buffer = self._buffer
+        backoff = Backoff(RECONNECT_DELAY_MIN_S, self._reconnect_delay_max_s, self._rng)
+        subscription: Subscription | None = None
+        try:
+            while not self._stopping:
+                if subscription is None:
+                    window = self._window()
+                    try:
+                        subscription = await Subscription.open(
+                            queue, window, self.visibility_timeout, on_event=room.set
+                        )
+                    except UnknownOpcode:
+                        queue.client._push_unsupported = True
+                        return False
+                    except TRANSIENT_ERRORS as exc:
+                        delay = backoff.next_delay()
+                        log.warning(
+                            "consumer.subscribe_failed",
+                            queue=queue.name,
+                            error=str(exc),
+                            retry_in_s=round(delay, 3),
+                        )
+                        await asyncio.sleep(delay)
+                        continue
+                    except MqdError as exc:
+                        self._fail(exc)
+                        return True
+                    self._subscribed = True
+                room.clear()
+                try:
+                    messages = subscription.take()
+                except TRANSIENT_ERRORS as exc:
+                    subscription = None
+                    delay = backoff.next_delay()
+                    log.warning(
+                        "consumer.subscription_ended",
+                        queue=queue.name,
+                        error=str(exc),
+                        retry_in_s=round(delay, 3),
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                except MqdError as exc:
+                    subscription = None
+                    self._fail(exc)
+                    return True
+                if messages:
+                    backoff.reset()
+                    self._take_in(messages)
+                grant = _grant_due(window, subscription.outstanding, buffer.qsize() + self._running)
+                if grant:
+                    subscription.grant(grant)
+                if not messages:
+                    await room.wait()
+        finally:
+            if subscription is not None:
+                # Pushed before the UNSUBSCRIBE answer and never started: released at stop.
+                left = await subscription.close()
+                if left:
+                    now = asyncio.get_running_loop().time()
+                    self.stats.received += len(left)
+                    for message in left:
+                        lease = _Lease(message, now)
+                        self._held[message.receipt] = lease
+                        self._unstarted.append(lease)
+        return True
+
     async def _fetch_loop(self) -> None:
         assert self._buffer is not None and self._room is not None
+        if not self.queue.client._push_unsupported and await self._push_fetch_loop():
+            return
         queue = self.queue
         loop = asyncio.get_running_loop()
         backoff = Backoff(RECONNECT_DELAY_MIN_S, self._reconnect_delay_max_s, self._rng)
@@ -591,14 +741,7 @@ class Consumer:
                 if loop.time() - started < EMPTY_POLL_FAST_S:
                     await asyncio.sleep(EMPTY_POLL_PAUSE_S)
                 continue
-            now = loop.time()
-            self.stats.received += len(messages)
-            for message in messages:
-                lease = _Lease(message, now)
-                self._held[message.receipt] = lease
-                self._buffer.put_nowait(lease)
-            assert self._settle_wakeup is not None
-            self._settle_wakeup.set()  # so the settler plans the next heartbeat
+            self._take_in(messages)
 
     # --- handling ----------------------------------------------------------------------
 
