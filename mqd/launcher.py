@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -181,23 +182,51 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def allocate_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct free ports on `host`: bind port 0, read it, close.
+    """`count` distinct free ports on `host`, below the kernel's ephemeral range.
 
-    All sockets stay open until every port is read, so the ports are distinct.
-    Another program may still take one between now and the node's start; the
-    node then fails to listen and `start` reports its log.
+    A node keeps its port across restarts; a port from the ephemeral range
+    (bind to port 0) can meanwhile be handed to any outgoing connection on the
+    machine — the cluster's own node-to-node links included — and the restart
+    then fails to listen. Ports below that range are only taken by listeners.
     """
+    low, high = _LISTEN_PORT_RANGE
+    rng = random.Random()
     sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(count):
+        for _ in range(count * 50):
+            if len(ports) == count:
+                break
+            port = rng.randrange(low, high)
+            if port in ports:
+                continue
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                continue
+            sock.listen()  # held until all are chosen, so they are distinct
             sockets.append(sock)
-            sock.bind((host, 0))
-            sock.listen()  # reserve as a listener does, so it is not handed out again
-        return [sock.getsockname()[1] for sock in sockets]
+            ports.append(port)
+        if len(ports) < count:
+            raise LauncherError(f"could not find {count} free ports in {low}-{high} on {host}")
+        return ports
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Listening ports for launched nodes: below the ephemeral range (see allocate_ports).
+_LISTEN_PORT_RANGE = (max(10_000, _ephemeral_low() - 12_768), _ephemeral_low())
 
 
 def plan_nodes(metadata: int, backends: int, frontends: int) -> Manifest:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mqd.launcher import allocate_ports
+
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 
@@ -52,6 +54,10 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        if not self.port:
+            # A port below the ephemeral range: restarts reuse it, and no outgoing
+            # connection can have taken it meanwhile (see mqd.launcher.allocate_ports).
+            (self.port,) = allocate_ports(1)
         self._listening.clear()
         self.proc = subprocess.Popen(
             self.command(),
