@@ -74,6 +74,8 @@ class Partition:
     ) -> None:
         self.queue_id = queue_id
         self.partition_index = partition_index
+        # Every id of this partition starts alike (mqd.receipts.message_id): format it once.
+        self._id_prefix = message_id(queue_id, partition_index, 0)[:-16]
         self.store = store
         self.fifo = fifo
         self.name = name
@@ -513,8 +515,8 @@ class Partition:
         )
         await self._admit_committed(metas)
         self.sent_total += len(metas)
-        queue_id, index = self.queue_id, self.partition_index
-        return [message_id(queue_id, index, meta.offset) for meta in metas]
+        prefix = self._id_prefix
+        return [f"{prefix}{meta.offset:016x}" for meta in metas]
 
     @staticmethod
     def _new_message(
@@ -583,8 +585,8 @@ class Partition:
         for position, future in waits.items():
             offsets[position] = await future
         self.deduplicated_total += len(entries) - len(metas)
-        queue_id, index = self.queue_id, self.partition_index
-        return [message_id(queue_id, index, offset) for offset in offsets]  # type: ignore[arg-type]
+        prefix = self._id_prefix
+        return [f"{prefix}{offset:016x}" for offset in offsets]
 
     async def accept_dead_letters(self, messages: list[NewMessage]) -> None:
         """Append messages moved here from another queue (as dead letters or by redrive)."""
@@ -684,7 +686,7 @@ class Partition:
         self, meta: MessageMeta, record: StoredMessage, receipt: str
     ) -> DeliveredMessage:
         return DeliveredMessage(
-            id=message_id(self.queue_id, self.partition_index, meta.offset),
+            id=f"{self._id_prefix}{meta.offset:016x}",
             receipt=receipt,
             body=record.body,
             attributes=record.attributes,

@@ -66,7 +66,7 @@ _FIXED = rec.PREFIX_BYTES + rec.MSG_HEAD_BYTES
 # The index writer pauses this long between transactions (profiled: the SQLite thread
 # was a quarter of the server's CPU in a send+receive+ack run; most rows it wrote
 # were deleted again within a second).
-INDEX_GATHER_S = 0.25
+INDEX_GATHER_S = 1.0
 # Commit groups kept in memory for followers' fetches.
 TAIL_BYTES_MAX = 32 * 1024 * 1024
 
@@ -187,6 +187,7 @@ class PartitionStore:
         # Index writer state.
         self._index: Index | None = None
         self._index_pending: list[IndexBatch] = []
+        self._index_hurry = asyncio.Event()
         self._index_applying: IndexBatch | None = None
         self._index_backlog_rows = 0
         self._index_wake = asyncio.Event()
@@ -1336,6 +1337,8 @@ class PartitionStore:
     def _submit_index(self, batch: IndexBatch) -> None:
         self._index_pending.append(batch)
         self._index_backlog_rows += batch.rows()
+        if self._index_backlog_rows >= self.config.index_backlog_rows_max // 4:
+            self._index_hurry.set()
         self._index_idle.clear()
         self._index_wake.set()
 
@@ -1390,7 +1393,10 @@ class PartitionStore:
             ):
                 # Let the next batch gather: a message sent and acked within this pause
                 # never reaches SQLite (its insert, leases and delete cancel in `coalesce`).
-                await asyncio.sleep(INDEX_GATHER_S)
+                # Closing, or a growing backlog, cuts the pause short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._index_hurry.wait(), INDEX_GATHER_S)
+                self._index_hurry.clear()
 
     # ----------------------------------------------------------------- close
 
@@ -1401,6 +1407,7 @@ class PartitionStore:
         self._closing = True
         self._wake.set()
         self._index_wake.set()
+        self._index_hurry.set()
         try:
             if self._writer is not None:
                 await self._writer
