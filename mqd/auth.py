@@ -580,6 +580,10 @@ class Authenticator:
             )
         return limiter
 
+    def metered(self, session: Session) -> bool:
+        """Whether the principal has a rate limit (else its bytes need not be counted)."""
+        return self._limiter(session) is not None
+
     def admit(self, session: Session, messages: int, nbytes: int, *, take: bool = True) -> None:
         """Take `messages` and `nbytes` from the principal's buckets, or raise THROTTLED.
         With `take=False` only check that they could be taken (charge later)."""

@@ -845,9 +845,11 @@ async def handle_send(
     record = await conn.queue(request.queue)
     validate_send(conn.limits, record, request.entries)
     assert conn.session is not None
-    conn.frontend.auth.admit(
-        conn.session, len(request.entries), sum(_entry_bytes(e) for e in request.entries)
-    )
+    auth = conn.frontend.auth
+    if auth.metered(conn.session):
+        auth.admit(
+            conn.session, len(request.entries), sum(_entry_bytes(e) for e in request.entries)
+        )
     return messages.SendResponse(
         message_ids=await conn.frontend.router.send(record, request.entries)
     )
@@ -859,7 +861,9 @@ def _entry_bytes(entry: messages.SendEntry | messages.DeliveredMessage) -> int:
 
 def _charge_delivered(conn: ClientConnection, delivered: list[messages.DeliveredMessage]) -> None:
     assert conn.session is not None
-    conn.frontend.auth.charge(conn.session, len(delivered), sum(_entry_bytes(m) for m in delivered))
+    auth = conn.frontend.auth
+    if auth.metered(conn.session):
+        auth.charge(conn.session, len(delivered), sum(_entry_bytes(m) for m in delivered))
 
 
 def visibility_ms(limits: Limits, record: QueueRecord, requested_ms: int) -> int:
