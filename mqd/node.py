@@ -294,6 +294,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
                 replica_lag_max_ms=config.cluster.replica_lag_max_ms,
             )
             await service.sync_partitions()
+            service.start()
         cluster_server = ClusterServer(
             limits=config.limits,
             node_id=node_id,

@@ -297,6 +297,10 @@ class Follower:
         self.high_watermark = await asyncio.to_thread(read_persisted_hw, self.directory)
         self._task = asyncio.create_task(self._run())
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def _run(self) -> None:
         assert self.replica is not None
         delay = RETRY_MIN_S
@@ -336,7 +340,7 @@ class Follower:
                 delay = RETRY_MIN_S
             except asyncio.CancelledError:
                 raise
-            except (MqdError, StorageError) as exc:
+            except (MqdError, StorageError, OSError) as exc:
                 log.debug("follower.fetch_failed", error=str(exc), partition=self.index)
                 with contextlib.suppress(MqdError):
                     await self.view.refresh()

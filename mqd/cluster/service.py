@@ -54,6 +54,7 @@ from mqd.storage import NewMessage
 log = structlog.get_logger("mqd.cluster")
 
 HEARTBEAT_RETRY_S = 0.5
+RESYNC_INTERVAL_S = 5.0
 # A fenced partition serves again after this long if its move never completes.
 FENCE_TIMEOUT_S = 60.0
 FETCH_CHUNK_BYTES_MAX = 4 * 1024 * 1024
@@ -330,6 +331,7 @@ class BackendService:
         self._released: dict[tuple[bytes, int], int] = {}
         self._exported_epoch: dict[tuple[bytes, int], int] = {}
         self._leaders: dict[tuple[bytes, int], LeaderReplication] = {}
+        self._resync: asyncio.Task[None] | None = None
         self._followers: dict[tuple[bytes, int], Follower] = {}
         backend.moved_sink = self.append_moved
         backend.bind_catalog(self._lookup_name)
@@ -357,9 +359,17 @@ class BackendService:
                     elif self.node_id in placement.replicas:
                         follow[key] = (record, placement)
             for key, (record, placement) in lead.items():
-                await self._lead(key, record, placement)
+                try:
+                    await self._lead(key, record, placement)
+                except Exception:
+                    # One partition's trouble must not hold back the others; the
+                    # periodic resync (`_resync_loop`) tries it again.
+                    log.exception("partition.lead_failed", queue=record.name, partition=key[1])
             for key, (record, _placement) in follow.items():
-                await self._follow(key, record)
+                try:
+                    await self._follow(key, record)
+                except Exception:
+                    log.exception("partition.follow_failed", queue=record.name, partition=key[1])
             for key in self.backend.open_partitions():
                 if key in lead or key in follow:
                     continue
@@ -439,8 +449,14 @@ class BackendService:
         return leader.high_watermark
 
     async def _follow(self, key: tuple[bytes, int], record: QueueRecord) -> None:
-        if key in self._followers:
-            return
+        existing = self._followers.get(key)
+        if existing is not None:
+            if existing.running:
+                return
+            # Its fetch loop ended on an error it could not ride out: start afresh.
+            log.warning("follower.restarted", queue=record.name, partition=key[1])
+            del self._followers[key]
+            await existing.stop()
         if self.backend.has_partition(*key):
             # Demoted: a newer leader took over; keep our log, cut it back when following.
             await self._stop_leading(key)
@@ -478,7 +494,23 @@ class BackendService:
             raise NotLeader("this backend does not lead the partition")
         return await leader.fetch(request)
 
+    def start(self) -> None:
+        self._resync = asyncio.create_task(self._resync_loop())
+
+    async def _resync_loop(self) -> None:
+        """Placement changes drive `sync_partitions`; this catches anything a failed or
+        missed run left behind (a follower that did not start would leave the set)."""
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL_S)
+            try:
+                await self.sync_partitions()
+            except Exception:
+                log.exception("partition.resync_failed")
+
     async def close(self) -> None:
+        if self._resync is not None:
+            self._resync.cancel()
+            await asyncio.gather(self._resync, return_exceptions=True)
         for key in list(self._leaders):
             await self._stop_leading(key)
         for follower in self._followers.values():
