@@ -269,6 +269,15 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     for dotted, value in (overrides or {}).items():
         section_name, _, key = dotted.partition(".")
         _set(config, section_name, key, value)
+    frontend_listen_given = "listen" in raw.get("frontend", {}) or "frontend.listen" in (
+        overrides or {}
+    )
+    if config.clustered and "frontend" in config.node.roles and not frontend_listen_given:
+        # A single node may rely on the default; a cluster frontend's client port is
+        # part of its identity (other nodes publish it), so it must be said.
+        raise ConfigError(
+            "frontend.listen: a cluster node with the frontend role needs its client port"
+        )
     config.validate()
     return config
 

@@ -60,3 +60,34 @@ def test_non_loopback_plaintext_allowed_only_when_insecure(tmp_path):
     path = tmp_path / "open.toml"
     path.write_text("[frontend]\nlisten = '0.0.0.0:6470'\ninsecure = true\n")
     assert load_config(path).frontend.insecure is True
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (  # a backend with no metadata address
+            "[node]\nid='b1'\nroles=['backend']\n[cluster]\nlisten='127.0.0.1:7101'\n",
+            "cluster.metadata",
+        ),
+        (  # a frontend without a client port
+            "[node]\nid='f1'\nroles=['frontend']\n[cluster]\nlisten='127.0.0.1:7201'\n"
+            "metadata=['127.0.0.1:7001']\n",
+            "frontend.listen",
+        ),
+        (  # TLS files missing
+            "[node]\nid='b1'\nroles=['backend']\n[cluster]\nlisten='127.0.0.1:7101'\n"
+            "metadata=['127.0.0.1:7001']\n",
+            "tls.cert",
+        ),
+        (  # a subset of roles without a cluster
+            "[node]\nroles=['backend']\n",
+            "node.roles",
+        ),
+    ],
+)
+def test_unworkable_cluster_configs_name_the_key(tmp_path, text, named):
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert named in str(caught.value)
