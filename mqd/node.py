@@ -350,6 +350,8 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
         await stop.wait()
         log.info("server.draining")
     finally:
+        if placement is not None:
+            await placement.stop_deciding()
         if metrics_server is not None:
             metrics_server.close()
         if frontend is not None:

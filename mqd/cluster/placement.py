@@ -136,11 +136,18 @@ class PlacementManager:
             ]
         self._liveness = asyncio.create_task(self._liveness_loop())
 
-    async def close(self) -> None:
+    async def stop_deciding(self) -> None:
+        """First step of a shutdown: no more liveness verdicts (a draining metadata node
+        refuses heartbeats, which must not read as dead backends and set off failovers),
+        and long-polling readers are answered now rather than held through the drain."""
         if self._liveness is not None:
             self._liveness.cancel()
             await asyncio.gather(self._liveness, return_exceptions=True)
+            self._liveness = None
         self._changed.set()
+
+    async def close(self) -> None:
+        await self.stop_deciding()
         await self._store.close()
 
     # --- versions ---------------------------------------------------------------
