@@ -202,9 +202,19 @@ class PlacementManager:
         return True
 
     async def _liveness_loop(self) -> None:
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(LIVENESS_CHECK_S)
             now = time.monotonic()
+            gap_s = now - last_tick
+            last_tick = now
+            if gap_s > self._session_timeout_s / 2:
+                # We were paused (SIGSTOP, a stalled host): the silence was ours, not the
+                # nodes'. Give every node a fresh session instead of failing them over.
+                log.warning("liveness.stalled", seconds=round(gap_s, 1))
+                for node_id in self._last_seen:
+                    self._last_seen[node_id] = now
+                continue
             for node_id, node in list(self.nodes.items()):
                 if node.up and now - self._last_seen.get(node_id, 0) > self._session_timeout_s:
                     node.up = False
