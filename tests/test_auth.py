@@ -467,6 +467,7 @@ def test_a_cluster_frontend_starts_with_authentication_on(tmp_path):
     path = write_config(
         tmp_path,
         "[node]\nid = 'f1'\nroles = ['frontend']\n"
+        "[frontend]\nlisten = '127.0.0.1:6471'\n"
         "[cluster]\nlisten = '127.0.0.1:7201'\nmetadata = ['127.0.0.1:7001']\n"
         f"[tls]\ncert = '{certs / 'f1.pem'}'\nkey = '{certs / 'f1.key'}'\nca = '{certs / 'ca.pem'}'\n"
         + AUTH_REQUIRED,
