@@ -193,8 +193,9 @@ async def wait_backend_up(address: str, tls: ssl.SSLContext, node_id: str) -> No
 
 async def test_rebalance_after_adding_a_backend_loses_nothing(tmp_path: Path):
     manifest = launcher.create_cluster(tmp_path / "grow", metadata=1, backends=2, frontends=1)
-    await asyncio.to_thread(launcher.start_cluster, manifest, 90)
     try:
+        # Inside the try: a start that fails half way leaves no node running.
+        await asyncio.to_thread(launcher.start_cluster, manifest, 90)
         (address,) = frontend_addresses(manifest)
         tls = tls_for(manifest)
         async with await mqd.client.connect(address, tls=tls) as client:
@@ -247,8 +248,9 @@ async def test_rebalance_after_adding_a_backend_loses_nothing(tmp_path: Path):
 
 async def test_client_with_two_frontends_survives_losing_one(tmp_path: Path):
     manifest = launcher.create_cluster(tmp_path / "two", metadata=1, backends=1, frontends=2)
-    await asyncio.to_thread(launcher.start_cluster, manifest, 90)
     try:
+        # Inside the try: a start that fails half way leaves no node running.
+        await asyncio.to_thread(launcher.start_cluster, manifest, 90)
         fe1, fe2 = frontend_addresses(manifest)
         async with await mqd.client.connect(f"{fe1},{fe2}", tls=tls_for(manifest)) as client:
             queue = await client.create_queue("ha")

@@ -31,8 +31,9 @@ def fast_failure_detection(manifest: launcher.Manifest) -> None:
 def cluster(tmp_path: Path):
     manifest = launcher.create_cluster(tmp_path / "rep", metadata=1, backends=3, frontends=1)
     fast_failure_detection(manifest)
-    launcher.start_cluster(manifest, timeout_s=90)
     try:
+        # Inside the try: a start that fails half way leaves no node running.
+        launcher.start_cluster(manifest, timeout_s=90)
         yield manifest
     finally:
         launcher.stop_nodes(manifest, manifest.in_order(["frontend", "backend", "metadata"]))
@@ -162,8 +163,9 @@ async def test_writes_refused_below_min_insync(cluster):
 async def test_decommission_rereplicates_a_dead_backend(tmp_path: Path):
     manifest = launcher.create_cluster(tmp_path / "dec", metadata=1, backends=3, frontends=1)
     fast_failure_detection(manifest)
-    await asyncio.to_thread(launcher.start_cluster, manifest, 90)
     try:
+        # Inside the try: a start that fails half way leaves no node running.
+        await asyncio.to_thread(launcher.start_cluster, manifest, 90)
         (frontend,) = manifest.by_role("frontend")
         async with await mqd.client.connect(
             frontend.client_address, tls=tls_for(manifest)
