@@ -126,6 +126,12 @@ class Backoff:
     def reset(self) -> None:
         self._attempt = 0
 
+    async def pause(self, event: str, queue_name: str, exc: BaseException) -> None:
+        """Log why the loop backs off (`event`) and wait the next delay."""
+        delay = self.next_delay()
+        log.warning(event, queue=queue_name, error=str(exc), retry_in_s=round(delay, 3))
+        await asyncio.sleep(delay)
+
 
 def _check_positive_int(value: Any, what: str, minimum: int = 1) -> int:
     if type(value) is not int or value < minimum:
@@ -250,26 +256,12 @@ async def _stream_messages(
                         client._push_unsupported = True
                         continue
                     except TRANSIENT_ERRORS as exc:
-                        delay = backoff.next_delay()
-                        log.warning(
-                            "consumer.subscribe_failed",
-                            queue=queue.name,
-                            error=str(exc),
-                            retry_in_s=round(delay, 3),
-                        )
-                        await asyncio.sleep(delay)
+                        await backoff.pause("consumer.subscribe_failed", queue.name, exc)
                         continue
                 try:
                     buffer.extend(await subscription.next_batch())
                 except TRANSIENT_ERRORS as exc:
-                    delay = backoff.next_delay()
-                    log.warning(
-                        "consumer.subscription_ended",
-                        queue=queue.name,
-                        error=str(exc),
-                        retry_in_s=round(delay, 3),
-                    )
-                    await asyncio.sleep(delay)
+                    await backoff.pause("consumer.subscription_ended", queue.name, exc)
                     continue
                 backoff.reset()
                 continue
@@ -277,14 +269,7 @@ async def _stream_messages(
             try:
                 messages = await queue.receive(prefetch, wait_s, visibility_timeout)
             except TRANSIENT_ERRORS as exc:
-                delay = backoff.next_delay()
-                log.warning(
-                    "consumer.receive_failed",
-                    queue=queue.name,
-                    error=str(exc),
-                    retry_in_s=round(delay, 3),
-                )
-                await asyncio.sleep(delay)
+                await backoff.pause("consumer.receive_failed", queue.name, exc)
                 continue
             backoff.reset()
             if not messages and loop.time() - started < EMPTY_POLL_FAST_S:
@@ -649,14 +634,7 @@ class Consumer:
                         queue.client._push_unsupported = True
                         return False
                     except TRANSIENT_ERRORS as exc:
-                        delay = backoff.next_delay()
-                        log.warning(
-                            "consumer.subscribe_failed",
-                            queue=queue.name,
-                            error=str(exc),
-                            retry_in_s=round(delay, 3),
-                        )
-                        await asyncio.sleep(delay)
+                        await backoff.pause("consumer.subscribe_failed", queue.name, exc)
                         continue
                     except MqdError as exc:
                         self._fail(exc)
@@ -667,14 +645,7 @@ class Consumer:
                     messages = subscription.take()
                 except TRANSIENT_ERRORS as exc:
                     subscription = None
-                    delay = backoff.next_delay()
-                    log.warning(
-                        "consumer.subscription_ended",
-                        queue=queue.name,
-                        error=str(exc),
-                        retry_in_s=round(delay, 3),
-                    )
-                    await asyncio.sleep(delay)
+                    await backoff.pause("consumer.subscription_ended", queue.name, exc)
                     continue
                 except MqdError as exc:
                     subscription = None
@@ -724,14 +695,7 @@ class Consumer:
                     min(room, batch_max), self._wait_s, visibility_timeout
                 )
             except TRANSIENT_ERRORS as exc:
-                delay = backoff.next_delay()
-                log.warning(
-                    "consumer.receive_failed",
-                    queue=queue.name,
-                    error=str(exc),
-                    retry_in_s=round(delay, 3),
-                )
-                await asyncio.sleep(delay)
+                await backoff.pause("consumer.receive_failed", queue.name, exc)
                 continue
             except MqdError as exc:
                 self._fail(exc)
