@@ -63,6 +63,14 @@ class BackendApi(Protocol):
     def backend_count(self) -> int: ...
 
 
+async def open_durable_db(path: Path) -> aiosqlite.Connection:
+    """SQLite for records that are not derived from anything: WAL, synchronous=FULL."""
+    db = await aiosqlite.connect(path)
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
 class Catalog:
     """Queue records in SQLite (WAL, synchronous=FULL: the catalog is not derived)."""
 
@@ -71,9 +79,7 @@ class Catalog:
 
     @classmethod
     async def open(cls, path: Path) -> Catalog:
-        db = await aiosqlite.connect(path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
+        db = await open_durable_db(path)
         await db.execute(
             "CREATE TABLE IF NOT EXISTS queues ("
             " name TEXT PRIMARY KEY, queue_id BLOB NOT NULL UNIQUE, attributes TEXT NOT NULL,"

@@ -25,7 +25,7 @@ import aiosqlite
 import structlog
 
 from mqd.errors import InvalidArgument, MqdError, NotLeader, QueueNotFound, Unavailable
-from mqd.metadata import QueueRecord
+from mqd.metadata import QueueRecord, open_durable_db
 from mqd.protocol.messages import (
     AdoptPartitionRequest,
     GetPlacementResponse,
@@ -50,9 +50,7 @@ class RecordStore:
 
     @classmethod
     async def open(cls, path: Path) -> RecordStore:
-        db = await aiosqlite.connect(path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
+        db = await open_durable_db(path)
         await db.execute(
             "CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
         )
