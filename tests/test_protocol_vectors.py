@@ -326,7 +326,14 @@ def render_vector(
     out.append(f"correlation_id: {correlation_id}")
     out.append(f"value: {expression}")
     out.append("hex:")
-    width = 60
+    out += hex_rows(lines)
+    out.append("```")
+    return "\n".join(out)
+
+
+def hex_rows(lines, width: int = 60) -> list[str]:  # type: ignore[no-untyped-def]
+    """Annotated vector lines: each (chunks, comment) as hex rows of at most `width`."""
+    out: list[str] = []
     for chunks, comment in lines:
         tokens: list[str] = []
         for chunk in chunks:
@@ -345,8 +352,7 @@ def render_vector(
             continue
         out.append(f"  {rows[0]:<{width}}  # {comment}")
         out += [f"  {row}" for row in rows[1:]]
-    out.append("```")
-    return "\n".join(out)
+    return out
 
 
 if __name__ == "__main__":

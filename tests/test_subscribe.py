@@ -487,22 +487,9 @@ def render_push_vector(expression: str, subscription_id: int) -> str:
         f"  {header_hex:<{width}}  # length {length}, version 1, flags {flags:#04x} {kind}, "
         f"opcode {int(Opcode.DELIVER):#06x} DELIVER, subscription id {subscription_id}"
     )
-    for chunks, comment in body_lines:
-        tokens = []
-        for chunk in chunks:
-            hexed = chunk.hex()
-            tokens += [hexed[i : i + 48] for i in range(0, len(hexed), 48)]
-        rows: list[str] = []
-        for token in tokens:
-            if rows and len(rows[-1]) + 1 + len(token) <= width:
-                rows[-1] += " " + token
-            else:
-                rows.append(token)
-        if not rows:
-            out.append(f"  {'':<{width}}  # {comment}")
-            continue
-        out.append(f"  {rows[0]:<{width}}  # {comment}")
-        out += [f"  {row}" for row in rows[1:]]
+    from tests.test_protocol_vectors import hex_rows
+
+    out += hex_rows(body_lines, width)
     out.append("```")
     return "\n".join(out)
 
