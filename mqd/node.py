@@ -31,6 +31,7 @@ from mqd.metadata import Catalog, MetadataRole
 from mqd.metrics import NodeMetrics
 from mqd.receipts import ReceiptSigner, load_or_create_secret
 from mqd.router import LocalCatalog, Router
+from mqd.runtime import settle_heap
 
 log = structlog.get_logger("mqd.node")
 
@@ -157,6 +158,7 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         _warn_if_insecure(config)
+        settle_heap()
         log.info(
             "server.listening",
             address=address,
@@ -347,6 +349,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
         metrics_server = await _serve_metrics(config, metrics)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        settle_heap()
         await stop.wait()
         log.info("server.draining")
     finally:
