@@ -10,7 +10,6 @@ partition so an ack routes without a catalog lookup.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -22,7 +21,12 @@ from typing import NamedTuple
 _PAYLOAD = struct.Struct(">8sHQI")  # queue id, partition, offset, receive count
 _MAC_BYTES = 12
 _RECEIPT_VERSION = b"\x01"
+_RECEIPT_BYTES = 1 + _PAYLOAD.size + _MAC_BYTES
 SECRET_BYTES = 32
+# urlsafe base64 <-> the standard alphabet binascii speaks (half the cost of base64's
+# urlsafe functions, which translate through Python code per call).
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 class ReceiptFields(NamedTuple):
@@ -35,24 +39,31 @@ class ReceiptFields(NamedTuple):
 class ReceiptSigner:
     def __init__(self, secret: bytes) -> None:
         assert len(secret) >= 16, "receipt secret too short"
-        self._secret = secret
+        # Keyed once: each MAC copies the keyed state instead of hashing the key block
+        # again (0.47 -> 0.33 µs; one sign and one verify per message delivered).
+        self._keyed = hashlib.blake2b(digest_size=_MAC_BYTES, key=secret)
 
     def _mac(self, payload: bytes) -> bytes:
-        return hashlib.blake2b(payload, digest_size=_MAC_BYTES, key=self._secret).digest()
+        state = self._keyed.copy()
+        state.update(payload)
+        return state.digest()
 
     def sign(self, queue_id: bytes, partition: int, offset: int, receive_count: int) -> str:
         payload = _RECEIPT_VERSION + _PAYLOAD.pack(queue_id, partition, offset, receive_count)
-        return base64.urlsafe_b64encode(payload + self._mac(payload)).decode("ascii")
+        encoded = binascii.b2a_base64(payload + self._mac(payload), newline=False)
+        return encoded.translate(_TO_URLSAFE).decode("ascii")
 
     def verify(self, receipt: str) -> ReceiptFields | None:
         """The receipt's fields, or None when it is malformed or its MAC is wrong."""
         if not isinstance(receipt, str) or len(receipt) > 128:
             return None
         try:
-            raw = base64.urlsafe_b64decode(receipt.encode("ascii"))
+            raw = binascii.a2b_base64(
+                receipt.encode("ascii").translate(_FROM_URLSAFE), strict_mode=True
+            )
         except (binascii.Error, UnicodeEncodeError, ValueError):
             return None
-        if len(raw) != 1 + _PAYLOAD.size + _MAC_BYTES or raw[:1] != _RECEIPT_VERSION:
+        if len(raw) != _RECEIPT_BYTES or raw[:1] != _RECEIPT_VERSION:
             return None
         payload, mac = raw[: 1 + _PAYLOAD.size], raw[1 + _PAYLOAD.size :]
         if not hmac.compare_digest(mac, self._mac(payload)):

@@ -38,6 +38,11 @@ class FileSystem:
     def ftruncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
+    def preallocate(self, fd: int, offset: int, length: int) -> None:
+        """Reserve blocks (and extend the file size) so later writes inside them do not
+        change the file's size: an fdatasync then has no size to commit."""
+        os.posix_fallocate(fd, offset, length)
+
     def pread(self, fd: int, size: int, position: int) -> bytes:
         return os.pread(fd, size, position)
 

@@ -56,15 +56,24 @@ class IndexUnusable(Exception):
 class IndexBatch:
     """The index changes of one or more commit groups, applied in one transaction.
 
+    Kept net as changes arrive: a lease of a message inserted in the batch folds into
+    its row, a delete of one cancels its row, a later lease of the same message replaces
+    the earlier (a lease record holds absolute values). So a message sent, received and
+    acked while the batch gathers never reaches SQLite, and `rows()` counts only what
+    will (profiled in W1c: the index thread was 16 % of the server's CPU when batches were
+    merged and coalesced only at apply time and the raw count cut the gathering short).
+
     Order within a transaction: inserts, leases, deletes, purges. That is
     equivalent to the log order because a lease or delete always follows the
     insert of its message, and a purge only removes messages below its offset.
     """
 
     checkpoint: int
-    inserts: list[Row] = field(default_factory=list)
+    inserts: dict[int, Row] = field(default_factory=dict)  # by offset
     dedups: list[tuple[str, int, int]] = field(default_factory=list)
-    leases: list[tuple[int, int, int, int]] = field(default_factory=list)  # rc, vis, first, off
+    leases: dict[int, tuple[int, int, int, int]] = field(
+        default_factory=dict
+    )  # rc, vis, first, off
     deletes: list[int] = field(default_factory=list)
     purges: list[int] = field(default_factory=list)
     dedup_prune_before_ms: int = 0
@@ -72,25 +81,37 @@ class IndexBatch:
     def rows(self) -> int:
         return len(self.inserts) + len(self.leases) + len(self.deletes) + 1
 
+    def insert(self, row: Row) -> None:
+        self.inserts[row[0]] = row
+
+    def lease(self, receive_count: int, visible_at: int, first_received: int, off: int) -> None:
+        row = self.inserts.get(off)
+        if row is not None:
+            self.inserts[off] = (*row[:9], receive_count, visible_at, first_received, row[12])
+        else:
+            self.leases[off] = (receive_count, visible_at, first_received, off)
+
+    def delete(self, off: int) -> None:
+        if self.inserts.pop(off, None) is None:
+            self.leases.pop(off, None)
+            self.deletes.append(off)
+
     def merge(self, later: IndexBatch) -> None:
         self.checkpoint = later.checkpoint
-        self.inserts += later.inserts
+        self.inserts.update(later.inserts)
         self.dedups += later.dedups
-        self.leases += later.leases
-        self.deletes += later.deletes
+        if self.inserts:
+            for lease in later.leases.values():
+                self.lease(*lease)
+            for off in later.deletes:
+                self.delete(off)
+        else:
+            self.leases.update(later.leases)
+            for off in later.deletes:
+                self.leases.pop(off, None)
+            self.deletes += later.deletes
         self.purges += later.purges
         self.dedup_prune_before_ms = max(self.dedup_prune_before_ms, later.dedup_prune_before_ms)
-
-    def coalesce(self) -> None:
-        """Drop messages inserted and deleted within this batch (the index lagged)."""
-        if not self.inserts or not self.deletes:
-            return
-        cancelled = {row[0] for row in self.inserts}.intersection(self.deletes)
-        if not cancelled:
-            return
-        self.inserts = [r for r in self.inserts if r[0] not in cancelled]
-        self.leases = [x for x in self.leases if x[3] not in cancelled]
-        self.deletes = [o for o in self.deletes if o not in cancelled]
 
 
 class Index:
@@ -157,11 +178,11 @@ class Index:
         await db.execute("BEGIN")
         try:
             if batch.inserts:
-                await db.executemany(_INSERT, batch.inserts)
+                await db.executemany(_INSERT, list(batch.inserts.values()))
             if batch.dedups:
                 await db.executemany(_DEDUP, batch.dedups)
             if batch.leases:
-                await db.executemany(_LEASE, batch.leases)
+                await db.executemany(_LEASE, list(batch.leases.values()))
             if batch.deletes:
                 await db.executemany(_DELETE, [(o,) for o in batch.deletes])
             for up_to in batch.purges:

@@ -160,6 +160,9 @@ def iter_records(
             if offset <= last_offset:
                 raise rec.CorruptRecord(f"offset {offset} not above {last_offset}")
         except rec.CorruptRecord as exc:
+            if data.count(0, pos) == end - pos:
+                # Space the store preallocated and had not written yet: the log's end.
+                return
             nxt = _resync(data, pos, last_offset, record_bytes_max)
             scan.bad_ranges.append((pos, end if nxt is None else nxt, exc.reason))
             contiguous = False

@@ -188,6 +188,30 @@ async def test_group_commit_one_write_one_fsync(part: Path) -> None:
     await store.close()
 
 
+async def test_receive_leases_ride_on_the_next_fsync(part: Path) -> None:
+    """A lease nobody waits for is written at once but synced by a later group or timer."""
+    store = await open_store(part)
+    await store.append_messages([msg(0), msg(1)])
+    base = store.stats()
+    await store.lease([Lease(0, 1, 5, 5)], wait=False)
+    await wait_for(lambda: store.stats()["commits"] > base["commits"])
+    written = store.stats()
+    assert written["fsyncs"] == base["fsyncs"]
+    # A durable group fsyncs (and so covers the lease before it in the file) ...
+    await store.delete([1])
+    assert store.stats()["fsyncs"] == base["fsyncs"] + 1
+    # ... and a lone lease is synced within LAZY_SYNC_S even if nothing follows.
+    await store.lease([Lease(0, 2, 9, 9)], wait=False)
+    await wait_for(lambda: store.stats()["commits"] > written["commits"] + 1)
+    synced = store.stats()["fsyncs"]
+    await wait_for(lambda: store.stats()["fsyncs"] == synced + 1, timeout_s=2.0)
+    await store.close()
+    store = await open_store(part)
+    (live,) = store.live_messages()
+    assert (live.offset, live.receive_count, live.visible_at_ms) == (0, 2, 9)
+    await store.close()
+
+
 async def test_groups_pipeline_while_disk_works(part: Path) -> None:
     """Calls arriving while a group is being written form the next group."""
     store = await open_store(part)
