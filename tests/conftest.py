@@ -137,8 +137,15 @@ class ServerProcess:
                 time.sleep(0.2)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def server_factory(tmp_path: Path):
+def server_factory(tmp_path: Path, request: pytest.FixtureRequest):
     started: list[ServerProcess] = []
 
     def make(name: str = "data", **kwargs) -> ServerProcess:
@@ -147,6 +154,14 @@ def server_factory(tmp_path: Path):
         return server.start()
 
     yield make
+    call = getattr(request.node, "report_call", None)
+    if call is not None and call.failed:
+        # A failed test shows what its servers said (an INTERNAL answer names only
+        # "see the server log").
+        for server in started:
+            noted = [line for line in server.log_lines if '"level": "info"' not in line]
+            print(f"--- {server.data_dir.name}: {len(noted)} log lines above info ---")
+            print("\n".join(noted[-60:]))
     for server in started:
         if server.proc is not None:
             server.kill()
