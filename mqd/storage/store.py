@@ -70,6 +70,9 @@ INDEX_GATHER_S = 1.0
 # With fsync "always", records nobody waits on (receive leases) reach the disk at the
 # latest this long after their write.
 LAZY_SYNC_S = 0.2
+# A group that needs no fsync and fits in the preallocated space is written on the
+# event loop's thread when it is at most this big.
+INLINE_WRITE_BYTES_MAX = 64 * 1024
 # The active segment's file grows ahead of its records, by its own size within these
 # bounds: an fdatasync after a write inside the file's size has no size change (an ext4
 # journal commit) to make durable. Measured on the dev VM (pwrite 300 B + fdatasync):
@@ -1030,7 +1033,18 @@ class PartitionStore:
             position = seg.size
             do_sync = durable and self.config.fsync == "always"
             started = self._loop.time()
-            await self._loop.run_in_executor(None, self._write, seg, buf, position, do_sync)
+            if (
+                not do_sync
+                and len(buf) <= INLINE_WRITE_BYTES_MAX
+                and position + len(buf) <= seg.allocated
+            ):
+                # Into preallocated page cache, no fsync: a few µs here costs less
+                # than the two thread wake-ups of the executor (W2: receive leases;
+                # server CPU 668 -> 587 µs/msg, e2e p99 2.38 -> 2.18 ms, medians of 3
+                # interleaved runs).
+                self._write(seg, buf, position, False)
+            else:
+                await self._loop.run_in_executor(None, self._write, seg, buf, position, do_sync)
             for observe in self.commit_observers:
                 observe(len(sizes), self._loop.time() - started)
         except OSError as exc:
