@@ -110,6 +110,7 @@ _SHAPE_KEYS = {
     "consumers",
     "slots",
     "in_flight_max",
+    "w2_consumer",
     "rate_per_s",
     "duration_s",
     "size",
@@ -190,6 +191,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="w2: at most this many sends unanswered; a slot beyond it is missed (default 1000)",
     )
     parser.add_argument(
+        "--w2-consumer",
+        choices=("poll", "push"),
+        default="poll",
+        help="w2: the consumer long-polls `receive(max_messages=100, wait=1)` (poll, the "
+        "comparison's shape) or takes pushed messages from `queue.consume(prefetch=100)` "
+        "(push, SUBSCRIBE; each message acked without holding up the next) (default poll)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -245,6 +254,7 @@ class BenchConfig:
     rate_per_s: float = 1000.0
     duration_s: float = 10.0
     in_flight_max: int = 1000
+    w2_consumer: str = "poll"
     server_pids: tuple[int, ...] = ()
 
     def validate(self) -> None:
@@ -978,6 +988,21 @@ async def _w2_phase(
 
     async def consume(deadline: float) -> None:
         # End to end: receive time - the send call's time in the body.
+        if cfg.w2_consumer == "push":
+            # Acks go out while the stream yields the next message (one at a time, each
+            # awaited, caps this consumer near the rate of the acks' fsyncs).
+            async def ack_one(message: Message, received_ns: int) -> None:
+                _tally(state, await _ack_received(consumer, state, [message]), received_ns)
+                check_done()
+
+            async with consumer.consume(prefetch=W2_RECEIVE_MAX) as stream:
+                async for message in stream:
+                    acking = asyncio.create_task(ack_one(message, time.time_ns()))
+                    send_tasks.add(acking)
+                    acking.add_done_callback(send_tasks.discard)
+                    if loop.time() >= deadline:
+                        return
+            return
         while loop.time() < deadline:
             messages = await consumer.receive(
                 max_messages=W2_RECEIVE_MAX, wait=min(RECEIVE_WAIT_S, deadline - loop.time())
@@ -1048,6 +1073,7 @@ async def _w2_phase(
         "missed_slots": counts["missed_slots"],
         "send_errors": counts["send_errors"],
         "in_flight_max": cfg.in_flight_max,
+        "w2_consumer": cfg.w2_consumer,
         **checks,
         "queue_left": left,
         "elapsed_s": round(finished - started, 3),
@@ -1245,6 +1271,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         rate_per_s=getattr(args, "rate", 1000.0),
         duration_s=getattr(args, "duration", 10.0),
         in_flight_max=getattr(args, "in_flight_max", 1000),
+        w2_consumer=getattr(args, "w2_consumer", "poll"),
         server_pids=tuple(getattr(args, "server_pid", None) or ()),
     )
     cfg.validate()

@@ -127,6 +127,20 @@ def test_w2_open_loop_counts_what_it_could_not_send(server):
     assert w2["delivered"] == w2["sent"] >= 1
 
 
+def test_w2_with_a_push_consumer(server):
+    """`--w2-consumer push`: the consumer takes SUBSCRIBE pushes; every message seen and acked."""
+    done = _bench(server.address, "--workload", "w2", "--rate", "400", "--duration", "0.5",
+                  "--w2-consumer", "push", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    w2 = json.loads(done.stdout)["workloads"]["w2"]
+    _assert_clean("w2", w2)
+    assert w2["w2_consumer"] == "push"
+    assert w2["delivered"] == w2["sent"] == 200
+    assert w2["queue_left"] == 0 and w2["duplicates"] == 0
+    assert 0 <= w2["e2e_ms_p50"] <= w2["e2e_ms_p99"] <= w2["e2e_ms_max"]
+    assert server.events("request.failed") == [] and server.events("subscription.failed") == []
+
+
 def test_workload_table_is_readable(server):
     done = _bench(server.address, "--workload", "w3", "--messages", "400", "--batch", "100")
     assert done.returncode == 0, done.stderr
