@@ -25,6 +25,7 @@ process's clock, so no clock skew enters.
       receive time - the send call's time (written in the body), so a
       late sender shows up in it rather than hiding (no coordinated
       omission); send->acknowledge is the duration of each `send` call.
+      `--w2-consumer push` takes the messages from SUBSCRIBE pushes instead.
 - w3  4 producers + 4 consumers together, each with its own connection, N in
       total.
 - custom  the shape the options say (--producers, --consumers, --batch,
