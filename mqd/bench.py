@@ -967,6 +967,7 @@ async def _w2_phase(
     body = _bodies(cfg.size)
     send_ack_ns: list[int] = []
     send_tasks: set[asyncio.Task[None]] = set()
+    ack_tasks: set[asyncio.Task[None]] = set()  # push: acks that do not hold up the stream
     counts = {"in_flight": 0, "send_errors": 0, "missed_slots": 0, "sent": 0}
     sending_done = asyncio.Event()
     all_seen = asyncio.Event()
@@ -999,8 +1000,8 @@ async def _w2_phase(
             async with consumer.consume(prefetch=W2_RECEIVE_MAX) as stream:
                 async for message in stream:
                     acking = asyncio.create_task(ack_one(message, time.time_ns()))
-                    send_tasks.add(acking)
-                    acking.add_done_callback(send_tasks.discard)
+                    ack_tasks.add(acking)
+                    acking.add_done_callback(ack_tasks.discard)
                     if loop.time() >= deadline:
                         return
             return
@@ -1056,7 +1057,7 @@ async def _w2_phase(
                 await asyncio.wait([waiting, consuming], return_when=asyncio.FIRST_COMPLETED)
         finished = loop.time()
     finally:
-        others = [*send_tasks, consuming] + ([waiting] if waiting is not None else [])
+        others = [*send_tasks, *ack_tasks, consuming] + ([waiting] if waiting is not None else [])
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from mqd.auth import Authenticator
+from mqd.auth import AuthCatalog, Authenticator
 from mqd.backend import BackendRole
 from mqd.clock import SystemClock
 from mqd.config import Config, parse_address
@@ -133,20 +133,10 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
         queues = await metadata.start()
         backend.bind_catalog(metadata.lookup)
         await backend.start(queues)
-        frontend = FrontendRole(
-            router=Router(LocalCatalog(metadata, backend)),
-            limits=config.limits,
-            node_id=node_id,
-            roles=config.node.roles,
-            clock=clock,
-            auth=Authenticator(
-                metadata,
-                enabled=config.auth_enabled,
-                quotas=config.quotas,
-                failure_delay_ms=config.auth.failure_delay_ms,
-            ),
-        )
-        frontend.use_metrics(metrics, config.log.slow_request_ms)
+        frontend = _frontend(
+            config, Router(LocalCatalog(metadata, backend)), metadata, node_id, config.node.roles,
+            clock, metrics,
+        )  # fmt: skip
         try:
             address = await frontend.start(host, port, ssl_context)
         except OSError as exc:
@@ -183,6 +173,33 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
                 loop.remove_signal_handler(signum)
     log.info("server.stopped")
     return 0
+
+
+def _frontend(
+    config: Config,
+    router: Router,
+    auth_catalog: AuthCatalog | None,
+    node_id: str,
+    roles: list[str],
+    clock: SystemClock,
+    metrics: NodeMetrics,
+) -> FrontendRole:
+    """The client-facing role over `router`, authenticating against `auth_catalog`."""
+    frontend = FrontendRole(
+        router=router,
+        limits=config.limits,
+        node_id=node_id,
+        roles=roles,
+        clock=clock,
+        auth=Authenticator(
+            auth_catalog,
+            enabled=config.auth_enabled,
+            quotas=config.quotas,
+            failure_delay_ms=config.auth.failure_delay_ms,
+        ),
+    )
+    frontend.use_metrics(metrics, config.log.slow_request_ms)
+    return frontend
 
 
 def _warn_if_insecure(config: Config) -> None:
@@ -321,20 +338,10 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             auth_catalog = RemoteAuthCatalog(view) if config.auth_enabled else None
             if auth_catalog is not None:
                 await auth_catalog.refresh_auth()
-            frontend = FrontendRole(
-                router=Router(RemoteCatalog(view, peers)),
-                limits=config.limits,
-                node_id=node_id,
-                roles=roles,
-                clock=clock,
-                auth=Authenticator(
-                    auth_catalog,
-                    enabled=config.auth_enabled,
-                    quotas=config.quotas,
-                    failure_delay_ms=config.auth.failure_delay_ms,
-                ),
-            )
-            frontend.use_metrics(metrics, config.log.slow_request_ms)
+            frontend = _frontend(
+                config, Router(RemoteCatalog(view, peers)), auth_catalog, node_id, roles, clock,
+                metrics,
+            )  # fmt: skip
             client_address = await _listen(
                 frontend, config.frontend.listen, "frontend.listen", _server_ssl_context(config)
             )

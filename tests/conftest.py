@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import mqd.client
 from mqd.launcher import allocate_ports
 
 START_TIMEOUT_S = 30.0
@@ -170,3 +171,13 @@ def server_factory(tmp_path: Path, request: pytest.FixtureRequest):
 @pytest.fixture
 def server(server_factory) -> ServerProcess:
     return server_factory()
+
+
+@pytest.fixture
+async def client(server):
+    """A client connected to `server`, closed after the test."""
+    c = await mqd.client.connect(server.address)
+    try:
+        yield c
+    finally:
+        await c.close()

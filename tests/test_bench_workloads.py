@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -20,20 +18,11 @@ from mqd.bench import (
     format_workloads,
     proc_cpu_ticks,
 )
+from tests.test_bench import _bench
 
 pytestmark = pytest.mark.timeout(120)
 
 W1_PHASES = ("a", "b", "c")
-
-
-def _bench(address: str, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mqd", "bench", "--address", address, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def _phases(result: dict) -> dict[str, dict]:

@@ -34,15 +34,6 @@ from mqd.errors import (
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def client(server):
-    c = await mqd.client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 def _config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "mqd.toml"
     path.write_text(text)

@@ -10,20 +10,10 @@ import time
 import pytest
 import structlog
 
-import mqd.client
 from mqd.client import MessageStream, RedriveResult
 from mqd.errors import ConnectionClosed, InvalidArgument, QueueNotFound
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def client(server):
-    c = await mqd.client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def _dead_letter(queue, dlq, count: int, max_receive_count: int) -> None:

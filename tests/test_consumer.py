@@ -19,15 +19,6 @@ from mqd.errors import InvalidArgument, QueueNotFound
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-async def client(server):
-    c = await mqd.client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 async def _until(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not await predicate():

@@ -51,15 +51,6 @@ if __name__ != "__main__":
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-async def client(server):
-    c = await mqd.client.connect(server.address)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 class Pushes:
     """A raw subscription on a `Connection`: what its listener was handed, in order."""
 

@@ -17,7 +17,7 @@ import asyncio
 import math
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from mqd.errors import (
@@ -69,6 +69,14 @@ def _limit(limits: dict[str, Any], name: str) -> int:
     if type(value) is int and value > 0:
         return value
     return DEFAULT_LIMITS[name]
+
+
+def _next_free_id(previous: int, taken: Container[int]) -> int:
+    """The next id after `previous` (1 .. _CORRELATION_ID_MAX, wrapping) not in `taken`."""
+    candidate = previous % _CORRELATION_ID_MAX + 1
+    while candidate in taken:
+        candidate = candidate % _CORRELATION_ID_MAX + 1
+    return candidate
 
 
 class Connection:
@@ -208,10 +216,7 @@ class Connection:
             if self._closed_reason is not None:
                 raise self._closed_error()
             pending = self._pending
-            cid = self._next_id % _CORRELATION_ID_MAX + 1
-            while cid in pending:
-                cid = cid % _CORRELATION_ID_MAX + 1
-            self._next_id = cid
+            cid = self._next_id = _next_free_id(self._next_id, pending)
             frame = encode_request(cid, msg)
             if len(frame) - PREFIX_BYTES > self.frame_bytes_max:
                 raise FrameTooLarge(
@@ -327,10 +332,7 @@ class Connection:
         if self._closed_reason is not None:
             raise self._closed_error()
         listeners = self._push_listeners
-        sid = self._next_subscription_id % _CORRELATION_ID_MAX + 1
-        while sid in listeners:
-            sid = sid % _CORRELATION_ID_MAX + 1
-        self._next_subscription_id = sid
+        sid = self._next_subscription_id = _next_free_id(self._next_subscription_id, listeners)
         listeners[sid] = listener
         return sid
 

@@ -100,16 +100,10 @@ class IndexBatch:
         self.checkpoint = later.checkpoint
         self.inserts.update(later.inserts)
         self.dedups += later.dedups
-        if self.inserts:
-            for lease in later.leases.values():
-                self.lease(*lease)
-            for off in later.deletes:
-                self.delete(off)
-        else:
-            self.leases.update(later.leases)
-            for off in later.deletes:
-                self.leases.pop(off, None)
-            self.deletes += later.deletes
+        for lease in later.leases.values():
+            self.lease(*lease)
+        for off in later.deletes:
+            self.delete(off)
         self.purges += later.purges
         self.dedup_prune_before_ms = max(self.dedup_prune_before_ms, later.dedup_prune_before_ms)
 

@@ -700,12 +700,12 @@ class PartitionStore:
 
     # --- replication: raw records by offset -----------------------------------------
 
-    def _remember_tail(self, first: int, end: int, buf: bytes, waited_on: bool) -> None:
+    def _remember_tail(self, first: int, end: int, buf: bytes, durable: bool) -> None:
         self._tail.append((first, end, buf))
         self._tail_bytes += len(buf)
         while self._tail_bytes > TAIL_BYTES_MAX and len(self._tail) > 1:
             self._tail_bytes -= len(self._tail.popleft()[2])
-        if waited_on:
+        if durable:
             # A group of only receive leases wakes no follower: nobody waits for its
             # replication, and it travels with the next group (or the next fetch once a
             # long poll runs out). One replication round per message fewer in W2.
