@@ -15,23 +15,17 @@ import pytest
 import mqd.client
 from mqd import certs, launcher
 from mqd.errors import MqdError, Unavailable
+from tests.cluster_helpers import running, tls_for
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def tls_for(manifest: launcher.Manifest) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(manifest.client_ca))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cluster")
     manifest = launcher.create_cluster(directory, metadata=1, backends=3, frontends=2)
-    try:
-        launcher.start_cluster(manifest, timeout_s=90)
+    with running(manifest):
         yield manifest
-    finally:
-        launcher.stop_nodes(manifest, manifest.in_order(["frontend", "backend", "metadata"]))
 
 
 def frontend_addresses(manifest: launcher.Manifest) -> list[str]:

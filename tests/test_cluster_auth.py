@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import io
 import json
-import ssl
 import stat
 import time
 
@@ -23,6 +22,7 @@ from mqd import auth, cli, launcher
 from mqd.cluster.remote import RemoteAuthCatalog
 from mqd.errors import Forbidden, QueueNotFound, Unauthenticated, Unavailable
 from mqd.protocol import messages
+from tests.cluster_helpers import running, tls_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,15 +37,8 @@ def cluster(tmp_path_factory):
     for node in manifest.nodes:
         path = manifest.path(node.config)
         path.write_text(path.read_text() + "\n[auth]\nrequired = true\nfailure_delay_ms = 50\n")
-    try:
-        launcher.start_cluster(manifest, timeout_s=90)
+    with running(manifest):
         yield manifest
-    finally:
-        launcher.stop_nodes(manifest, manifest.in_order(["frontend", "backend", "metadata"]))
-
-
-def tls_for(manifest: launcher.Manifest) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(manifest.client_ca))
 
 
 def frontends(manifest: launcher.Manifest) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import mqd.client
 from mqd import launcher
 from mqd.errors import MqdError, Unavailable
+from tests.cluster_helpers import running, tls_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -31,16 +31,8 @@ def fast_failure_detection(manifest: launcher.Manifest) -> None:
 def cluster(tmp_path: Path):
     manifest = launcher.create_cluster(tmp_path / "rep", metadata=1, backends=3, frontends=1)
     fast_failure_detection(manifest)
-    try:
-        # Inside the try: a start that fails half way leaves no node running.
-        launcher.start_cluster(manifest, timeout_s=90)
+    with running(manifest):
         yield manifest
-    finally:
-        launcher.stop_nodes(manifest, manifest.in_order(["frontend", "backend", "metadata"]))
-
-
-def tls_for(manifest: launcher.Manifest) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(manifest.client_ca))
 
 
 async def placement_of(client, queue: str) -> list[dict]:
