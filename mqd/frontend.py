@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from mqd import __version__
+from mqd import __version__, stages
 from mqd.auth import Authenticator, Quotas, Session, validate_principal_name
 from mqd.errors import (
     BatchTooLarge,
@@ -35,7 +35,14 @@ from mqd.errors import (
 from mqd.limits import Limits
 from mqd.metadata import QueueRecord
 from mqd.protocol import codec, messages
-from mqd.protocol.frame import FLAG_RESPONSE, PROTOCOL_VERSION, Frame, FrameDecoder
+from mqd.protocol.frame import (
+    FLAG_RESPONSE,
+    HEADER_BYTES,
+    PREFIX_BYTES,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameDecoder,
+)
 from mqd.protocol.messages import VISIBILITY_DEFAULT, Opcode
 from mqd.protocol.push import encode_push, encode_push_end
 from mqd.router import Router
@@ -128,7 +135,15 @@ class FrontendRole:
         self.slow_request_s = slow_request_ms / 1000
         metrics.connections.set_function(lambda: len(self.connections))
 
-    def observe_request(self, opcode: int, request: Any, started: float, outcome: str) -> None:
+    def observe_request(
+        self,
+        opcode: int,
+        request: Any,
+        started: float,
+        outcome: str,
+        trace: stages.Trace | None = None,
+    ) -> None:
+        """Metrics for one request, and the slow-request line; `started`: its frame's arrival."""
         elapsed = time.perf_counter() - started
         try:
             op = Opcode(opcode).name
@@ -154,7 +169,10 @@ class FrontendRole:
                     or getattr(request, "changes", None)
                     or ()
                 ),
+                request_bytes=trace.request_bytes if trace else None,
+                response_bytes=trace.response_bytes if trace else None,
                 elapsed_ms=round(elapsed * 1000, 1),
+                stages_ms=trace.summary_ms(elapsed) if trace else {},
                 outcome=outcome,
             )
 
@@ -377,17 +395,29 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         self.frontend.requests_total += 1
-        task = self._loop.create_task(self._run(handler, request, opcode, correlation_id))
+        frame_bytes = PREFIX_BYTES + HEADER_BYTES + len(frame.body)
+        task = self._loop.create_task(
+            self._run(handler, request, opcode, correlation_id, frame_bytes, time.perf_counter())
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, handler: Handler, request: Any, opcode: int, correlation_id: int) -> None:
-        started = time.perf_counter()
+    async def _run(
+        self,
+        handler: Handler,
+        request: Any,
+        opcode: int,
+        correlation_id: int,
+        request_bytes: int,
+        received: float,
+    ) -> None:
+        trace = stages.begin(request_bytes)
+        trace.add("queued", time.perf_counter() - received)
         outcome = "INTERNAL"
         try:
             outcome = await self._answer(handler, request, opcode, correlation_id)
         finally:
-            self.frontend.observe_request(opcode, request, started, outcome)
+            self.frontend.observe_request(opcode, request, received, outcome, trace)
 
     async def _answer(
         self, handler: Handler, request: Any, opcode: int, correlation_id: int
@@ -395,7 +425,7 @@ class ClientConnection(asyncio.Protocol):
         """Run one request and write its answer; the outcome: "ok" or the error code's name."""
         try:
             if opcode != Opcode.HELLO:
-                await self._authorize(opcode, request)
+                await stages.timed("auth", self._authorize(opcode, request))
             response = await handler(self, request)
         except ServerError as exc:
             if exc.code.fatal or self._close_after_error:
@@ -414,7 +444,10 @@ class ClientConnection(asyncio.Protocol):
                 correlation_id, opcode, ErrorCode.INTERNAL, "internal error; see the server log"
             )
             return "INTERNAL"
-        self._write(codec.encode_response(correlation_id, response))
+        encoding = time.perf_counter()
+        frame = codec.encode_response(correlation_id, response)
+        self._write(frame)
+        stages.respond(len(frame), time.perf_counter() - encoding)
         return "ok"
 
     # --- output ---------------------------------------------------------------------

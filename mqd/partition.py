@@ -40,6 +40,7 @@ from typing import Any
 
 import structlog
 
+from mqd import stages
 from mqd.clock import SystemClock
 from mqd.errors import ErrorCode, MqdError, QueueNotFound
 from mqd.protocol.messages import DeliveredMessage, EntryFailure, SendEntry
@@ -270,7 +271,7 @@ class Partition:
     async def _committed(self, end_offset: int) -> None:
         """Wait until the in-sync replicas hold every record below `end_offset`."""
         if self.replication is not None:
-            await self.replication.wait_committed(end_offset)
+            await stages.timed("replication", self.replication.wait_committed(end_offset))
 
     async def _admit_committed(self, metas: list[MessageMeta]) -> None:
         """Receivers see messages only below the high watermark (DESIGN.md §6)."""

@@ -52,5 +52,15 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
     figures = stats["metrics"]
     assert figures["mqd_request_seconds_count{op=SEND}"] == 1.0
     assert figures["mqd_queue_sent_total{partition=0,queue=observed}"] == 3.0
-    # slow_request_ms = 1: every non-long-poll request is "slow" and says so.
-    assert server.events("request.slow")
+    async with await mqd.client.connect(server.address) as client:
+        bulk = await client.create_queue("bulk")
+        await bulk.send_batch([bytes(1024)] * 1000)
+    # slow_request_ms = 1: a request slower than 1 ms says so, with its sizes and
+    # where the time went: a 1 MB batch spends most of it in the log's write + fsync.
+    slow_sends = [e for e in server.events("request.slow") if e["op"] == "SEND"]
+    big = next(e for e in slow_sends if e["entries"] == 1000)
+    assert big["queue"] == "bulk" and big["outcome"] == "ok"
+    assert big["request_bytes"] > 1_000_000 and big["response_bytes"] > 0
+    stages_ms = big["stages_ms"]
+    assert {"queued", "log", "respond"} <= set(stages_ms)
+    assert sum(v for k, v in stages_ms.items() if k != "other") <= big["elapsed_ms"] + 0.1

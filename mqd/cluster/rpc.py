@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from mqd import stages
 from mqd.client.connection import Connection
 from mqd.config import parse_address
 from mqd.errors import ConnectionClosed, RequestTimeout, Unavailable
@@ -68,7 +69,7 @@ class PeerPool:
         """
         conn = await self._connection(address)
         try:
-            return await conn.request(msg, timeout_s=timeout_s)
+            return await stages.timed("peer", conn.request(msg, timeout_s=timeout_s))
         except ConnectionClosed as exc:
             raise Unavailable(f"lost the connection to {address}: {exc}") from exc
 

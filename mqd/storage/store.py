@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from mqd import stages
 from mqd.clock import SystemClock
 from mqd.errors import InternalError, MessageTooLarge, StorageError, StorageFull
 from mqd.storage import records as rec
@@ -803,12 +804,12 @@ class PartitionStore:
         for m in messages:
             if len(m.body) > limit:
                 raise MessageTooLarge(f"message body of {len(m.body)} bytes exceeds {limit}")
-        return await self._submit(_APPEND, messages)
+        return await stages.timed("log", self._submit(_APPEND, messages))
 
     async def delete(self, offsets: list[int]) -> None:
         """Delete (ack) messages; unknown or already deleted offsets are ignored."""
         if offsets:
-            await self._submit(_DELETE, offsets)
+            await stages.timed("log", self._submit(_DELETE, offsets))
 
     async def lease(self, leases: list[Lease], *, wait: bool = True) -> None:
         """Record receives / visibility changes; leases of unknown offsets are ignored.
@@ -824,7 +825,7 @@ class PartitionStore:
             return
         future = self._submit(_LEASE, leases, durable=wait)
         if wait:
-            await future
+            await stages.timed("log", future)
         else:
             future.add_done_callback(self._report_lost_lease)
 
@@ -860,7 +861,9 @@ class PartitionStore:
             runs = self._plan_runs(sorted(set(misses)))
             self._reads_in_flight += 1
             try:
-                blobs = await self._loop.run_in_executor(None, self._pread_runs, runs)
+                blobs = await stages.timed(
+                    "read", self._loop.run_in_executor(None, self._pread_runs, runs)
+                )
             except OSError as exc:
                 raise _io_error(exc, "read") from None
             finally:

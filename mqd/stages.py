@@ -1,0 +1,79 @@
+"""Where a request's time went, for the slow-request log line (issue 7 §5).
+
+Each request runs in its own task; `begin` gives that task's context a fresh
+record, and the layers below add the time they waited to it with `timed`: the
+log's commit group and fsync ("log"), the in-sync replicas ("replication"),
+reads of message bodies ("read"), another node ("peer"). The connection adds
+its own: waiting for a task to start ("queued"), authorization ("auth") and
+encoding the answer ("respond"). Outside a request (a follower's fetch loop,
+a timer) there is no record and `timed` only awaits.
+
+Parts that run side by side (a receive over several partitions) add up, so
+the stages of one request may sum to more than its elapsed time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from contextvars import ContextVar
+from time import perf_counter
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Trace:
+    """One request's stages (seconds by name) and sizes (bytes of its frames)."""
+
+    __slots__ = ("request_bytes", "response_bytes", "spans")
+
+    def __init__(self, request_bytes: int = 0) -> None:
+        self.spans: dict[str, float] = {}
+        self.request_bytes = request_bytes
+        self.response_bytes = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.spans[stage] = self.spans.get(stage, 0.0) + seconds
+
+    def summary_ms(self, elapsed_s: float) -> dict[str, float]:
+        """The stages in ms, largest first, with what no stage claimed as "other"."""
+        out = {name: round(seconds * 1000, 2) for name, seconds in self.spans.items()}
+        other = elapsed_s - sum(self.spans.values())
+        if other > 0:
+            out["other"] = round(other * 1000, 2)
+        return dict(sorted(out.items(), key=lambda item: -item[1]))
+
+
+_current: ContextVar[Trace | None] = ContextVar("mqd_request_trace", default=None)
+
+
+def begin(request_bytes: int = 0) -> Trace:
+    """Start recording the current task's request."""
+    trace = Trace(request_bytes)
+    _current.set(trace)
+    return trace
+
+
+def add(stage: str, seconds: float) -> None:
+    trace = _current.get()
+    if trace is not None:
+        trace.add(stage, seconds)
+
+
+def respond(response_bytes: int, seconds: float) -> None:
+    trace = _current.get()
+    if trace is not None:
+        trace.response_bytes = response_bytes
+        trace.add("respond", seconds)
+
+
+async def timed(stage: str, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, adding the wait to `stage` of the current request, if any."""
+    trace = _current.get()
+    if trace is None:
+        return await awaitable
+    started = perf_counter()
+    try:
+        return await awaitable
+    finally:
+        trace.add(stage, perf_counter() - started)
