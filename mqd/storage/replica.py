@@ -6,11 +6,16 @@ in segment files of the same format, so that on promotion
 index. It keeps no queue state and no index while it follows: the index files
 are removed when following starts, since a truncation could leave them
 describing records the log no longer has.
+
+Like the leader's, the active segment is preallocated ahead of its records so
+that the fdatasync before each FETCH that acknowledges them has no file size
+to commit; the zero tail reads as the log's end, here and on promotion.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
 from mqd.storage.index import Index
 from mqd.storage.scan import SegmentScan, iter_records, list_segments
+from mqd.storage.store import PREALLOCATE_BYTES_MAX, PREALLOCATE_BYTES_MIN
 
 log = structlog.get_logger("mqd.storage.replica")
 
@@ -32,7 +38,10 @@ class ReplicaLog:
         self.next_offset = 0
         self._active: Path | None = None
         self._active_size = 0
+        self._allocated = 0  # the active segment file's size: records + zero tail
         self._fd: int | None = None
+        self._preallocate = True  # False: the filesystem cannot
+        self._preallocate_segment = True  # False: the disk was full for this segment
 
     @classmethod
     async def open(cls, directory: Path, config: StorageConfig) -> ReplicaLog:
@@ -56,10 +65,14 @@ class ReplicaLog:
                 break
             last, good_end = offset, pos + size
         if good_end < len(data):
-            log.warning("replica.tail_truncated", segment=path.name, bytes=len(data) - good_end)
+            if data.count(0, good_end) != len(data) - good_end:
+                log.warning("replica.tail_truncated", segment=path.name, bytes=len(data) - good_end)
+            # (An all-zero tail is preallocated space: given back, and taken again on
+            # the next append.)
             os.truncate(path, good_end)
         self.next_offset = last + 1 if last >= base else base
         self._active, self._active_size = path, good_end
+        self._allocated = good_end
 
     def _ensure_fd(self) -> int:
         if self._fd is None:
@@ -68,6 +81,7 @@ class ReplicaLog:
         return self._fd
 
     def _new_segment(self, base: int, created_ms: int) -> None:
+        self._trim_allocation()
         self._close_fd()
         path = self.directory / rec.segment_name(base)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -76,6 +90,34 @@ class ReplicaLog:
         os.fdatasync(fd)
         _fsync_dir(self.directory)
         self._fd, self._active, self._active_size = fd, path, len(header)
+        self._allocated = len(header)
+        self._preallocate_segment = True
+
+    def _grow(self, fd: int, end: int) -> None:
+        """Preallocate ahead of a write ending at `end` (as PartitionStore._grow)."""
+        size = self._active_size
+        grow = min(PREALLOCATE_BYTES_MAX, max(PREALLOCATE_BYTES_MIN, size))
+        target = max(end, min(size + grow, self.config.segment_bytes_max))
+        try:
+            os.posix_fallocate(fd, self._allocated, target - self._allocated)
+        except OSError as exc:
+            # Only slower without it: not supported, never again; a full disk, not in
+            # this segment (the write itself says whether space is left).
+            self._preallocate = exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+            self._preallocate_segment = False
+            log.info("replica.preallocate_failed", error=exc.strerror, errno=exc.errno)
+            return
+        self._allocated = target
+
+    def _trim_allocation(self) -> None:
+        """Give back the active segment's unwritten preallocated space."""
+        if self._fd is not None and self._allocated > self._active_size:
+            try:
+                os.ftruncate(self._fd, self._active_size)
+            except OSError as exc:
+                log.warning("replica.trim_failed", error=str(exc))
+            else:
+                self._allocated = self._active_size
 
     async def append(self, data: bytes, first_offset: int) -> int:
         """Append records fetched from the leader (checked: CRC, consecutive offsets)."""
@@ -98,11 +140,15 @@ class ReplicaLog:
         if self._active is None or self._active_size + len(data) > self.config.segment_bytes_max:
             self._new_segment(expected, timestamp)
         fd = self._ensure_fd()
+        end = self._active_size + len(data)
+        if end > self._allocated and self._preallocate and self._preallocate_segment:
+            self._grow(fd, end)
         written = 0
         while written < len(data):
             written += os.pwrite(fd, memoryview(data)[written:], self._active_size + written)
         os.fdatasync(fd)
         self._active_size += len(data)
+        self._allocated = max(self._allocated, self._active_size)
         self.next_offset = offset
         return offset
 
@@ -141,6 +187,7 @@ class ReplicaLog:
             self._fd = None
 
     async def close(self) -> None:
+        self._trim_allocation()
         self._close_fd()
 
 
