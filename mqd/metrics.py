@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from mqd.storage import fs
+
 log = structlog.get_logger("mqd.metrics")
 
 _LATENCY_BUCKETS_S = (
@@ -52,9 +54,19 @@ class NodeMetrics:
             buckets=_GROUP_BUCKETS, registry=registry,
         )  # fmt: skip
         self.commit_seconds = Histogram(
-            "mqd_commit_write_seconds", "Time of a commit group's write and fsync.",
+            "mqd_commit_write_seconds",
+            "Time from a commit group's hand-off to its write and fsync being done.",
             buckets=_LATENCY_BUCKETS_S, registry=registry,
         )  # fmt: skip
+        self.fsync_seconds = Histogram(
+            "mqd_fsync_seconds",
+            "Time of one fdatasync of a log (leader segments and follower replicas).",
+            buckets=_LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+
+    def watch_fsyncs(self) -> None:
+        """Count this process's log fsyncs (one node per process: replaces any other)."""
+        fs.fsync_observers[:] = [self.fsync_seconds.observe]
 
     def observe_commit(self, records: int, seconds: float) -> None:
         self.commit_group_records.observe(records)

@@ -124,6 +124,7 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
     catalog = await Catalog.open(data_dir / "catalog.db")
     backend = BackendRole(data_dir / "partitions", config.storage, signer)
     metrics = NodeMetrics()
+    metrics.watch_fsyncs()
     backend.commit_observer = metrics.observe_commit
     metrics.watch_queues(backend.partitions)
     metadata = MetadataRole(catalog, backend, config.limits, clock=clock)
@@ -283,6 +284,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
     frontend: FrontendRole | None = None
     loop = asyncio.get_running_loop()
     metrics = NodeMetrics()
+    metrics.watch_fsyncs()
     metrics_server: asyncio.Server | None = None
     try:
         if "metadata" in roles:

@@ -46,6 +46,8 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
     assert 'mqd_request_seconds_count{op="SEND"} 1.0' in body
     assert "mqd_commit_group_records_count" in body
     assert "mqd_commit_write_seconds_bucket" in body
+    fsyncs = float(body.split("\nmqd_fsync_seconds_count ")[1].split()[0])
+    assert fsyncs >= 2  # at least the SEND's and the DELETE's (fsync "always")
     assert "mqd_connections" in body
     assert (await http_get(metrics_address, "/nope"))[0] == 404
 

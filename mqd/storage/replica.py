@@ -24,6 +24,7 @@ import structlog
 from mqd.errors import StorageError
 from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
+from mqd.storage.fs import fdatasync_observed
 from mqd.storage.index import Index
 from mqd.storage.scan import SegmentScan, iter_records, list_segments
 from mqd.storage.store import PREALLOCATE_BYTES_MAX, PREALLOCATE_BYTES_MIN
@@ -146,7 +147,7 @@ class ReplicaLog:
         written = 0
         while written < len(data):
             written += os.pwrite(fd, memoryview(data)[written:], self._active_size + written)
-        os.fdatasync(fd)
+        fdatasync_observed(fd)
         self._active_size += len(data)
         self._allocated = max(self._allocated, self._active_size)
         self.next_offset = offset
