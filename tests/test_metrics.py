@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import mqd.client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from mqd.launcher import allocate_ports
 
 
 async def http_get(address: str, path: str) -> tuple[int, str]:
@@ -27,7 +21,10 @@ async def http_get(address: str, path: str) -> tuple[int, str]:
 
 
 async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
-    metrics_address = f"127.0.0.1:{free_port()}"
+    # Below the ephemeral range, as the server's own port: an ephemeral one can be
+    # taken by an outgoing connection before the server binds it.
+    (metrics_port,) = allocate_ports(1)
+    metrics_address = f"127.0.0.1:{metrics_port}"
     config = tmp_path / "metrics.toml"
     config.write_text(f'[metrics]\nlisten = "{metrics_address}"\n\n[log]\nslow_request_ms = 1\n')
     server = server_factory("m", config=config)
