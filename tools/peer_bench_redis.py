@@ -27,30 +27,13 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
-import struct
 import subprocess
 import time
 
 import redis.asyncio as aioredis
 
-HEAD = struct.Struct(">QQ")
-SIZE = 256
-
-
-def _body(seq: int, pool: bytes) -> bytes:
-    return HEAD.pack(seq, time.time_ns()) + pool[: SIZE - HEAD.size]
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _pct(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6 if ordered else 0.0
+# Run as `python tools/peer_bench_redis.py`, which puts tools/ on sys.path.
+from peer_common import HEAD, SIZE, cpu_seconds, median_figures, message_body, percentile_ms
 
 
 async def _fresh(r: aioredis.Redis, stream: str) -> None:
@@ -70,7 +53,7 @@ async def w1c(r: aioredis.Redis, n: int, pid: int) -> dict:
         for start in range(0, n, 1000):
             pipe = r.pipeline(transaction=False)
             for seq in range(start, min(start + 1000, n)):
-                pipe.xadd(stream, {"b": _body(seq, pool)})
+                pipe.xadd(stream, {"b": message_body(seq, pool)})
             await pipe.execute()
 
     async def consume() -> None:
@@ -91,11 +74,11 @@ async def w1c(r: aioredis.Redis, n: int, pid: int) -> dict:
             if distinct == n:
                 done.set()
 
-    cpu0 = _cpu_s(pid)
+    cpu0 = cpu_seconds(pid)
     started = time.perf_counter()
     await asyncio.gather(produce(), consume())
     elapsed = time.perf_counter() - started
-    cpu = _cpu_s(pid) - cpu0
+    cpu = cpu_seconds(pid) - cpu0
     await r.delete(stream)
     return {
         "msgs_per_s": round(n / elapsed, 1),
@@ -118,7 +101,7 @@ async def w2(r: aioredis.Redis, rate: float, duration: float, pid: int) -> dict:
 
     async def send_one(seq: int) -> None:
         t0 = time.perf_counter_ns()
-        await r.xadd(stream, {"b": _body(seq, pool)})
+        await r.xadd(stream, {"b": message_body(seq, pool)})
         send_ack.append(time.perf_counter_ns() - t0)
 
     async def consume() -> None:
@@ -135,7 +118,7 @@ async def w2(r: aioredis.Redis, rate: float, duration: float, pid: int) -> dict:
                     e2e.append(now - sent_ns)
             await r.xack(stream, "g", *[eid for eid, _ in entries])
 
-    cpu0 = _cpu_s(pid)
+    cpu0 = cpu_seconds(pid)
     consumer = asyncio.create_task(consume())
     perf0 = time.perf_counter() + 0.01
     for slot in range(slots):
@@ -149,14 +132,14 @@ async def w2(r: aioredis.Redis, rate: float, duration: float, pid: int) -> dict:
         await asyncio.gather(*tasks)
     sending_done.set()
     await asyncio.wait_for(consumer, 30)
-    cpu = _cpu_s(pid) - cpu0
+    cpu = cpu_seconds(pid) - cpu0
     await r.delete(stream)
     return {
-        "e2e_ms_p50": _pct(e2e, 0.5),
-        "e2e_ms_p99": _pct(e2e, 0.99),
-        "e2e_ms_p999": _pct(e2e, 0.999),
-        "send_ack_ms_p50": _pct(send_ack, 0.5),
-        "send_ack_ms_p99": _pct(send_ack, 0.99),
+        "e2e_ms_p50": percentile_ms(e2e, 0.5),
+        "e2e_ms_p99": percentile_ms(e2e, 0.99),
+        "e2e_ms_p999": percentile_ms(e2e, 0.999),
+        "send_ack_ms_p50": percentile_ms(send_ack, 0.5),
+        "send_ack_ms_p99": percentile_ms(send_ack, 0.99),
         "server_cpu_us_per_msg": round(cpu * 1e6 / slots, 1),
         "missing": slots - len(e2e),
     }
@@ -186,10 +169,7 @@ async def main() -> None:
                 "w2": await w2(r, args.rate, args.duration, pid),
             }
         )
-    medians = {
-        name: {key: statistics.median(run[name][key] for run in runs) for key in runs[0][name]}
-        for name in ("w1c", "w2")
-    }
+    medians = median_figures(runs)
     print(json.dumps({"redis_config": info, "medians": medians, "runs": runs}, indent=1))
     await r.aclose()
 
