@@ -59,12 +59,18 @@ async def test_a_crashed_follower_reads_its_zero_tail_as_the_end(tmp_path: Path)
     tail = more[len(data) :]
     assert await follower.append(tail, end) == more_end
     await follower.close()
-    # ... and, promoted, its log recovers as a leader's with every message.
+    # ... and, promoted, its log recovers as a leader's with every message, and
+    # takes new ones after them.
     promoted = await open_store(crashed)
     assert len(promoted.live_messages()) == 35
     (stored,) = await promoted.read([34])
     assert stored.body.startswith(b"m34:")
+    (meta,) = await promoted.append_messages([msg(35, 200)])
+    assert meta.offset == more_end
     await promoted.close()
+    reopened = await open_store(crashed)
+    assert [m.offset for m in reopened.live_messages()] == list(range(36))
+    await reopened.close()
 
 
 async def test_truncate_then_append_after_preallocation(tmp_path: Path) -> None:
