@@ -141,7 +141,7 @@ class FrontendRole:
         request: Any,
         started: float,
         outcome: str,
-        trace: stages.Trace | None = None,
+        trace: stages.Trace,
     ) -> None:
         """Metrics for one request, and the slow-request line; `started`: its frame's arrival."""
         elapsed = time.perf_counter() - started
@@ -169,10 +169,10 @@ class FrontendRole:
                     or getattr(request, "changes", None)
                     or ()
                 ),
-                request_bytes=trace.request_bytes if trace else None,
-                response_bytes=trace.response_bytes if trace else None,
+                request_bytes=trace.request_bytes,
+                response_bytes=trace.response_bytes,
                 elapsed_ms=round(elapsed * 1000, 1),
-                stages_ms=trace.summary_ms(elapsed) if trace else {},
+                stages_ms=trace.summary_ms(elapsed),
                 outcome=outcome,
             )
 

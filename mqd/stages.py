@@ -54,12 +54,6 @@ def begin(request_bytes: int = 0) -> Trace:
     return trace
 
 
-def add(stage: str, seconds: float) -> None:
-    trace = _current.get()
-    if trace is not None:
-        trace.add(stage, seconds)
-
-
 def respond(response_bytes: int, seconds: float) -> None:
     trace = _current.get()
     if trace is not None:

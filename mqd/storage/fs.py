@@ -7,10 +7,28 @@ methods are called from an executor thread, except where noted.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+# A log's active segment file grows ahead of its records, by its own size within these
+# bounds: an fdatasync after a write inside the file's size has no size change (an ext4
+# journal commit) to make durable. Measured on the dev VM (pwrite 300 B + fdatasync):
+# p50 0.24 -> 0.16 ms, p99 0.83 -> 0.28 ms. Recovery reads the zero tail as the end.
+PREALLOCATE_BYTES_MIN = 256 * 1024
+PREALLOCATE_BYTES_MAX = 8 * 1024 * 1024
+# posix_fallocate errnos that mean "this filesystem cannot", not "no space just now".
+PREALLOCATE_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
+
+
+def preallocation_end(written: int, end: int, size_max: int) -> int:
+    """How far to allocate a segment holding `written` bytes before a write ending at
+    `end`: ahead by its own size within the bounds, not past `size_max` unless `end` is."""
+    grow = min(PREALLOCATE_BYTES_MAX, max(PREALLOCATE_BYTES_MIN, written))
+    return max(end, min(written + grow, size_max))
+
 
 # Told the seconds of every log fdatasync (leader segments and replica appends), from
 # whichever thread made it: the node's metrics put them in a histogram. Process-wide,

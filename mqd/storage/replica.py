@@ -15,7 +15,6 @@ to commit; the zero tail reads as the log's end, here and on promotion.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import structlog
 from mqd.errors import StorageError
 from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
-from mqd.storage.fs import fdatasync_observed
+from mqd.storage.fs import PREALLOCATE_UNSUPPORTED, fdatasync_observed, preallocation_end
 from mqd.storage.index import Index
 from mqd.storage.scan import SegmentScan, iter_records, list_segments
-from mqd.storage.store import PREALLOCATE_BYTES_MAX, PREALLOCATE_BYTES_MIN
 
 log = structlog.get_logger("mqd.storage.replica")
 
@@ -41,8 +39,8 @@ class ReplicaLog:
         self._active_size = 0
         self._allocated = 0  # the active segment file's size: records + zero tail
         self._fd: int | None = None
-        self._preallocate = True  # False: the filesystem cannot
-        self._preallocate_segment = True  # False: the disk was full for this segment
+        # As PartitionStore's: for this segment (off after ENOSPC), and for good.
+        self._preallocate = self._preallocate_supported = True
 
     @classmethod
     async def open(cls, directory: Path, config: StorageConfig) -> ReplicaLog:
@@ -92,20 +90,19 @@ class ReplicaLog:
         _fsync_dir(self.directory)
         self._fd, self._active, self._active_size = fd, path, len(header)
         self._allocated = len(header)
-        self._preallocate_segment = True
+        self._preallocate = self._preallocate_supported
 
     def _grow(self, fd: int, end: int) -> None:
         """Preallocate ahead of a write ending at `end` (as PartitionStore._grow)."""
-        size = self._active_size
-        grow = min(PREALLOCATE_BYTES_MAX, max(PREALLOCATE_BYTES_MIN, size))
-        target = max(end, min(size + grow, self.config.segment_bytes_max))
+        target = preallocation_end(self._active_size, end, self.config.segment_bytes_max)
         try:
             os.posix_fallocate(fd, self._allocated, target - self._allocated)
         except OSError as exc:
             # Only slower without it: not supported, never again; a full disk, not in
             # this segment (the write itself says whether space is left).
-            self._preallocate = exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
-            self._preallocate_segment = False
+            self._preallocate = False
+            if exc.errno in PREALLOCATE_UNSUPPORTED:
+                self._preallocate_supported = False
             log.info("replica.preallocate_failed", error=exc.strerror, errno=exc.errno)
             return
         self._allocated = target
@@ -142,7 +139,7 @@ class ReplicaLog:
             self._new_segment(expected, timestamp)
         fd = self._ensure_fd()
         end = self._active_size + len(data)
-        if end > self._allocated and self._preallocate and self._preallocate_segment:
+        if end > self._allocated and self._preallocate:
             self._grow(fd, end)
         written = 0
         while written < len(data):

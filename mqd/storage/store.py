@@ -48,7 +48,12 @@ from mqd.clock import SystemClock
 from mqd.errors import InternalError, MessageTooLarge, StorageError, StorageFull
 from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
-from mqd.storage.fs import FileSystem, write_all
+from mqd.storage.fs import (
+    PREALLOCATE_UNSUPPORTED,
+    FileSystem,
+    preallocation_end,
+    write_all,
+)
 from mqd.storage.index import Index, IndexBatch, IndexUnusable
 from mqd.storage.scan import (
     SegmentScan,
@@ -75,12 +80,6 @@ LAZY_SYNC_S = 0.2
 # A group that needs no fsync and fits in the preallocated space is written on the
 # event loop's thread when it is at most this big.
 INLINE_WRITE_BYTES_MAX = 64 * 1024
-# The active segment's file grows ahead of its records, by its own size within these
-# bounds: an fdatasync after a write inside the file's size has no size change (an ext4
-# journal commit) to make durable. Measured on the dev VM (pwrite 300 B + fdatasync):
-# p50 0.24 -> 0.16 ms, p99 0.83 -> 0.28 ms. Recovery reads the zero tail as the end.
-PREALLOCATE_BYTES_MIN = 256 * 1024
-PREALLOCATE_BYTES_MAX = 8 * 1024 * 1024
 # Commit groups kept in memory for followers' fetches.
 TAIL_BYTES_MAX = 32 * 1024 * 1024
 
@@ -1106,15 +1105,14 @@ class PartitionStore:
 
     def _grow(self, seg: _Segment, end: int) -> None:
         """Preallocate the active segment ahead of a write that ends at `end` (thread)."""
-        grow = min(PREALLOCATE_BYTES_MAX, max(PREALLOCATE_BYTES_MIN, seg.size))
-        target = max(end, min(seg.size + grow, self.config.segment_bytes_max))
+        target = preallocation_end(seg.size, end, self.config.segment_bytes_max)
         try:
             self._fs.preallocate(seg.fd, seg.allocated, target - seg.allocated)
         except OSError as exc:
             # Only slower without it. Not supported here: never again; a full disk: not
             # again in this segment (the write itself says whether space is left).
             self._preallocate = False
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            if exc.errno in PREALLOCATE_UNSUPPORTED:
                 self._preallocate_supported = False
             self._log.info("segment.preallocate_failed", segment=seg.path.name,
                            error=exc.strerror, errno=exc.errno)  # fmt: skip

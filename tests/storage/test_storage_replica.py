@@ -9,8 +9,8 @@ from storage_helpers import msg, open_store, segment_files
 
 from mqd.storage import StorageConfig
 from mqd.storage import records as rec
+from mqd.storage.fs import PREALLOCATE_BYTES_MIN
 from mqd.storage.replica import ReplicaLog
-from mqd.storage.store import PREALLOCATE_BYTES_MIN
 
 
 async def leader_records(path: Path, count: int, start: int = 0) -> tuple[bytes, int]:
