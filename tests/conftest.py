@@ -95,6 +95,18 @@ class ServerProcess:
                     continue
         return found
 
+    def wait_for_event(self, name: str, matches=lambda event: True, timeout_s: float = 10.0) -> dict:
+        """The first `name` event that `matches`, waiting for it: the server logs a
+        request after it has answered, so the line can trail the client's reply."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for event in self.events(name):
+                if matches(event):
+                    return event
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no matching {name!r} event within {timeout_s} s")
+            time.sleep(0.02)
+
     def stop(self) -> int:
         """SIGTERM and wait for a clean exit; returns the exit code."""
         assert self.proc is not None

@@ -56,8 +56,12 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
         await bulk.send_batch([bytes(1024)] * 1000)
     # slow_request_ms = 1: a request slower than 1 ms says so, with its sizes and
     # where the time went: a 1 MB batch spends most of it in the log's write + fsync.
-    slow_sends = [e for e in server.events("request.slow") if e["op"] == "SEND"]
-    big = next(e for e in slow_sends if e["entries"] == 1000)
+    # The line is written after the reply, so it may trail it.
+    big = await asyncio.to_thread(
+        server.wait_for_event,
+        "request.slow",
+        lambda event: event["op"] == "SEND" and event["entries"] == 1000,
+    )
     assert big["queue"] == "bulk" and big["outcome"] == "ok"
     assert big["request_bytes"] > 1_000_000 and big["response_bytes"] > 0
     stages_ms = big["stages_ms"]
