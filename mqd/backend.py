@@ -20,6 +20,7 @@ from mqd.metadata import QueueRecord
 from mqd.partition import Partition
 from mqd.receipts import ReceiptSigner
 from mqd.storage import NewMessage, PartitionStore, StorageConfig
+from mqd.storage.fs import LoopSyncBudget
 
 log = structlog.get_logger("mqd.backend")
 
@@ -49,6 +50,9 @@ class BackendRole:
         self.moved_sink: Callable[[str, list[NewMessage]], Awaitable[None]] = self.append_moved
         # Set by the node: observes each commit group of every store (mqd.metrics).
         self.commit_observer: Callable[[int, float], None] | None = None
+        # Set by a node without replication: its stores may fsync small groups on the
+        # loop (mqd.storage.fs.LoopSyncBudget), one budget for them all.
+        self.loop_sync: LoopSyncBudget | None = None
 
     def partition_dir(self, queue_id: bytes, index: int) -> Path:
         return self._partition_dir(queue_id, index)
@@ -103,6 +107,7 @@ class BackendRole:
             )
             if self.commit_observer is not None:
                 store.commit_observers.append(self.commit_observer)
+            store.loop_sync = self.loop_sync
             self._partitions[key] = Partition(
                 queue.queue_id,
                 index,

@@ -32,6 +32,7 @@ from mqd.metrics import NodeMetrics
 from mqd.receipts import ReceiptSigner, load_or_create_secret
 from mqd.router import LocalCatalog, Router
 from mqd.runtime import settle_heap
+from mqd.storage.fs import LoopSyncBudget
 
 log = structlog.get_logger("mqd.node")
 
@@ -123,6 +124,7 @@ async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
     signer = ReceiptSigner(load_or_create_secret(data_dir / "receipt.key"))
     catalog = await Catalog.open(data_dir / "catalog.db")
     backend = BackendRole(data_dir / "partitions", config.storage, signer)
+    backend.loop_sync = LoopSyncBudget()  # no followers to serve meanwhile
     metrics = NodeMetrics()
     metrics.watch_fsyncs()
     backend.commit_observer = metrics.observe_commit
