@@ -95,7 +95,9 @@ class ServerProcess:
                     continue
         return found
 
-    def wait_for_event(self, name: str, matches=lambda event: True, timeout_s: float = 10.0) -> dict:
+    def wait_for_event(
+        self, name: str, matches=lambda event: True, timeout_s: float = 10.0
+    ) -> dict:
         """The first `name` event that `matches`, waiting for it: the server logs a
         request after it has answered, so the line can trail the client's reply."""
         deadline = time.monotonic() + timeout_s

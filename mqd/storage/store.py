@@ -1044,10 +1044,7 @@ class PartitionStore:
             on_loop = (
                 len(buf) <= INLINE_WRITE_BYTES_MAX
                 and position + len(buf) <= seg.allocated
-                and (
-                    not do_sync
-                    or (self.loop_sync is not None and self.loop_sync.allows())
-                )
+                and (not do_sync or (self.loop_sync is not None and self.loop_sync.allows()))
             )
             if on_loop:
                 # Into preallocated page cache, no fsync: a few µs here costs less
