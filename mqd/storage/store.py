@@ -81,6 +81,10 @@ LAZY_SYNC_S = 0.2
 # A group that needs no fsync and fits in the preallocated space is written on the
 # event loop's thread when it is at most this big.
 INLINE_WRITE_BYTES_MAX = 64 * 1024
+# A durable group of more operations than this fsyncs in the executor even when the
+# node's LoopSyncBudget would allow the loop: groups grow when requests queue up behind
+# the fsync, and then the loop has better things to do than wait for the disk.
+LOOP_SYNC_OPS_MAX = 2
 # Commit groups kept in memory for followers' fetches.
 TAIL_BYTES_MAX = 32 * 1024 * 1024
 
@@ -1044,7 +1048,14 @@ class PartitionStore:
             on_loop = (
                 len(buf) <= INLINE_WRITE_BYTES_MAX
                 and position + len(buf) <= seg.allocated
-                and (not do_sync or (self.loop_sync is not None and self.loop_sync.allows()))
+                and (
+                    not do_sync
+                    or (
+                        self.loop_sync is not None
+                        and len(ops) <= LOOP_SYNC_OPS_MAX
+                        and self.loop_sync.allows()
+                    )
+                )
             )
             if on_loop:
                 # Into preallocated page cache, no fsync: a few µs here costs less
