@@ -234,7 +234,13 @@ class Router:
                 failure.index = positions[failure.index]
                 failures.append(failure)
 
-        await asyncio.gather(*(run(index, positions) for index, positions in groups.items()))
+        if len(groups) == 1:
+            # One partition (every ack of a one-partition queue): no gather, whose task
+            # and callback cost the DELETE two loop turns (W2: `other` p50 0.12 ms,
+            # p90 0.34, against a SEND's 0.03).
+            await run(*next(iter(groups.items())))
+        else:
+            await asyncio.gather(*(run(index, positions) for index, positions in groups.items()))
         failures.sort(key=lambda failure: failure.index)
         return failures
 
