@@ -36,6 +36,7 @@ from mqd.cluster.view import PlacementView
 from mqd.errors import MqdError, NotLeader, StorageError, Unavailable
 from mqd.protocol.messages import FetchRequest, FetchResponse
 from mqd.storage import PartitionStore, StorageConfig
+from mqd.storage.fs import LoopSyncBudget
 from mqd.storage.records import record_offset
 from mqd.storage.replica import ReplicaLog
 
@@ -287,6 +288,8 @@ class Follower:
         self.index = index
         self.node_id = node_id
         self.replica: ReplicaLog | None = None
+        # The node's budget for fsyncs on the loop (fs.LoopSyncBudget), if it lends one.
+        self.loop_sync: LoopSyncBudget | None = None
         self.high_watermark = 0
         self._epoch = -1
         self._task: asyncio.Task[None] | None = None
@@ -294,6 +297,7 @@ class Follower:
 
     async def start(self) -> None:
         self.replica = await ReplicaLog.open(self.directory, self.config)
+        self.replica.loop_sync = self.loop_sync
         self.high_watermark = await asyncio.to_thread(read_persisted_hw, self.directory)
         self._task = asyncio.create_task(self._run())
 

@@ -50,6 +50,7 @@ from mqd.protocol import codec, messages
 from mqd.protocol.messages import Opcode
 from mqd.router import LocalEndpoint
 from mqd.storage import NewMessage
+from mqd.storage.fs import LoopSyncBudget
 
 log = structlog.get_logger("mqd.cluster")
 
@@ -333,6 +334,9 @@ class BackendService:
         self._leaders: dict[tuple[bytes, int], LeaderReplication] = {}
         self._resync: asyncio.Task[None] | None = None
         self._followers: dict[tuple[bytes, int], Follower] = {}
+        # Followers' small appends may fsync on the loop; a leader's commits never do
+        # (tried: the cluster's W2 p99 went from ~50 ms to seconds).
+        self.follower_sync = LoopSyncBudget()
         backend.moved_sink = self.append_moved
         backend.bind_catalog(self._lookup_name)
         view.on_change(self.sync_partitions)
@@ -471,6 +475,7 @@ class BackendService:
             index=key[1],
             node_id=self.node_id,
         )
+        follower.loop_sync = self.follower_sync
         await follower.start()
         self._followers[key] = follower
 

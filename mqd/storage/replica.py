@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import structlog
@@ -23,11 +24,19 @@ import structlog
 from mqd.errors import StorageError
 from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
-from mqd.storage.fs import PREALLOCATE_UNSUPPORTED, fdatasync_observed, preallocation_end
+from mqd.storage.fs import (
+    PREALLOCATE_UNSUPPORTED,
+    LoopSyncBudget,
+    fdatasync_observed,
+    preallocation_end,
+)
 from mqd.storage.index import Index
 from mqd.storage.scan import SegmentScan, iter_records, list_segments
 
 log = structlog.get_logger("mqd.storage.replica")
+
+# An append of at most this much may be written and fsynced on the loop's thread.
+LOOP_APPEND_BYTES_MAX = 64 * 1024
 
 
 class ReplicaLog:
@@ -41,6 +50,11 @@ class ReplicaLog:
         self._fd: int | None = None
         # As PartitionStore's: for this segment (off after ENOSPC), and for good.
         self._preallocate = self._preallocate_supported = True
+        # Set by the follower: small appends fsync on the loop's thread when the node's
+        # budget allows (fs.LoopSyncBudget). Measured in the local cluster, W2: e2e p99
+        # 47 / 53 -> 18 / 20 ms, p50 10.6 -> 7.4 ms, 1,355 -> 1,230 µs/msg of server CPU;
+        # W1c within noise (37,230 / 34,200 vs 34,483 / 33,091 msgs/s).
+        self.loop_sync: LoopSyncBudget | None = None
 
     @classmethod
     async def open(cls, directory: Path, config: StorageConfig) -> ReplicaLog:
@@ -121,7 +135,22 @@ class ReplicaLog:
         """Append records fetched from the leader (checked: CRC, consecutive offsets)."""
         if not data:
             return self.next_offset
-        return await asyncio.to_thread(self._append, data, first_offset)
+        budget = self.loop_sync
+        if budget is None:
+            return await asyncio.to_thread(self._append, data, first_offset)
+        started = time.perf_counter()
+        on_loop = (
+            len(data) <= LOOP_APPEND_BYTES_MAX
+            and self._fd is not None
+            and self._active_size + len(data) <= self._allocated
+            and budget.allows()
+        )
+        if on_loop:  # no new segment, no fallocate: a write and an fdatasync
+            offset = self._append(data, first_offset)
+        else:
+            offset = await asyncio.to_thread(self._append, data, first_offset)
+        budget.observe(time.perf_counter() - started, on_loop=on_loop)
+        return offset
 
     def _append(self, data: bytes, first_offset: int) -> int:
         expected = self.next_offset if self._active is not None else first_offset

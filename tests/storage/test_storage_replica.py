@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 from storage_helpers import msg, open_store, segment_files
 
-from mqd.storage import StorageConfig
+from mqd.storage import StorageConfig, fs
 from mqd.storage import records as rec
-from mqd.storage.fs import PREALLOCATE_BYTES_MIN
+from mqd.storage.fs import PREALLOCATE_BYTES_MIN, LoopSyncBudget
 from mqd.storage.replica import ReplicaLog
 
 
@@ -92,3 +93,33 @@ def _record_start(data: bytes, offset: int) -> int:
     while rec.record_offset(data, pos)[1] != offset:
         pos += rec.check_record(data, pos, len(data), 1 << 26)
     return pos
+
+
+async def test_small_appends_fsync_on_the_loop_when_the_node_lends_a_budget(
+    tmp_path: Path,
+) -> None:
+    data, end = await leader_records(tmp_path / "leader", 40)
+    starts = [_record_start(data, offset) for offset in range(40)] + [len(data)]
+    sync_threads: list[int] = []
+
+    def note_thread(_seconds: float) -> None:
+        sync_threads.append(threading.get_ident())
+
+    fs.fsync_observers.append(note_thread)
+    try:
+        replica = await ReplicaLog.open(tmp_path / "replica", StorageConfig())
+        replica.loop_sync = budget = LoopSyncBudget()
+        # The first append creates and preallocates the segment: a thread's job.
+        await replica.append(data[: starts[10]], 0)
+        assert sync_threads[-1] != threading.get_ident() and budget.on_loop == 0
+        # Then fetch-sized appends into the preallocated space: on the loop.
+        for first in range(10, 40, 10):
+            chunk = data[starts[first] : starts[first + 10]]
+            assert await replica.append(chunk, first) == first + 10
+        assert sync_threads[-3:] == [threading.get_ident()] * 3 and budget.on_loop == 3
+        await replica.close()
+    finally:
+        fs.fsync_observers.remove(note_thread)
+    promoted = await open_store(tmp_path / "replica")  # all of it on disk, in order
+    assert [m.offset for m in promoted.live_messages()] == list(range(end))
+    await promoted.close()
