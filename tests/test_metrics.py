@@ -48,6 +48,9 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
     assert "mqd_connections" in body
     assert (await http_get(metrics_address, "/nope"))[0] == 404
 
+    # The ack (a one-record durable group, in space the send preallocated) fsynced on
+    # the loop's thread: the single node lends its stores a LoopSyncBudget.
+    assert stats["storage"]["commits_synced_on_loop"] >= 1
     figures = stats["metrics"]
     assert figures["mqd_request_seconds_count{op=SEND}"] == 1.0
     assert figures["mqd_queue_sent_total{partition=0,queue=observed}"] == 3.0

@@ -229,6 +229,7 @@ class PartitionStore:
         self._keys = config.keyring()
         self._stats = {
             "commits": 0,
+            "commits_synced_on_loop": 0,  # fsynced on the loop's thread (LoopSyncBudget)
             "records_written": 0,
             "messages_appended": 0,
             "bytes_written": 0,
@@ -1068,6 +1069,8 @@ class PartitionStore:
             seconds = time.perf_counter() - started
             if do_sync and self.loop_sync is not None:
                 self.loop_sync.observe(seconds, on_loop=on_loop)
+                if on_loop:
+                    self._stats["commits_synced_on_loop"] += 1
             for observe in self.commit_observers:
                 observe(len(sizes), seconds)
         except OSError as exc:

@@ -38,6 +38,7 @@ async def test_small_groups_sync_on_the_loop_large_ones_in_a_thread(tmp_path: Pa
     meta = (await store.append_messages([msg(2, 200)]))[0]
     await store.delete([meta.offset])
     assert fs.sync_threads[synced:] == [loop_thread] * 3 and budget.on_loop == 3
+    assert store.stats()["commits_synced_on_loop"] == 3  # in STATS' storage figures
 
     # Bigger than a loop write may be: the executor, as without a budget.
     await store.append_messages([msg(i, 1000) for i in range(3, 103)])
