@@ -6,8 +6,10 @@ import threading
 import time
 from pathlib import Path
 
-from storage_helpers import msg, open_store
+import pytest
+from storage_helpers import EIO, ENOSPC, FaultyFS, msg, open_store, segment_files
 
+from mqd.errors import InternalError, StorageFull
 from mqd.storage.fs import FileSystem, LoopSyncBudget
 
 
@@ -81,3 +83,31 @@ def test_the_budget_stops_loop_syncs_while_the_disk_is_slow() -> None:
         budget.observe(0.0002, on_loop=False)
     assert budget.allows()
     assert budget.on_loop == 0
+
+
+async def test_a_failed_fsync_on_the_loop_fails_the_group_and_keeps_the_log(
+    tmp_path: Path,
+) -> None:
+    fs = FaultyFS()
+    store = await open_store(tmp_path / "p", fs=fs)
+    store.loop_sync = budget = LoopSyncBudget()
+    await store.append_messages([msg(0, 100)])  # allocates the segment (executor)
+    await store.append_messages([msg(1, 100)])
+    assert budget.on_loop == 1
+    (segment,) = segment_files(tmp_path / "p")
+    records = segment.read_bytes().rstrip(b"\0")
+    fs.fsync_errno = EIO
+    with pytest.raises(InternalError):
+        await store.append_messages([msg(2, 100)])
+    assert segment.read_bytes().rstrip(b"\0") == records  # the group was cut off again
+    fs.fsync_errno = None
+    fs.write_errno = ENOSPC
+    with pytest.raises(StorageFull):
+        await store.delete([0])
+    fs.write_errno = None
+    assert (await store.append_messages([msg(3, 100)]))[0].offset == 2
+    assert store.stats()["write_errors"] == 2
+    await store.close()
+    reopened = await open_store(tmp_path / "p")
+    assert [m.offset for m in reopened.live_messages()] == [0, 1, 2]
+    await reopened.close()
