@@ -20,7 +20,7 @@ import base64
 import binascii
 import itertools
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, Protocol
 
 from mqd.errors import ErrorCode, InvalidArgument, QueueNotFound
@@ -99,6 +99,18 @@ def receipt_partition(receipt: str) -> int | None:
     return int.from_bytes(raw[9:11], "big")
 
 
+async def _all(calls: Iterable[Awaitable[None]]) -> None:
+    """Await the calls side by side; one alone directly. (A gather of one still costs a
+    task and a callback, two loop turns: a W2 DELETE's `other` stage was p50 0.12 ms,
+    p90 0.34, against a SEND's 0.03; a non-FIFO send to a partitioned queue is one
+    partition's too.)"""
+    calls = list(calls)
+    if len(calls) == 1:
+        await calls[0]
+    else:
+        await asyncio.gather(*calls)
+
+
 class Router:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -140,7 +152,7 @@ class Router:
             for position, message_id in zip(positions, part_ids, strict=True):
                 ids[position] = message_id
 
-        await asyncio.gather(*(send_part(i, ps) for i, ps in by_partition.items()))
+        await _all(send_part(i, ps) for i, ps in by_partition.items())
         return ids
 
     # --- receives -------------------------------------------------------------
@@ -234,13 +246,7 @@ class Router:
                 failure.index = positions[failure.index]
                 failures.append(failure)
 
-        if len(groups) == 1:
-            # One partition (every ack of a one-partition queue): no gather, whose task
-            # and callback cost the DELETE two loop turns (W2: `other` p50 0.12 ms,
-            # p90 0.34, against a SEND's 0.03).
-            await run(*next(iter(groups.items())))
-        else:
-            await asyncio.gather(*(run(index, positions) for index, positions in groups.items()))
+        await _all(run(index, positions) for index, positions in groups.items())
         failures.sort(key=lambda failure: failure.index)
         return failures
 
