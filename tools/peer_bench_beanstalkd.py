@@ -51,14 +51,14 @@ import greenstalk
 from peer_common import (
     HEAD,
     SIZE,
+    CpuMeter,
     command_line,
-    cpu_seconds,
     median_figures,
     message_body,
-    own_processes,
+    own_server_pid,
     w1c_summary,
     w2_latency_figures,
-    w2_latency_summary,
+    w2_summary,
 )
 
 WINDOW = 1000
@@ -139,17 +139,14 @@ def w1c(port: int, n: int, pid: int, timeout: float) -> dict:
                     counts["distinct"] += 1
             finished.append(time.perf_counter())
 
-    cpu0 = cpu_seconds(pid)
-    client0 = time.process_time()
+    meter = CpuMeter((pid,))
     started = time.perf_counter()
     _run([produce, consume], timeout + 5)
     elapsed = finished[0] - started
-    cpu = cpu_seconds(pid) - cpu0
-    client_cpu = time.process_time() - client0
+    cpu = meter.figures(n)
     return {
         "msgs_per_s": round(n / elapsed, 1),
-        "server_cpu_us_per_msg": round(cpu * 1e6 / n, 1),
-        "client_cpu_us_per_msg": round(client_cpu * 1e6 / n, 1),
+        **cpu,
         "missing": n - counts["distinct"],
         "duplicates": counts["duplicates"],
         "queue_left": _left(port, tube),
@@ -205,41 +202,19 @@ def w2(port: int, rate: float, duration: float, pid: int, timeout: float) -> dic
                     seen[seq] = 1
                     e2e.append(now - sent_ns)
 
-    cpu0 = cpu_seconds(pid)
-    client0 = time.process_time()
+    meter = CpuMeter((pid,))
     _run([produce, consume], timeout + 5)
-    cpu = cpu_seconds(pid) - cpu0
-    client_cpu = time.process_time() - client0
     sent = counts["sent"]
+    cpu = meter.figures(sent)
     return {
         **w2_latency_figures(e2e, send_ack, late),
         "sent_per_s": round(sent / schedule[0], 1) if schedule and schedule[0] > 0 else 0.0,
-        "server_cpu_us_per_msg": round(cpu * 1e6 / max(1, sent), 1),
-        "client_cpu_us_per_msg": round(client_cpu * 1e6 / max(1, sent), 1),
+        **cpu,
         "sent": sent,
         "missing": slots - len(e2e),
         "duplicates": counts["duplicates"],
         "queue_left": _left(port, tube),
     }
-
-
-def _server_pid(port: int) -> int:
-    """The beanstalkd process of this user started with -p PORT."""
-    for pid, argv in own_processes("beanstalkd"):
-        ports = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == b"-p"]
-        ports += [arg[2:] for arg in argv if arg.startswith(b"-p") and len(arg) > 2]
-        if str(port).encode() in ports:
-            return pid
-    raise SystemExit(f"no beanstalkd of this user with -p {port}; pass --server-pid")
-
-
-def _w2_summary(medians: dict, runs: list[dict]) -> str:
-    m = medians["w2"]
-    return (
-        f"{w2_latency_summary(medians, runs)}; sent {m['sent_per_s']}/s; server "
-        f"{m['server_cpu_us_per_msg']} µs/msg, client {m['client_cpu_us_per_msg']} µs/msg, "
-        f"missing {m['missing']}, duplicates {m['duplicates']}, left {m['queue_left']}"
-    )
 
 
 def main() -> None:
@@ -257,7 +232,7 @@ def main() -> None:
         raise SystemExit("--messages and --rate x --duration: 1 to 10,000,000")
     if not 1 <= args.repeats <= 100:
         raise SystemExit("--repeats: 1 to 100")
-    pid = args.server_pid or _server_pid(args.port)
+    pid = args.server_pid or own_server_pid("beanstalkd", args.port, (b"-p",), joined=True)
     with greenstalk.Client(("127.0.0.1", args.port)) as client:
         version = client.stats()["version"]
     runs = []
@@ -276,7 +251,7 @@ def main() -> None:
     else:
         print(f"beanstalkd {version}: {command}; greenstalk {server['greenstalk']}")
         print(w1c_summary(medians, runs))
-        print(_w2_summary(medians, runs))
+        print(w2_summary(medians, runs))
 
 
 if __name__ == "__main__":

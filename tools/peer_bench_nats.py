@@ -63,14 +63,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 from peer_common import (
     HEAD,
     SIZE,
+    CpuMeter,
     command_line,
-    cpu_seconds,
     median_figures,
     message_body,
-    own_processes,
+    own_server_pid,
     w1c_summary,
     w2_latency_figures,
-    w2_latency_summary,
+    w2_summary,
 )
 
 WINDOW = 1000
@@ -166,18 +166,15 @@ class Bench:
                         seen[seq] = 1
                         distinct += 1
 
-        cpu0 = cpu_seconds(self.pid)
-        client0 = time.process_time()
+        meter = CpuMeter((self.pid,))
         started = time.perf_counter()
         await asyncio.gather(produce(), consume())
         elapsed = time.perf_counter() - started
-        cpu = cpu_seconds(self.pid) - cpu0
-        client_cpu = time.process_time() - client0
+        cpu = meter.figures(n)
         await sub.unsubscribe()
         return {
             "msgs_per_s": round(n / elapsed, 1),
-            "server_cpu_us_per_msg": round(cpu * 1e6 / n, 1),
-            "client_cpu_us_per_msg": round(client_cpu * 1e6 / n, 1),
+            **cpu,
             "missing": n - distinct,
             "duplicates": duplicates,
             "queue_left": await self.left(name),
@@ -227,8 +224,7 @@ class Bench:
                         e2e.append(now - sent_ns)
                 await self.acked(msgs)
 
-        cpu0 = cpu_seconds(self.pid)
-        client0 = time.process_time()
+        meter = CpuMeter((self.pid,))
         consumer = asyncio.create_task(consume())
         perf0 = time.perf_counter() + 0.01
         for slot in range(slots):
@@ -252,15 +248,13 @@ class Bench:
             await asyncio.wait_for(asyncio.gather(*tasks), max(1.0, deadline - time.monotonic()))
         sending_done.set()
         await asyncio.wait_for(consumer, max(1.0, deadline - time.monotonic()))
-        cpu = cpu_seconds(self.pid) - cpu0
-        client_cpu = time.process_time() - client0
-        await sub.unsubscribe()
         sent = counts["sent"]
+        cpu = meter.figures(sent)
+        await sub.unsubscribe()
         return {
             **w2_latency_figures(e2e, send_ack, late),
             "sent_per_s": round(sent / schedule_s, 1),
-            "server_cpu_us_per_msg": round(cpu * 1e6 / max(1, sent), 1),
-            "client_cpu_us_per_msg": round(client_cpu * 1e6 / max(1, sent), 1),
+            **cpu,
             "sent": sent,
             "missed_slots": counts["missed_slots"],
             "send_errors": counts["send_errors"],
@@ -268,25 +262,6 @@ class Bench:
             "duplicates": counts["duplicates"],
             "queue_left": await self.left(name),
         }
-
-
-def _server_pid(port: int) -> int:
-    """The nats-server process of this user started with -p PORT (or --port)."""
-    for pid, argv in own_processes("nats-server"):
-        ports = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in (b"-p", b"--port")]
-        if str(port).encode() in ports:
-            return pid
-    raise SystemExit(f"no nats-server of this user with -p {port}; pass --server-pid")
-
-
-def _w2_summary(medians: dict, runs: list[dict]) -> str:
-    m = medians["w2"]
-    return (
-        f"{w2_latency_summary(medians, runs)}; sent {m['sent_per_s']}/s, missed slots "
-        f"{m['missed_slots']}; server {m['server_cpu_us_per_msg']} µs/msg, client "
-        f"{m['client_cpu_us_per_msg']} µs/msg, missing {m['missing']}, duplicates "
-        f"{m['duplicates']}, left {m['queue_left']}"
-    )
 
 
 async def main() -> None:
@@ -306,7 +281,9 @@ async def main() -> None:
         raise SystemExit("--messages and --rate x --duration: 1 to 10,000,000")
     if not (1 <= args.repeats <= 100 and 1 <= args.in_flight_max <= 100_000):
         raise SystemExit("--repeats: 1 to 100; --in-flight-max: 1 to 100,000")
-    pid = args.server_pid or _server_pid(args.port)
+    pid = args.server_pid or own_server_pid(
+        "nats-server", args.port, (b"-p", b"--port"), joined=False
+    )
     runs = []
     async with Bench(f"nats://127.0.0.1:{args.port}", pid, args.ack, args.timeout) as bench:
         v = bench.pnc.connected_server_version
@@ -331,7 +308,7 @@ async def main() -> None:
     else:
         print(f"nats-server {version}: {command}; nats-py {server['nats-py']}, --ack {args.ack}")
         print(w1c_summary(medians, runs))
-        print(_w2_summary(medians, runs))
+        print(w2_summary(medians, runs))
 
 
 if __name__ == "__main__":

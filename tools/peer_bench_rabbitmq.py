@@ -63,8 +63,7 @@ from aio_pika.exceptions import AMQPError
 from peer_common import (
     HEAD,
     SIZE,
-    TICKS_PER_S,
-    cpu_ticks,
+    CpuMeter,
     max_ms,
     message_body,
     percentile_ms,
@@ -84,17 +83,7 @@ def _message(body: bytes) -> aio_pika.Message:
 
 
 # ---------------------------------------------------------------------------
-# CPU time from /proc (read-only)
-
-
-def _server_ticks(pids: tuple[int, ...]) -> int | None:
-    total = 0
-    for pid in pids:
-        try:
-            total += cpu_ticks(pid)
-        except OSError:  # gone mid-run: no figure rather than a wrong one
-            return None
-    return total
+# The broker's processes, from /proc (read-only)
 
 
 def _listening_pids(ports: set[int]) -> set[int]:
@@ -139,25 +128,6 @@ def _names(pids: tuple[int, ...]) -> list[str]:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as handle:
             out.append(f"{pid} {handle.read().strip()}")
     return out
-
-
-class CpuMeter:
-    def __init__(self, pids: tuple[int, ...]) -> None:
-        self.pids = pids
-        self._server = _server_ticks(pids)
-        self._client = time.process_time()
-
-    def figures(self, messages: int) -> dict[str, Any]:
-        client_s = time.process_time() - self._client
-        now = _server_ticks(self.pids)
-        server_s = (
-            None if now is None or self._server is None else (now - self._server) / TICKS_PER_S
-        )
-        per = max(1, messages)
-        return {
-            "server_cpu_us_per_msg": None if server_s is None else round(server_s * 1e6 / per, 1),
-            "client_cpu_us_per_msg": round(client_s * 1e6 / per, 1),
-        }
 
 
 # ---------------------------------------------------------------------------

@@ -36,8 +36,36 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def cpu_seconds(pid: int) -> float:
-    return cpu_ticks(pid) / TICKS_PER_S
+def server_ticks(pids: tuple[int, ...]) -> int | None:
+    """CPU ticks of all the processes; None if one of them is gone."""
+    total = 0
+    for pid in pids:
+        try:
+            total += cpu_ticks(pid)
+        except OSError:  # gone mid-run: no figure rather than a wrong one
+            return None
+    return total
+
+
+class CpuMeter:
+    """Server and client (this process) CPU per message, from its creation on."""
+
+    def __init__(self, pids: tuple[int, ...]) -> None:
+        self.pids = pids
+        self._server = server_ticks(pids)
+        self._client = time.process_time()
+
+    def figures(self, messages: int) -> dict[str, float | None]:
+        client_s = time.process_time() - self._client
+        now = server_ticks(self.pids)
+        server_s = (
+            None if now is None or self._server is None else (now - self._server) / TICKS_PER_S
+        )
+        per = max(1, messages)
+        return {
+            "server_cpu_us_per_msg": None if server_s is None else round(server_s * 1e6 / per, 1),
+            "client_cpu_us_per_msg": round(client_s * 1e6 / per, 1),
+        }
 
 
 def command_line(pid: int) -> str:
@@ -59,6 +87,19 @@ def own_processes(program: str) -> Iterator[tuple[int, list[bytes]]]:
             continue
         if os.path.basename(argv[0]) == os.fsencode(program):
             yield int(entry), argv
+
+
+def own_server_pid(program: str, port: int, flags: tuple[bytes, ...], *, joined: bool) -> int:
+    """The `program` process of this user whose command line gives `port` after one of
+    `flags` (`-p 11399`; with `joined`, also `-p11399`); exits asking for --server-pid."""
+    wanted = str(port).encode()
+    for pid, argv in own_processes(program):
+        ports = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in flags]
+        if joined:
+            ports += [arg[2:] for arg in argv if arg[:2] in flags and len(arg) > 2]
+        if wanted in ports:
+            return pid
+    raise SystemExit(f"no {program} of this user with -p {port}; pass --server-pid")
 
 
 def percentile_ms(values_ns: list[int], q: float) -> float:
@@ -104,6 +145,18 @@ def w1c_summary(medians: dict, runs: list[dict]) -> str:
     m = medians["w1c"]
     return (
         f"W1c {m['msgs_per_s']} msgs/s (runs {_per_run(runs, 'w1c', 'msgs_per_s')}), server "
+        f"{m['server_cpu_us_per_msg']} µs/msg, client {m['client_cpu_us_per_msg']} µs/msg, "
+        f"missing {m['missing']}, duplicates {m['duplicates']}, left {m['queue_left']}"
+    )
+
+
+def w2_summary(medians: dict, runs: list[dict]) -> str:
+    """The W2 line of a text report: latencies, the send rate (and missed slots, where the
+    sender skips them), CPU, and the checks."""
+    m = medians["w2"]
+    missed = f", missed slots {m['missed_slots']}" if "missed_slots" in m else ""
+    return (
+        f"{w2_latency_summary(medians, runs)}; sent {m['sent_per_s']}/s{missed}; server "
         f"{m['server_cpu_us_per_msg']} µs/msg, client {m['client_cpu_us_per_msg']} µs/msg, "
         f"missing {m['missing']}, duplicates {m['duplicates']}, left {m['queue_left']}"
     )
