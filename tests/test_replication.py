@@ -24,6 +24,8 @@ def fast_failure_detection(manifest: launcher.Manifest) -> None:
         text = text.replace("session_timeout_ms = 6000", "session_timeout_ms = 2000")
         text = text.replace("heartbeat_interval_ms = 1000", "heartbeat_interval_ms = 300")
         text = text.replace("\n[tls]\n", "\nreplica_lag_max_ms = 1500\n\n[tls]\n")
+        # Followers log their refused fetches at debug (test_new_queue_...).
+        text = text.replace('[log]\nformat = "json"\n', '[log]\nformat = "json"\nlevel = "debug"\n')
         path.write_text(text)
 
 
@@ -33,6 +35,16 @@ def cluster(tmp_path: Path):
     fast_failure_detection(manifest)
     with running(manifest):
         yield manifest
+
+
+def refused_fetches(manifest: launcher.Manifest) -> list[str]:
+    """Followers' fetches the leader turned away as not its partition (node logs)."""
+    return [
+        line
+        for node in manifest.by_role("backend")
+        for line in manifest.path(node.log).read_text().splitlines()
+        if "follower.fetch_failed" in line and "NOT_LEADER" in line
+    ]
 
 
 async def placement_of(client, queue: str) -> list[dict]:
@@ -76,6 +88,22 @@ async def test_queue_defaults_to_three_replicas_two_in_sync(cluster):
         assert sorted(part["isr"]) == sorted(part["replicas"])
         with pytest.raises(MqdError):
             await client.create_queue("too-many", replication_factor=4)
+
+
+async def test_new_queue_followers_are_not_turned_away_while_the_leader_opens(cluster):
+    """A new queue's followers start fetching before its leader has opened the
+    partition; the leader holds those fetches a moment rather than refusing them
+    (refused, they backed off 50 ms, and so did the queue's first send)."""
+    (frontend,) = cluster.by_role("frontend")
+    assert any('level = "debug"' in cluster.path(n.config).read_text() for n in cluster.nodes)
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        for name in ("fresh-a", "fresh-b", "fresh-c"):
+            queue = await client.create_queue(name)
+            await queue.send(name.encode())
+            (part,) = await placement_of(client, name)
+            assert sorted(part["isr"]) == ["backend-1", "backend-2", "backend-3"]
+        assert len(await drain(client.queue("fresh-c"), 1)) == 1
+    assert refused_fetches(cluster) == []
 
 
 async def test_killing_the_leader_loses_no_acknowledged_message(cluster):

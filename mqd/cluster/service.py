@@ -56,6 +56,7 @@ log = structlog.get_logger("mqd.cluster")
 
 HEARTBEAT_RETRY_S = 0.5
 RESYNC_INTERVAL_S = 5.0
+LEADER_OPENING_WAIT_S = 1.0
 # A fenced partition serves again after this long if its move never completes.
 FENCE_TIMEOUT_S = 60.0
 FETCH_CHUNK_BYTES_MAX = 4 * 1024 * 1024
@@ -332,6 +333,9 @@ class BackendService:
         self._released: dict[tuple[bytes, int], int] = {}
         self._exported_epoch: dict[tuple[bytes, int], int] = {}
         self._leaders: dict[tuple[bytes, int], LeaderReplication] = {}
+        # Set (and replaced) each time this node starts leading a partition: wakes
+        # followers' fetches that arrived first (`_opening_leader`).
+        self._leading_started = asyncio.Event()
         self._resync: asyncio.Task[None] | None = None
         self._followers: dict[tuple[bytes, int], Follower] = {}
         # Followers' small appends may fsync on the loop; a leader's commits never do
@@ -427,6 +431,8 @@ class BackendService:
                 )
                 leader.start()
                 self._leaders[key] = leader
+                self._leading_started.set()
+                self._leading_started = asyncio.Event()
                 partition.replication = leader
             if promoted:
                 released = await partition.release_all_leases()
@@ -494,10 +500,44 @@ class BackendService:
         return change
 
     async def fetch(self, request: messages.FetchRequest) -> messages.FetchResponse:
-        leader = self._leaders.get((request.queue_id, request.partition))
+        key = (request.queue_id, request.partition)
+        leader = self._leaders.get(key)
         if leader is None:
-            raise NotLeader("this backend does not lead the partition")
+            leader = await self._opening_leader(key, request.epoch)
         return await leader.fetch(request)
+
+    async def _opening_leader(self, key: tuple[bytes, int], epoch: int) -> LeaderReplication:
+        """Wait a moment for a partition this node is about to lead.
+
+        On a new queue (or a failover) the followers start fetching within a few ms,
+        before the leader has opened its store; refused, they would back off, and the
+        queue's first writes would wait out that back-off (~50 ms). So a fetch for a
+        partition this node does not lead yet waits, up to LEADER_OPENING_WAIT_S,
+        unless this node's placement already says another node leads it, or that the
+        fetch's epoch is gone."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEADER_OPENING_WAIT_S
+        while True:
+            try:
+                placement = self.view.leader(*key)
+            except QueueNotFound:
+                placement = None  # not in this node's view yet: it may be about to be
+            if placement is not None and (
+                placement.epoch > epoch
+                or (placement.epoch == epoch and placement.leader != self.node_id)
+            ):
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            started = self._leading_started
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await started.wait()
+            leader = self._leaders.get(key)
+            if leader is not None:
+                return leader
+        raise NotLeader("this backend does not lead the partition")
 
     def start(self) -> None:
         self._resync = asyncio.create_task(self._resync_loop())
