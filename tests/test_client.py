@@ -228,6 +228,51 @@ async def test_ack_with_a_forged_receipt_names_it_and_still_deletes_the_valid_on
         await queue.change_visibility(forged, 5)
 
 
+async def _deletes_answered(client) -> float:
+    return (await client.stats())["metrics"].get("mqd_request_seconds_count{op=DELETE}", 0.0)
+
+
+async def test_acks_made_side_by_side_share_requests_and_each_caller_gets_its_own_failures(
+    client,
+):
+    queue = await client.create_queue("side-by-side")
+    await queue.send_batch([f"m{i}".encode() for i in range(40)])
+    messages = await queue.receive(max_messages=40)
+    assert len(messages) == 40
+    deletes_before = await _deletes_answered(client)
+    forged = "AAAAforged-receipt"
+
+    # 40 tasks ack one message each at the same moment; one of them adds a forged receipt.
+    async def ack(index: int, message: Message) -> str:
+        try:
+            if index == 7:
+                await queue.ack(message, forged)
+            else:
+                await queue.ack(message)
+        except ReceiptInvalid as exc:
+            return f"{[(f['index'], f['receipt']) for f in exc.details['failures']]}"
+        return "ok"
+
+    outcomes = await asyncio.gather(*(ack(i, m) for i, m in enumerate(messages)))
+
+    assert outcomes[7] == f"[(1, {forged!r})]"  # its own index and receipt, no one else's
+    assert outcomes[:7] + outcomes[8:] == ["ok"] * 39
+    assert await _deletes_answered(client) - deletes_before < 40
+    stats = await queue.stats()
+    assert (stats["visible"], stats["in_flight"]) == (0, 0)
+
+
+async def test_an_ack_alone_goes_out_at_once_and_a_later_one_is_not_held(client):
+    queue = await client.create_queue("alone")
+    await queue.send_batch([b"a", b"b"])
+    first, second = await queue.receive(max_messages=2)
+    deletes_before = await _deletes_answered(client)
+    await queue.ack(first)
+    await queue.ack(second)  # nothing was in flight: its own request, at once
+    assert await _deletes_answered(client) - deletes_before == 2
+    assert (await queue.stats())["in_flight"] == 0
+
+
 async def test_client_side_type_checks_raise_invalid_argument(client):
     queue = await client.create_queue("types")
     bad_calls = [

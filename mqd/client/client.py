@@ -252,6 +252,8 @@ class Client:
         # Set when the server answered SUBSCRIBE with UNKNOWN_OPCODE (a server older than
         # protocol.md §4.18): consumers long-poll RECEIVE instead.
         self._push_unsupported = False
+        # Acks by queue name, coalesced while one of that queue's DELETEs is in flight.
+        self._ack_batches: dict[str, _AckBatcher] = {}
 
     # --- connection management -------------------------------------------------
 
@@ -461,6 +463,69 @@ class Client:
         return f"<mqd.client.Client {self.address} {state}>"
 
 
+class _AckBatcher:
+    """One queue's acks on one client: those made while a DELETE of the queue is in
+    flight wait, and go out together in the next DELETE when it returns.
+
+    Tasks that ack concurrently (a push consumer acking each message in its own
+    task; handlers running side by side) would otherwise send a request, and in a
+    cluster a replicated commit, per message. An ack alone goes out at once, so a
+    lone caller waits no longer than before; each caller gets back its own
+    receipts' failures, and every caller of a batch the error of its request."""
+
+    __slots__ = ("_in_flight", "_queue", "_waiting")
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self._in_flight = False
+        self._waiting: list[tuple[list[str], asyncio.Future[list[tuple[int, int, str]]]]] = []
+
+    async def delete(self, receipts: list[str]) -> list[tuple[int, int, str]]:
+        if self._in_flight:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting.append((receipts, future))
+            return await future
+        self._in_flight = True
+        try:
+            return await self._queue._delete(receipts)
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        """After a DELETE: send what waited, as one, or stand idle."""
+        batch = [(r, f) for r, f in self._waiting if not f.cancelled()]
+        self._waiting = []
+        if not batch:
+            self._in_flight = False
+            return
+        self._queue._client._spawn(self._delete_batch(batch))
+
+    async def _delete_batch(
+        self, batch: list[tuple[list[str], asyncio.Future[list[tuple[int, int, str]]]]]
+    ) -> None:
+        try:
+            failures = await self._queue._delete([r for receipts, _ in batch for r in receipts])
+        except asyncio.CancelledError:  # the client closing: the callers are cancelled too
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # every caller of the batch sees its request's error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            start = 0
+            for receipts, future in batch:
+                end = start + len(receipts)
+                if not future.done():
+                    future.set_result(
+                        [(i - start, code, text) for i, code, text in failures if start <= i < end]
+                    )
+                start = end
+        finally:
+            self._next()
+
+
 class Queue:
     """A handle on one queue: send, receive, acknowledge.
 
@@ -654,7 +719,10 @@ class Queue:
         receipts = _receipts_of(messages_or_receipts, [])
         if not receipts:
             return
-        failures = await self._delete(receipts)
+        batcher = self._client._ack_batches.get(self.name)
+        if batcher is None:
+            batcher = self._client._ack_batches[self.name] = _AckBatcher(self)
+        failures = await batcher.delete(receipts)
         if failures:
             raise _entry_failures_error("ack", receipts, failures)
 
