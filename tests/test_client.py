@@ -258,6 +258,7 @@ async def test_acks_made_side_by_side_share_requests_and_each_caller_gets_its_ow
     assert outcomes[7] == f"[(1, {forged!r})]"  # its own index and receipt, no one else's
     assert outcomes[:7] + outcomes[8:] == ["ok"] * 39
     assert await _deletes_answered(client) - deletes_before < 40
+    assert client._ack_batches == {}  # idle again: nothing kept per queue
     stats = await queue.stats()
     assert (stats["visible"], stats["in_flight"]) == (0, 0)
 

@@ -497,6 +497,10 @@ class _AckBatcher:
         self._waiting = []
         if not batch:
             self._in_flight = False
+            # Idle: forget it, so a client that acks on many queues keeps none of them.
+            batches = self._queue._client._ack_batches
+            if batches.get(self._queue.name) is self:
+                del batches[self._queue.name]
             return
         self._queue._client._spawn(self._delete_batch(batch))
 
