@@ -1059,7 +1059,12 @@ async def handle_decommission(
 async def handle_stats(
     conn: ClientConnection, request: messages.StatsRequest
 ) -> messages.StatsResponse:
-    return messages.StatsResponse(stats=conn.frontend.stats())
+    stats = conn.frontend.stats()
+    # A cluster frontend adds the other nodes' own figures (protocol.md §4.15).
+    nodes = await conn.frontend.router.catalog.node_stats(conn.frontend.node_id)
+    if nodes is not None:
+        stats["nodes"] = nodes
+    return messages.StatsResponse(stats=stats)
 
 
 HANDLERS: dict[int, Handler] = {

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -26,6 +29,8 @@ def fast_failure_detection(manifest: launcher.Manifest) -> None:
         text = text.replace("\n[tls]\n", "\nreplica_lag_max_ms = 1500\n\n[tls]\n")
         # Followers log their refused fetches at debug (test_new_queue_...).
         text = text.replace('[log]\nformat = "json"\n', '[log]\nformat = "json"\nlevel = "debug"\n')
+        if node.role == "backend":
+            text += '\n[metrics]\nlisten = "127.0.0.1:0"\n'
         path.write_text(text)
 
 
@@ -45,6 +50,31 @@ def refused_fetches(manifest: launcher.Manifest) -> list[str]:
         for line in manifest.path(node.log).read_text().splitlines()
         if "follower.fetch_failed" in line and "NOT_LEADER" in line
     ]
+
+
+def metrics_address(manifest: launcher.Manifest, node_id: str) -> tuple[str, int]:
+    """Where a node serves /metrics (an ephemeral port, from its `metrics.listening` line)."""
+    for line in manifest.path(manifest.node(node_id).log).read_text().splitlines():
+        if '"metrics.listening"' in line:
+            host, _, port = json.loads(line)["address"].rpartition(":")
+            return host, int(port)
+    raise AssertionError(f"{node_id} logged no metrics.listening line")
+
+
+async def scrape(address: tuple[str, int]) -> str:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+    body = await reader.read()
+    writer.close()
+    return body.decode()
+
+
+def lag_of(exposition: str, queue: str, replica: str) -> float | None:
+    for line in exposition.splitlines():
+        if line.startswith("mqd_replication_lag_records{") and f'queue="{queue}"' in line:
+            if f'replica="{replica}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 async def placement_of(client, queue: str) -> list[dict]:
@@ -147,6 +177,44 @@ async def test_killing_the_leader_loses_no_acknowledged_message(cluster):
         assert not set(seen) & acked_deletes, "an acknowledged delete came back"
         # In-flight messages became visible again on the new leader (protocol.md §7).
         assert {m.id for m in in_flight} <= set(seen)
+
+
+async def test_the_leader_exports_each_followers_replication_lag(cluster):
+    (frontend,) = cluster.by_role("frontend")
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        queue = await client.create_queue("lagged")
+        await queue.send_batch([b"x"] * 5)  # acknowledged: both followers hold all of it
+        (part,) = await placement_of(client, "lagged")
+        leader = metrics_address(cluster, part["leader"])
+        followers = sorted(r for r in part["replicas"] if r != part["leader"])
+        exposition = await scrape(leader)
+        assert [lag_of(exposition, "lagged", f) for f in followers] == [0.0, 0.0]
+        # The same figures through the frontend's STATS, under the leader's node id.
+        nodes = (await client.stats())["nodes"]
+        assert set(nodes) == {"metadata-1", "backend-1", "backend-2", "backend-3"}
+        leader_metrics = nodes[part["leader"]]["metrics"]
+        for follower in followers:
+            key = f"mqd_replication_lag_records{{partition=0,queue=lagged,replica={follower}}}"
+            assert leader_metrics[key] == 0.0
+        assert nodes[part["leader"]]["storage"]["commits"] >= 1
+
+        # A follower that stops fetching falls behind by what is written meanwhile.
+        paused = cluster.node(followers[0])
+        pid = int(cluster.path(paused.pid_file).read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Acknowledged once the leader drops it from the in-sync set (replica_lag_max).
+            await queue.send_batch([b"y"] * 3)
+            exposition = await scrape(leader)
+            assert lag_of(exposition, "lagged", followers[0]) >= 3
+            assert lag_of(exposition, "lagged", followers[1]) == 0.0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        async def caught_up() -> bool:
+            return lag_of(await scrape(leader), "lagged", followers[0]) == 0.0
+
+        await wait_for(caught_up)
 
 
 async def test_writes_refused_below_min_insync(cluster):

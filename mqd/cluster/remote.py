@@ -48,6 +48,7 @@ from mqd.protocol.messages import (
     SendEntry,
     SendRequest,
     SetQueueAttributesRequest,
+    StatsRequest,
     VisibilityChange,
 )
 
@@ -61,6 +62,8 @@ RETRY_MAX_S = 1.0
 # A partition call that long-polls gets its wait plus this much before the frontend gives up.
 CALL_MARGIN_S = 10.0
 _NO_TIMEOUT = float("inf")
+# STATS asks every node at once; one that is slower than this is reported, not waited for.
+NODE_STATS_TIMEOUT_S = 2.0
 
 
 class RemoteEndpoint:
@@ -235,6 +238,25 @@ class RemoteCatalog:
 
     def stats(self) -> dict[str, Any]:
         return {"queues": len(self.view.by_name), "cluster": self.view.describe()}
+
+    async def node_stats(self, own_id: str) -> dict[str, Any] | None:
+        """Every other node's own STATS (its cluster port, protocol.md §4.15), by node id:
+        the backends' storage, fsync and replication-lag figures live there. A node that
+        is down or does not answer within NODE_STATS_TIMEOUT_S: {"error": why}."""
+
+        async def one(node: Any) -> tuple[str, dict[str, Any]]:
+            if not node.up:
+                return node.node_id, {"error": "down (missed its heartbeats)"}
+            try:
+                response = await self._peers.call(
+                    node.cluster_address, StatsRequest(), timeout_s=NODE_STATS_TIMEOUT_S
+                )
+            except MqdError as exc:
+                return node.node_id, {"error": f"{exc.code.name}: {exc.message}"}
+            return node.node_id, response.stats
+
+        others = [n for n in self.view.nodes.values() if n.node_id != own_id]
+        return dict(await asyncio.gather(*(one(node) for node in others)))
 
     async def rebalance(self, dry_run: bool) -> RebalanceResponse:
         response = await self.view.metadata_call(RebalanceRequest(dry_run), timeout_s=_NO_TIMEOUT)

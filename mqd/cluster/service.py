@@ -137,6 +137,8 @@ class ClusterServer(FrontendRole):
             stats["storage"] = self.backend_service.backend.storage_stats()
         if self.view is not None:
             stats["cluster"] = self.view.describe()
+        if self.metrics is not None:
+            stats["metrics"] = self.metrics.snapshot()
         return stats
 
 
