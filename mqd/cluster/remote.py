@@ -63,7 +63,7 @@ RETRY_MAX_S = 1.0
 CALL_MARGIN_S = 10.0
 _NO_TIMEOUT = float("inf")
 # STATS asks every node at once; one that is slower than this is reported, not waited for.
-NODE_STATS_TIMEOUT_S = 2.0
+NODE_STATS_TIMEOUT_S = 1.0
 
 
 class RemoteEndpoint:
