@@ -104,6 +104,27 @@ def _slice_records(buf: bytes, first: int, from_offset: int, bytes_max: int) -> 
     return buf[start:pos], offset
 
 
+def _join_tail(
+    tail: deque[tuple[int, int, bytes]], i: int, from_offset: int, bytes_max: int
+) -> tuple[bytes, int]:
+    """Records from `from_offset` (in group `i` of the in-memory tail) and the whole
+    groups after it while they fit in `bytes_max`: a follower that is a few groups
+    behind (commits made during its last round trip, or a receive lease's group just
+    before a send's) catches up in one fetch, not one per group."""
+    first, _end, buf = tail[i]
+    data, next_offset = _slice_records(buf, first, from_offset, bytes_max)
+    parts = [data]
+    total = len(data)
+    for j in range(i + 1, len(tail)):
+        first, end, buf = tail[j]
+        if first != next_offset or total + len(buf) > bytes_max:
+            break
+        parts.append(buf)
+        total += len(buf)
+        next_offset = end
+    return (b"".join(parts) if len(parts) > 1 else data), next_offset
+
+
 _APPEND, _DELETE, _LEASE, _PURGE, _DELETE_COLD = range(5)
 
 # Messages due further ahead than this are kept only on disk (log + index) until they
@@ -742,10 +763,12 @@ class PartitionStore:
         # Newest first: a follower in sync asks for the last group or two. (Scanning
         # from the oldest walked up to 32 MiB of groups on every fetch: at 1,000 one-
         # message groups a second that was a core of CPU on a leader within a minute.)
-        for first, end, buf in reversed(self._tail):
+        tail = self._tail
+        for i in range(len(tail) - 1, -1, -1):
+            first, end, _ = tail[i]
             if first <= from_offset:
                 if from_offset < end:
-                    return _slice_records(buf, first, from_offset, bytes_max)
+                    return _join_tail(tail, i, from_offset, bytes_max)
                 break
         index = bisect.bisect_right(self._bases, from_offset) - 1
         if index >= 0:

@@ -361,7 +361,8 @@ def test_config_validate_names_the_key() -> None:
 
 
 async def test_read_raw_from_any_offset_matches_the_log(part: Path) -> None:
-    """Followers fetch by offset: from memory (newest group first) or from the segment."""
+    """Followers fetch by offset: from memory (the group holding it, and the groups
+    after it while they fit) or from the segment."""
     store = await open_store(part)
     for group in range(6):  # groups of 1..6 records, each its own commit
         await store.append_messages([msg(group * 10 + i) for i in range(group + 1)])
@@ -377,8 +378,22 @@ async def test_read_raw_from_any_offset_matches_the_log(part: Path) -> None:
             offsets.append(rec.record_offset(data, pos)[1])
             pos += size
         assert offsets and offsets == list(range(start, next_offset)), start
+        # The later groups come along while they fit: one fetch catches a follower up.
+        assert next_offset == end, start
     assert await store.read_raw(end, 1 << 20) == (b"", end)
+    # ...and no further than bytes_max lets them (at least one record, always).
+    one_group, after = await store.read_raw(1, 1)
+    assert offsets_of_raw(one_group) == [1] and after == 2
     await store.close()
+
+
+def offsets_of_raw(data: bytes) -> list[int]:
+    offsets, pos = [], 0
+    while pos < len(data):
+        size = rec.check_record(data, pos, len(data), 1 << 20)
+        offsets.append(rec.record_offset(data, pos)[1])
+        pos += size
+    return offsets
 
 
 def _reference_raw(part: Path, from_offset: int, bytes_max: int) -> tuple[bytes, int]:
