@@ -98,10 +98,7 @@ class HighWatermarkFile:
 
     async def _write(self) -> None:
         try:
-            value = self.latest
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(persist_hw, self.directory, value)
-                self.written = value
+            await self._persist(self.latest)
         finally:
             self._writing = None
 
@@ -110,9 +107,13 @@ class HighWatermarkFile:
         if self._writing is not None:
             await asyncio.shield(self._writing)
         if self.latest != self.written:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(persist_hw, self.directory, self.latest)
-                self.written = self.latest
+            await self._persist(self.latest)
+
+    async def _persist(self, value: int) -> None:
+        # A failed write leaves the older (lower, still safe) value; the next offer retries.
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(persist_hw, self.directory, value)
+            self.written = value
 
 
 class LeaderReplication:

@@ -774,17 +774,9 @@ class PartitionStore:
         if index >= 0:
             seg = self._segments[index]
             if seg.marks:
-                if seg.fd is None:
-                    seg.fd = self._fs.open_readonly(seg.path)
-                self._reads_in_flight += 1
-                try:
-                    found = await self._loop.run_in_executor(
-                        None, self._read_raw_marked, seg, from_offset, bytes_max, self._next_offset
-                    )
-                finally:
-                    self._reads_in_flight -= 1
-                    if not self._reads_in_flight:
-                        self._close_deferred_fds()
+                found = await self._read_segments(
+                    [seg], self._read_raw_marked, seg, from_offset, bytes_max, self._next_offset
+                )
                 if found is not None:
                     return found
         return await self._loop.run_in_executor(
@@ -846,9 +838,7 @@ class PartitionStore:
             return None
         return b"".join(chunks), next_offset
 
-    def _read_raw_disk(
-        self, from_offset: int, bytes_max: int, limit: int | None = None
-    ) -> tuple[bytes, int]:
+    def _read_raw_disk(self, from_offset: int, bytes_max: int, limit: int) -> tuple[bytes, int]:
         """`read_raw` from the segment file read whole (thread), below `limit` (the
         committed end when called: a group still being written is not shipped)."""
         index = bisect.bisect_right(self._bases, from_offset) - 1
@@ -869,7 +859,7 @@ class PartitionStore:
             if pos >= next_mark:
                 marks.append((offset, pos))
                 next_mark = pos + RAW_MARK_BYTES
-            if limit is not None and offset >= limit:
+            if offset >= limit:
                 break
             if offset < from_offset:
                 continue
@@ -991,17 +981,12 @@ class PartitionStore:
         if misses:
             self._stats["cache_misses"] += len(misses)
             runs = self._plan_runs(sorted(set(misses)))
-            self._reads_in_flight += 1
             try:
                 blobs = await stages.timed(
-                    "read", self._loop.run_in_executor(None, self._pread_runs, runs)
+                    "read", self._read_segments([seg for seg, *_ in runs], self._pread_runs, runs)
                 )
             except OSError as exc:
                 raise _io_error(exc, "read") from None
-            finally:
-                self._reads_in_flight -= 1
-                if not self._reads_in_flight:
-                    self._close_deferred_fds()
             for (seg, start, _length, items), blob in zip(runs, blobs, strict=True):
                 for off, pos, size in items:
                     found[off] = self._decode_read(seg, blob, pos - start, size, off)
@@ -1027,10 +1012,21 @@ class PartitionStore:
             cur_seg, cur_start, cur_end, items = seg, pos, pos + size, [(off, pos, size)]
         if cur_seg is not None:
             runs.append((cur_seg, cur_start, cur_end - cur_start, items))
-        for seg, *_ in runs:
+        return runs
+
+    async def _read_segments(self, segments: list[_Segment], read: Callable[..., Any], *args):
+        """`read(*args)` in a thread, by the segments' fds (opened here if need be): a
+        segment reclaimed meanwhile keeps its fd open until no such read is in flight."""
+        for seg in segments:
             if seg.fd is None:
                 seg.fd = self._fs.open_readonly(seg.path)
-        return runs
+        self._reads_in_flight += 1
+        try:
+            return await self._loop.run_in_executor(None, read, *args)
+        finally:
+            self._reads_in_flight -= 1
+            if not self._reads_in_flight:
+                self._close_deferred_fds()
 
     def _pread_runs(self, runs) -> list[bytes]:
         out = []

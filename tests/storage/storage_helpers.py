@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mqd.clock import ManualClock
 from mqd.storage import FileSystem, NewMessage, PartitionStore, StorageConfig
+from mqd.storage import records as rec
 
 
 class FaultyFS(FileSystem):
@@ -72,6 +73,16 @@ class LogRecorder:
 
 ENOSPC = errno.ENOSPC
 EIO = errno.EIO
+
+
+def record_offsets(data: bytes) -> list[int]:
+    """The offsets of the whole records in `data` (raw records, as FETCH carries them)."""
+    offsets, pos = [], 0
+    while pos < len(data):
+        size = rec.check_record(data, pos, len(data), 1 << 20)
+        offsets.append(rec.record_offset(data, pos)[1])
+        pos += size
+    return offsets
 
 
 def msg(i: int, size: int = 32, **kw) -> NewMessage:

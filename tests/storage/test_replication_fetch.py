@@ -6,21 +6,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from storage_helpers import msg, open_store, wait_for
+from storage_helpers import msg, open_store, record_offsets, wait_for
 
 from mqd.cluster.replication import LeaderReplication
 from mqd.protocol.messages import FetchRequest
 from mqd.storage import Lease
-from mqd.storage import records as rec
-
-
-def offsets_of(data: bytes) -> list[int]:
-    offsets, pos = [], 0
-    while pos < len(data):
-        size = rec.check_record(data, pos, len(data), 1 << 20)
-        offsets.append(rec.record_offset(data, pos)[1])
-        pos += size
-    return offsets
 
 
 async def test_a_follower_holding_every_durable_record_waits_for_the_next_durable_group(
@@ -42,7 +32,7 @@ async def test_a_follower_holding_every_durable_record_waits_for_the_next_durabl
 
     sent = (await store.append_messages([msg(0)]))[0].offset
     first = fetch(0, 1000)
-    assert offsets_of((await first).data) == [sent]
+    assert record_offsets((await first).data) == [sent]
     durable_end = store.next_offset
 
     # A receive's lease: written, no fsync, nobody waits for its replication.
@@ -56,14 +46,14 @@ async def test_a_follower_holding_every_durable_record_waits_for_the_next_durabl
     # The next send's durable group wakes it: the lease travels with it.
     second = (await store.append_messages([msg(1)]))[0].offset
     answer = await asyncio.wait_for(waiting, 2)
-    assert offsets_of(answer.data) == [durable_end, second]
+    assert record_offsets(answer.data) == [durable_end, second]
 
     # A lease with no durable group after it goes when the long poll runs out.
     before = store.next_offset
     await store.lease([Lease(second, 1, 2**40, 1)], wait=False)
     await wait_for(lambda: store.next_offset == before + 1)
     lease_only = await asyncio.wait_for(fetch(store.next_offset - 1, 150), 2)
-    assert offsets_of(lease_only.data) == [store.next_offset - 1]
+    assert record_offsets(lease_only.data) == [store.next_offset - 1]
 
     await leader.close()
     await store.close()

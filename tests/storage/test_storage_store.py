@@ -8,7 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from storage_helpers import LogRecorder, msg, open_store, segment_files, wait_for
+from storage_helpers import (
+    LogRecorder,
+    msg,
+    open_store,
+    record_offsets,
+    segment_files,
+    wait_for,
+)
 
 from mqd.clock import ManualClock
 from mqd.errors import ConfigError, MessageTooLarge, StorageError
@@ -371,29 +378,16 @@ async def test_read_raw_from_any_offset_matches_the_log(part: Path) -> None:
     for start in range(end):
         data, next_offset = await store.read_raw(start, 1 << 20)
         # The same bytes as the segment holds (memory answers up to its group's end).
-        assert store._read_raw_disk(start, 1 << 20)[0].startswith(data), start
-        offsets, pos = [], 0
-        while pos < len(data):
-            size = rec.check_record(data, pos, len(data), 1 << 20)
-            offsets.append(rec.record_offset(data, pos)[1])
-            pos += size
+        assert store._read_raw_disk(start, 1 << 20, end)[0].startswith(data), start
+        offsets = record_offsets(data)
         assert offsets and offsets == list(range(start, next_offset)), start
         # The later groups come along while they fit: one fetch catches a follower up.
         assert next_offset == end, start
     assert await store.read_raw(end, 1 << 20) == (b"", end)
     # ...and no further than bytes_max lets them (at least one record, always).
     one_group, after = await store.read_raw(1, 1)
-    assert offsets_of_raw(one_group) == [1] and after == 2
+    assert record_offsets(one_group) == [1] and after == 2
     await store.close()
-
-
-def offsets_of_raw(data: bytes) -> list[int]:
-    offsets, pos = [], 0
-    while pos < len(data):
-        size = rec.check_record(data, pos, len(data), 1 << 20)
-        offsets.append(rec.record_offset(data, pos)[1])
-        pos += size
-    return offsets
 
 
 def _reference_raw(part: Path, from_offset: int, bytes_max: int) -> tuple[bytes, int]:
