@@ -144,14 +144,19 @@ class LeaderReplication:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_seq = 0
         self._data = asyncio.Event()
-        # The end of the last group written with an fsync (everything in the log at
-        # open counts). Past it there are only receive leases (written without one).
+        # The end of the last group written to be synced (shipped once written, maybe
+        # before its fsync returns; everything in the log at open counts). Past it
+        # there are only receive leases (written without an fsync).
         self._durable_end = store.next_offset
         self._polling: set[str] = set()
         self._closed = False
         self._maintainer: asyncio.Task[None] | None = None
         self._hw_file = HighWatermarkFile(store.directory)
         store.durable_listeners.append(self._on_durable)
+        # Groups go to followers while the leader's own fsync runs; the high watermark
+        # still counts the leader's log end only once that returns (`next_offset`).
+        store.ship_before_sync = True
+        store.synced_listeners.append(self._recompute)
         self._recompute()
 
     def start(self) -> None:
@@ -215,6 +220,17 @@ class LeaderReplication:
             raise NotLeader(f"epoch {request.epoch} is not the current epoch {self.epoch}")
         if request.replica not in self.replicas:
             raise NotLeader(f"{request.replica} is not a replica of this partition")
+        written_end = self.store.written_end
+        if request.from_offset > written_end:
+            # The follower holds records this log does not: shipped before their fsync,
+            # then lost with this node's page cache (a crash of its machine), with the
+            # epoch unchanged. None of them was acknowledged (the high watermark never
+            # passes this node's synced end), so the follower cuts back (§7.14).
+            raise NotLeader(
+                f"{request.replica} asks from {request.from_offset}, past this leader's "
+                f"log end {written_end}",
+                details={"log_end": written_end},
+            )
         previous = self.acked.get(request.replica, -1)
         self.acked[request.replica] = request.from_offset
         # Past the durable end are only receive leases: nobody waits for their
@@ -307,8 +323,11 @@ class LeaderReplication:
 
     async def close(self) -> None:
         self._closed = True
+        self.store.ship_before_sync = False
         with contextlib.suppress(ValueError):
             self.store.durable_listeners.remove(self._on_durable)
+        with contextlib.suppress(ValueError):
+            self.store.synced_listeners.remove(self._recompute)
         if self._maintainer is not None:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)
@@ -398,10 +417,26 @@ class Follower:
                 raise
             except (MqdError, StorageError, OSError) as exc:
                 log.debug("follower.fetch_failed", error=str(exc), partition=self.index)
+                if isinstance(exc, NotLeader) and isinstance(exc.details.get("log_end"), int):
+                    await self._cut_back_to(exc.details["log_end"])
                 with contextlib.suppress(MqdError):
                     await self.view.refresh()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _cut_back_to(self, leader_end: int) -> None:
+        """The leader's log ends below ours at the same epoch: it lost records it had
+        shipped before they were synced (never acknowledged). Drop ours above the high
+        watermark, as on a new epoch, and fetch from there."""
+        assert self.replica is not None
+        if self.replica.next_offset <= leader_end:
+            return
+        to_offset = min(self.high_watermark, leader_end)
+        log.warning("follower.ahead_of_leader", partition=self.index,
+                    log_end=self.replica.next_offset, leader_end=leader_end,
+                    to_offset=to_offset)  # fmt: skip
+        with contextlib.suppress(StorageError, OSError):
+            await self.replica.truncate(to_offset)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -215,6 +215,17 @@ class PartitionStore:
         self._tail: deque[tuple[int, int, bytes]] = deque()
         self._tail_bytes = 0
         self.durable_listeners: list[Callable[[int], None]] = []
+        # Set by a replicated leader (LeaderReplication): a small durable group goes to
+        # the followers once written, while its fsync runs, so the two overlap instead
+        # of the followers' round trip starting after the leader's own commit.
+        # `_written_end` is then past `_next_offset` (the durable end) until it returns;
+        # `synced_listeners` hear when it has.
+        self.ship_before_sync = False
+        self._written_end = 0
+        self.synced_listeners: list[Callable[[], None]] = []
+        # An fsync that failed after its group was shipped: the log can no longer be
+        # cut back (followers may hold the group), so every later write is refused.
+        self._broken: Exception | None = None
         # Metrics (mqd.metrics): (records in the group, seconds of write + fsync).
         self.commit_observers: list[Callable[[int, float], None]] = []
         # Set by the backend of a node without replication: small durable groups may
@@ -737,8 +748,15 @@ class PartitionStore:
 
     @property
     def next_offset(self) -> int:
-        """The offset the next record written will get."""
+        """The offset the next record written will get: the end of the log as committed
+        (with fsync "always", durable)."""
         return self._next_offset
+
+    @property
+    def written_end(self) -> int:
+        """The end of the records `read_raw` may return: `next_offset`, or past it while
+        a group shipped before its fsync (`ship_before_sync`) waits for the disk."""
+        return max(self._next_offset, self._written_end)
 
     # --- replication: raw records by offset -----------------------------------------
 
@@ -758,7 +776,7 @@ class PartitionStore:
         """Whole records from `from_offset` on, as stored (at least one record if any,
         else about `bytes_max` bytes), and the offset after the last one returned.
         Recent records come from memory; older ones are read back from their segment."""
-        if from_offset >= self._next_offset:
+        if from_offset >= self.written_end:
             return b"", from_offset
         # Newest first: a follower in sync asks for the last group or two. (Scanning
         # from the oldest walked up to 32 MiB of groups on every fetch: at 1,000 one-
@@ -1109,6 +1127,11 @@ class PartitionStore:
                     op.future.set_exception(InternalError(f"storage writer failed: {exc!r}"))
 
     async def _commit(self, ops: list[_Op]) -> None:
+        if self._broken is not None:
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(self._broken)
+            return
         now = self._clock.now_ms()
         first = offset = self._next_offset
         parts: list[bytes] = []
@@ -1164,9 +1187,11 @@ class PartitionStore:
             position = seg.size
             do_sync = durable and self.config.fsync == "always"
             started = time.perf_counter()  # (uvloop's loop.time() has 1 ms steps)
+            fits = len(buf) <= INLINE_WRITE_BYTES_MAX and position + len(buf) <= seg.allocated
+            ship_first = fits and do_sync and self.ship_before_sync
             on_loop = (
-                len(buf) <= INLINE_WRITE_BYTES_MAX
-                and position + len(buf) <= seg.allocated
+                fits
+                and not ship_first
                 and (
                     not do_sync
                     or (
@@ -1176,7 +1201,20 @@ class PartitionStore:
                     )
                 )
             )
-            if on_loop:
+            if ship_first:
+                # Written on the loop (page cache: a failure cuts it back unshipped),
+                # shipped, then the fsync in the executor while the followers fetch.
+                # Cluster W2 (interleaved runs): e2e p50 ~5.3 -> ~3.8 ms.
+                self._write(seg, buf, position, False)
+                self._written_end = offset
+                self._remember_tail(first, offset, buf, durable)
+                try:
+                    await self._loop.run_in_executor(None, self._fs.fdatasync, seg.fd)
+                except OSError as exc:
+                    seg.size = position + len(buf)
+                    self._fail_shipped(ops, exc)
+                    return
+            elif on_loop:
                 # Into preallocated page cache, no fsync: a few µs here costs less
                 # than the two thread wake-ups of the executor (W2: receive leases;
                 # server CPU 668 -> 587 µs/msg, e2e p99 2.38 -> 2.18 ms, medians of 3
@@ -1201,7 +1239,11 @@ class PartitionStore:
             return
         seg.size = position + len(buf)
         self._next_offset = offset
-        self._remember_tail(first, offset, buf, durable)
+        if ship_first:
+            for listener in self.synced_listeners:
+                listener()
+        else:
+            self._remember_tail(first, offset, buf, durable)
         if not do_sync:
             self._unsynced = True
         else:
@@ -1215,6 +1257,28 @@ class PartitionStore:
         self._apply(ops, seg, position, sizes, now)
         if self._index_backlog_rows > self.config.index_backlog_rows_max:
             await self._index_drained()
+
+    def _fail_shipped(self, ops: list[_Op], exc: OSError) -> None:
+        """The fsync of a group already shipped to followers failed. The group cannot be
+        cut back (a follower may hold it and would keep it at offsets the next group
+        reused), nor counted durable (the kernel may have dropped the pages, and a
+        later fsync would not say so): keep it as written, not committed, answer its
+        callers with an outcome unknown, and refuse every later write until the node
+        restarts and recovers the log from disk."""
+        self._stats["write_errors"] += 1
+        self._log.error("log.fsync_failed_after_ship", error=str(exc), errno=exc.errno,
+                        hint="writes to this partition are refused until the node restarts")  # fmt: skip
+        self._broken = InternalError(
+            f"the partition's log could not be synced ({exc.strerror or exc}); it takes no "
+            "writes until its node restarts"
+        )
+        failed = InternalError(
+            f"append: {exc.strerror or exc} after the followers were sent the records; "
+            "the outcome is unknown"
+        )
+        for op in ops:
+            if not op.future.done():
+                op.future.set_exception(failed)
 
     def _resolve_empty(self, ops: list[_Op]) -> None:
         for op in ops:

@@ -1,30 +1,61 @@
 """A leader's FETCH on a real log: receive leases (written without an fsync) do not
-send a follower round trip of their own; they travel with the next durable group."""
+send a follower round trip of their own; they travel with the next durable group. A
+group goes to the followers while the leader's own fsync runs, and what that means
+when the fsync fails or the leader's machine loses the group."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
-from storage_helpers import msg, open_store, record_offsets, wait_for
+import pytest
+from storage_helpers import EIO, FaultyFS, LogRecorder, msg, open_store, record_offsets, wait_for
 
-from mqd.cluster.replication import LeaderReplication
+from mqd.cluster.replication import Follower, LeaderReplication
+from mqd.errors import InternalError, NotLeader
 from mqd.protocol.messages import FetchRequest
-from mqd.storage import Lease
+from mqd.storage import FileSystem, Lease, StorageConfig
+
+
+async def no_isr_change(isr: list[str]) -> bool:
+    return False
+
+
+def leading(store, epoch: int = 1) -> LeaderReplication:
+    return LeaderReplication(
+        store, node_id="b1", replicas=["b1", "b2"], isr=["b1", "b2"], epoch=epoch,
+        min_insync=1, change_isr=no_isr_change,
+    )  # fmt: skip
+
+
+def fetch_request(from_offset: int, wait_ms: int = 0) -> FetchRequest:
+    return FetchRequest(b"q", 0, 1, "b2", from_offset, wait_ms, 1 << 20)
+
+
+class HeldSyncFS(FileSystem):
+    """Real calls; while `release` is clear, an fdatasync waits for it (in its thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.release.set()
+        self.holding = threading.Event()
+
+    def fdatasync(self, fd: int) -> None:
+        if not self.release.is_set():
+            self.holding.set()
+            assert self.release.wait(10), "the test never released the fsync"
+        super().fdatasync(fd)
 
 
 async def test_a_follower_holding_every_durable_record_waits_for_the_next_durable_group(
     part: Path,
 ) -> None:
     store = await open_store(part)
-
-    async def no_isr_change(isr: list[str]) -> bool:
-        return False
-
-    leader = LeaderReplication(
-        store, node_id="b1", replicas=["b1", "b2"], isr=["b1", "b2"], epoch=1,
-        min_insync=1, change_isr=no_isr_change,
-    )  # fmt: skip
+    leader = leading(store)
 
     def fetch(from_offset: int, wait_ms: int) -> asyncio.Task:
         request = FetchRequest(b"q", 0, 1, "b2", from_offset, wait_ms, 1 << 20)
@@ -56,4 +87,140 @@ async def test_a_follower_holding_every_durable_record_waits_for_the_next_durabl
     assert record_offsets(lease_only.data) == [store.next_offset - 1]
 
     await leader.close()
+    await store.close()
+
+
+async def test_a_group_reaches_the_followers_while_the_leaders_fsync_runs(part: Path) -> None:
+    fs = HeldSyncFS()
+    store = await open_store(part, fs=fs)
+    leader = leading(store)
+    await store.append_messages([msg(0)])
+    assert record_offsets((await leader.fetch(fetch_request(0))).data) == [0]
+
+    fs.release.clear()
+    sending = asyncio.create_task(store.append_messages([msg(1)]))
+    await asyncio.to_thread(fs.holding.wait, 5)
+    # The leader's fsync of offset 1 has not returned, and the follower has it already.
+    answer = await leader.fetch(fetch_request(1))
+    assert record_offsets(answer.data) == [1]
+    assert not sending.done()
+    assert (store.next_offset, store.written_end) == (1, 2)
+    # The follower holding it does not commit it: the leader's own copy is not synced.
+    await leader.fetch(fetch_request(2))
+    assert leader.acked["b2"] == 2
+    assert leader.high_watermark == 1
+
+    fs.release.set()
+    assert (await asyncio.wait_for(sending, 5))[0].offset == 1
+    await wait_for(lambda: leader.high_watermark == 2)
+    assert store.next_offset == store.written_end == 2
+    await leader.close()
+    await store.close()
+
+
+async def test_an_fsync_failing_after_the_group_was_shipped_keeps_it_and_stops_writes(
+    part: Path,
+) -> None:
+    fs, log = FaultyFS(), LogRecorder()
+    store = await open_store(part, fs=fs, log=log)
+    leader = leading(store)
+    await store.append_messages([msg(0)])
+    await leader.fetch(fetch_request(1))  # the follower holds offset 0
+
+    fs.fsync_errno = EIO
+    with pytest.raises(InternalError, match="outcome is unknown"):
+        await store.append_messages([msg(1)])
+    assert log.named("log.fsync_failed_after_ship")
+    # Not cut back (a follower may hold it) and not committed (not known to be on disk).
+    assert record_offsets((await leader.fetch(fetch_request(1))).data) == [1]
+    await leader.fetch(fetch_request(2))
+    assert leader.high_watermark == 1
+    # Offset 1 is never written again with something else: the log takes no writes.
+    fs.fsync_errno = None
+    with pytest.raises(InternalError, match="until its node restarts"):
+        await store.append_messages([msg(2)])
+    assert store.written_end == 2
+    await leader.close()
+    await store.close()
+
+    # A restart recovers the log from disk: the group is there, as the followers have it.
+    reopened = await open_store(part)
+    assert reopened.next_offset == 2
+    assert (await reopened.append_messages([msg(2)]))[0].offset == 2
+    await reopened.close()
+
+
+class InProcessLeader:
+    """The follower's two seams onto its leader, served by a LeaderReplication in this
+    process: the placement (b1 leads at epoch 1) and the FETCH call."""
+
+    def __init__(self, leader: LeaderReplication) -> None:
+        self.leader = leader
+
+    def leader_of(self, queue_id: bytes, index: int) -> SimpleNamespace:
+        return SimpleNamespace(leader="b1", epoch=1)
+
+    def cluster_address(self, node_id: str) -> str:
+        return "in-process"
+
+    async def refresh(self) -> None:
+        return None
+
+    async def call(self, address: str, request: FetchRequest, timeout_s: float) -> object:
+        return await self.leader.fetch(request)
+
+
+def following(directory: Path, seam: InProcessLeader) -> Follower:
+    view = SimpleNamespace(
+        leader=seam.leader_of, cluster_address=seam.cluster_address, refresh=seam.refresh
+    )
+    return Follower(
+        directory, StorageConfig(), peers=seam, view=view, queue_id=b"q", index=0,
+        node_id="b2",
+    )  # fmt: skip
+
+
+async def test_a_follower_ahead_of_its_leader_at_the_same_epoch_cuts_back(
+    tmp_path: Path,
+) -> None:
+    """The leader's machine crashed after shipping a group it had not synced, and came
+    back leading at the same epoch without it: the follower must not keep the group
+    (the leader would write other records at its offsets)."""
+    lost, kept = tmp_path / "leader", tmp_path / "leader-after-crash"
+    store = await open_store(lost)
+    await store.append_messages([msg(i) for i in range(3)])
+    await store.close()
+    shutil.copytree(lost, kept)  # what the disk will hold after the crash
+
+    store = await open_store(lost)
+    seam = InProcessLeader(leading(store))
+    follower = following(tmp_path / "follower", seam)
+    await follower.start()
+    await wait_for(lambda: follower.high_watermark == 3)
+    await store.append_messages([msg(3), msg(4)])  # shipped, then "lost"
+    await wait_for(lambda: follower.replica.next_offset == 5)
+    lost_records, _ = await store.read_raw(3, 1 << 20)
+    await follower.stop()
+    await seam.leader.close()
+    await store.close()
+
+    store = await open_store(kept)
+    seam.leader = leading(store)
+    with pytest.raises(NotLeader) as refused:
+        await seam.leader.fetch(fetch_request(5))
+    assert refused.value.details == {"log_end": 3}
+    assert "b2" not in seam.leader.acked  # a refused fetch acknowledges nothing
+
+    follower = following(tmp_path / "follower", seam)
+    await follower.start()
+    await wait_for(lambda: follower.replica.next_offset == 3)
+    replaced = (await store.append_messages([msg(30)]))[0].offset
+    assert replaced == 3
+    await wait_for(lambda: follower.replica.next_offset == 4)
+    new_record, _ = await store.read_raw(3, 1 << 20)
+    follower_log = b"".join(p.read_bytes() for p in sorted((tmp_path / "follower").glob("*.log")))
+    assert new_record in follower_log
+    assert lost_records[: len(new_record)] not in follower_log
+    await follower.stop()
+    await seam.leader.close()
     await store.close()
