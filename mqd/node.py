@@ -288,6 +288,12 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
     metrics = NodeMetrics()
     metrics.watch_fsyncs()
     metrics_server: asyncio.Server | None = None
+    failures: list[str] = []
+
+    def fail_stop(reason: str) -> None:
+        failures.append(reason)
+        stop.set()
+
     try:
         if "metadata" in roles:
             placement = PlacementManager(
@@ -316,6 +322,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
                 limits=config.limits,
                 replica_lag_max_ms=config.cluster.replica_lag_max_ms,
             )
+            service.fail_stop = fail_stop
             await service.sync_partitions()
             service.start()
         cluster_server = ClusterServer(
@@ -386,6 +393,12 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
+    if failures:
+        # Fail-stop: a supervisor sees the exit status, and metadata moves the node's
+        # partitions to their other in-sync replicas once its heartbeats have stopped
+        # (protocol.md §7.13 "A leader's failed fsync").
+        log.error("server.stopped", failures=failures)
+        return 1
     log.info("server.stopped")
     return 0
 

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -177,6 +179,111 @@ async def test_killing_the_leader_loses_no_acknowledged_message(cluster):
         assert not set(seen) & acked_deletes, "an acknowledged delete came back"
         # In-flight messages became visible again on the new leader (protocol.md §7).
         assert {m.id for m in in_flight} <= set(seen)
+
+
+# A backend on a disk whose fdatasync fails with EIO once TRIGGER exists: the
+# storage seam (mqd.storage.fs.FileSystem) faulted in a real node process.
+FAULTY_DISK_NODE = """
+import errno, os, sys
+from mqd.storage import fs
+trigger = sys.argv.pop(1)
+synced = fs.FileSystem.fdatasync
+def fdatasync(self, fd):
+    if os.path.exists(trigger):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    synced(self, fd)
+fs.FileSystem.fdatasync = fdatasync
+from mqd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def registrations_of(manifest: launcher.Manifest, node_id: str) -> int:
+    """How many times metadata has logged `node_id` registering."""
+    (metadata,) = manifest.by_role("metadata")
+    count = 0
+    for line in manifest.path(metadata.log).read_text().splitlines():
+        if '"node.registered"' in line:
+            count += json.loads(line).get("node") == node_id
+    return count
+
+
+def spawn_on_faulty_disk(
+    manifest: launcher.Manifest, node_id: str, script: Path, trigger: Path
+) -> subprocess.Popen:
+    """Start `node_id` as `mqd serve` does, with FAULTY_DISK_NODE's storage seam."""
+    node = manifest.node(node_id)
+    config = str(manifest.path(node.config).resolve())
+    script.write_text(FAULTY_DISK_NODE)
+    with open(manifest.path(node.log), "ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, str(script), str(trigger), "serve", "--config", config,
+             "--log-format", "json"],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+async def test_a_leader_whose_fsync_fails_stops_and_its_partitions_fail_over(cluster, tmp_path):
+    """protocol.md §7.13 "A leader's failed fsync": the writes of that group fail
+    with an unknown outcome, the node stops (exit status 1), metadata moves its
+    partitions, and nothing acknowledged is lost."""
+    (frontend,) = cluster.by_role("frontend")
+    faulty = cluster.node("backend-1")
+    await asyncio.to_thread(launcher.stop_nodes, cluster, [faulty])
+    log_offset = cluster.path(faulty.log).stat().st_size
+    registrations = registrations_of(cluster, "backend-1")
+    trigger = tmp_path / "disk-fails"
+    process = spawn_on_faulty_disk(cluster, "backend-1", tmp_path / "faulty_node.py", trigger)
+    try:
+
+        async def registered_again() -> bool:
+            return registrations_of(cluster, "backend-1") > registrations
+
+        await wait_for(registered_again)
+        async with await mqd.client.connect(
+            frontend.client_address, tls=tls_for(cluster)
+        ) as client:
+            queue = await client.create_queue("faulty-disk", partitions=3)
+            parts = await placement_of(client, "faulty-disk")
+            (led,) = [p for p in parts if p["leader"] == "backend-1"]
+            acked = set()
+            for round_number in range(5):
+                acked |= set(await queue.send_batch([b"b%d" % round_number] * 20))
+
+            trigger.touch()
+            errors: list[str] = []
+            for round_number in range(60):  # until a send reaches backend-1's partition
+                try:
+                    acked |= set(await queue.send_batch([b"a%d" % round_number] * 5))
+                except MqdError as exc:
+                    errors.append(type(exc).__name__)
+                if process.poll() is not None:
+                    break
+            assert await asyncio.to_thread(process.wait, 30) == 1
+            trigger.unlink()
+            log_text = cluster.path(faulty.log).read_bytes()[log_offset:].decode()
+            assert '"log.fsync_failed_after_ship"' in log_text
+            assert '"node.fail_stop"' in log_text
+            # The failed group's writers learn the outcome is unknown (INTERNAL).
+            assert "InternalError" in errors, errors
+
+            async def moved() -> bool:
+                now = await placement_of(client, "faulty-disk")
+                return now[led["index"]]["leader"] != "backend-1"
+
+            await wait_for(moved)
+            for _ in range(20):  # writes go on without backend-1 (2 of 3 = min_insync)
+                try:
+                    acked |= set(await queue.send_batch([b"after"] * 10))
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.3)
+            seen = await drain(queue, len(acked))
+            assert set(seen) >= acked, f"lost {len(acked - set(seen))} acknowledged messages"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 async def test_the_leader_exports_each_followers_replication_lag(cluster):

@@ -128,6 +128,7 @@ class LeaderReplication:
         min_insync: int,
         change_isr: Callable[[list[str]], Awaitable[bool]],
         lag_max_s: float = REPLICA_LAG_MAX_S,
+        on_storage_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.node_id = node_id
@@ -157,10 +158,21 @@ class LeaderReplication:
         # still counts the leader's log end only once that returns (`next_offset`).
         store.ship_before_sync = True
         store.synced_listeners.append(self._recompute)
+        # A failed fsync of a shipped group leaves the log unable to take writes
+        # (PartitionStore._fail_shipped); the node is told, and stops (fail-stop, as a
+        # Kafka broker halts on a log I/O error) so that metadata moves its partitions.
+        self._on_storage_failure = on_storage_failure
+        store.failure_listeners.append(self._storage_failed)
         self._recompute()
 
     def start(self) -> None:
         self._maintainer = asyncio.create_task(self._maintain())
+
+    def _storage_failed(self, exc: OSError) -> None:
+        if self._on_storage_failure is not None:
+            self._on_storage_failure(
+                f"the log of {self.store.directory.name} could not be synced: {exc}"
+            )
 
     # --- the high watermark ------------------------------------------------------
 
@@ -328,6 +340,8 @@ class LeaderReplication:
             self.store.durable_listeners.remove(self._on_durable)
         with contextlib.suppress(ValueError):
             self.store.synced_listeners.remove(self._recompute)
+        with contextlib.suppress(ValueError):
+            self.store.failure_listeners.remove(self._storage_failed)
         if self._maintainer is not None:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)

@@ -15,6 +15,7 @@ import itertools
 import os
 import shutil
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +344,9 @@ class BackendService:
         # Followers' small appends may fsync on the loop; a leader's commits never do
         # (tried: the cluster's W2 p99 went from ~50 ms to seconds).
         self.follower_sync = LoopSyncBudget()
+        # Set by the node: stop it, with a reason (a leader's log that can no longer be
+        # synced; its partitions must fail over to replicas that can take writes).
+        self.fail_stop: Callable[[str], None] | None = None
         backend.moved_sink = self.append_moved
         backend.bind_catalog(self._lookup_name)
         view.on_change(self.sync_partitions)
@@ -430,6 +434,7 @@ class BackendService:
                     min_insync=int(record.attributes.get("min_insync", 1)),
                     change_isr=self._isr_changer(queue_id, index, placement.epoch),
                     lag_max_s=self.replica_lag_max_ms / 1000,
+                    on_storage_failure=self._storage_failed,
                 )
                 leader.start()
                 self._leaders[key] = leader
@@ -452,6 +457,11 @@ class BackendService:
         elif leader is not None:
             leader.update(list(placement.isr), placement.epoch, list(placement.replicas))
         self.backend.configure_partitions(record)
+
+    def _storage_failed(self, reason: str) -> None:
+        log.error("node.fail_stop", reason=reason)
+        if self.fail_stop is not None:
+            self.fail_stop(reason)
 
     async def _stop_leading(self, key: tuple[bytes, int]) -> int:
         leader = self._leaders.pop(key, None)

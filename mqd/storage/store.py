@@ -224,8 +224,10 @@ class PartitionStore:
         self._written_end = 0
         self.synced_listeners: list[Callable[[], None]] = []
         # An fsync that failed after its group was shipped: the log can no longer be
-        # cut back (followers may hold the group), so every later write is refused.
+        # cut back (followers may hold the group), so every later write is refused, and
+        # `failure_listeners` hear of it (the backend then stops its node).
         self._broken: Exception | None = None
+        self.failure_listeners: list[Callable[[OSError], None]] = []
         # Metrics (mqd.metrics): (records in the group, seconds of write + fsync).
         self.commit_observers: list[Callable[[int, float], None]] = []
         # Set by the backend of a node without replication: small durable groups may
@@ -1264,7 +1266,8 @@ class PartitionStore:
         reused), nor counted durable (the kernel may have dropped the pages, and a
         later fsync would not say so): keep it as written, not committed, answer its
         callers with an outcome unknown, and refuse every later write until the node
-        restarts and recovers the log from disk."""
+        restarts and recovers the log from disk (a replicated leader's node stops so
+        that metadata fails its partitions over, see LeaderReplication)."""
         self._stats["write_errors"] += 1
         self._log.error("log.fsync_failed_after_ship", error=str(exc), errno=exc.errno,
                         hint="writes to this partition are refused until the node restarts")  # fmt: skip
@@ -1279,6 +1282,8 @@ class PartitionStore:
         for op in ops:
             if not op.future.done():
                 op.future.set_exception(failed)
+        for listener in self.failure_listeners:
+            listener(exc)
 
     def _resolve_empty(self, ops: list[_Op]) -> None:
         for op in ops:

@@ -6,6 +6,7 @@ when the fsync fails or the leader's machine loses the group."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -123,7 +124,11 @@ async def test_an_fsync_failing_after_the_group_was_shipped_keeps_it_and_stops_w
 ) -> None:
     fs, log = FaultyFS(), LogRecorder()
     store = await open_store(part, fs=fs, log=log)
-    leader = leading(store)
+    stop_reasons: list[str] = []
+    leader = LeaderReplication(
+        store, node_id="b1", replicas=["b1", "b2"], isr=["b1", "b2"], epoch=1,
+        min_insync=1, change_isr=no_isr_change, on_storage_failure=stop_reasons.append,
+    )  # fmt: skip
     await store.append_messages([msg(0)])
     await leader.fetch(fetch_request(1))  # the follower holds offset 0
 
@@ -131,6 +136,9 @@ async def test_an_fsync_failing_after_the_group_was_shipped_keeps_it_and_stops_w
     with pytest.raises(InternalError, match="outcome is unknown"):
         await store.append_messages([msg(1)])
     assert log.named("log.fsync_failed_after_ship")
+    # The node is told, once, so that it stops and its partitions fail over.
+    assert len(stop_reasons) == 1 and "could not be synced" in stop_reasons[0]
+    assert os.strerror(EIO) in stop_reasons[0]
     # Not cut back (a follower may hold it) and not committed (not known to be on disk).
     assert record_offsets((await leader.fetch(fetch_request(1))).data) == [1]
     await leader.fetch(fetch_request(2))
@@ -140,7 +148,9 @@ async def test_an_fsync_failing_after_the_group_was_shipped_keeps_it_and_stops_w
     with pytest.raises(InternalError, match="until its node restarts"):
         await store.append_messages([msg(2)])
     assert store.written_end == 2
+    assert len(stop_reasons) == 1  # a refused write is not a new failure
     await leader.close()
+    assert not store.failure_listeners
     await store.close()
 
     # A restart recovers the log from disk: the group is there, as the followers have it.
