@@ -224,9 +224,9 @@ class PartitionStore:
         self._written_end = 0
         self.synced_listeners: list[Callable[[], None]] = []
         # An fsync that failed after its group was shipped: the log can no longer be
-        # cut back (followers may hold the group), so every later write is refused, and
-        # `failure_listeners` hear of it (the backend then stops its node).
-        self._broken: Exception | None = None
+        # cut back (followers may hold the group), so every later write is refused (with
+        # this reason), and `failure_listeners` hear of it (the backend stops its node).
+        self._broken: str | None = None
         self.failure_listeners: list[Callable[[OSError], None]] = []
         # Metrics (mqd.metrics): (records in the group, seconds of write + fsync).
         self.commit_observers: list[Callable[[int, float], None]] = []
@@ -1132,7 +1132,7 @@ class PartitionStore:
         if self._broken is not None:
             for op in ops:
                 if not op.future.done():
-                    op.future.set_exception(self._broken)
+                    op.future.set_exception(InternalError(self._broken))
             return
         now = self._clock.now_ms()
         first = offset = self._next_offset
@@ -1271,17 +1271,18 @@ class PartitionStore:
         self._stats["write_errors"] += 1
         self._log.error("log.fsync_failed_after_ship", error=str(exc), errno=exc.errno,
                         hint="writes to this partition are refused until the node restarts")  # fmt: skip
-        self._broken = InternalError(
+        self._broken = (
             f"the partition's log could not be synced ({exc.strerror or exc}); it takes no "
             "writes until its node restarts"
         )
-        failed = InternalError(
-            f"append: {exc.strerror or exc} after the followers were sent the records; "
-            "the outcome is unknown"
-        )
         for op in ops:
             if not op.future.done():
-                op.future.set_exception(failed)
+                op.future.set_exception(
+                    InternalError(
+                        f"append: {exc.strerror or exc} after the followers were sent the "
+                        "records; the outcome is unknown"
+                    )
+                )
         for listener in self.failure_listeners:
             listener(exc)
 
