@@ -177,9 +177,10 @@ class LeaderReplication:
     # --- the high watermark ------------------------------------------------------
 
     def _on_durable(self, end: int) -> None:
+        # A durable group can be shipped: wake the fetches. The high watermark moves
+        # once the store's end does (`synced_listeners` -> `_recompute`).
         self._durable_end = max(self._durable_end, end)
         self._data.set()
-        self._recompute()
 
     def _recompute(self) -> None:
         ends = [self.store.next_offset]

@@ -211,15 +211,15 @@ class PartitionStore:
         self._cache_bytes = 0
         self._next_offset = 0
         # Replication (mqd.cluster.replication): the last commit groups as written, so
-        # followers fetch from memory, and who to tell when the durable end moves.
+        # followers fetch from memory; `durable_listeners` hear when a durable group can
+        # be shipped (its end), `synced_listeners` when `next_offset` has moved past it.
         self._tail: deque[tuple[int, int, bytes]] = deque()
         self._tail_bytes = 0
         self.durable_listeners: list[Callable[[int], None]] = []
         # Set by a replicated leader (LeaderReplication): a small durable group goes to
         # the followers once written, while its fsync runs, so the two overlap instead
         # of the followers' round trip starting after the leader's own commit.
-        # `_written_end` is then past `_next_offset` (the durable end) until it returns;
-        # `synced_listeners` hear when it has.
+        # `_written_end` is then past `_next_offset` (the durable end) until it returns.
         self.ship_before_sync = False
         self._written_end = 0
         self.synced_listeners: list[Callable[[], None]] = []
@@ -836,7 +836,7 @@ class PartitionStore:
                 size = rec.check_record(window, pos, end, record_max)
             except rec.CorruptRecord:
                 break  # a record cut by the window's end, or the segment's end
-            offset = rec.COMMON.unpack_from(window, pos + rec.PREFIX_BYTES)[1]
+            offset = rec.record_offset(window, pos)[1]
             if pos == 0 and offset != mark_offset:
                 seg.marks = []  # the segment changed under the mark (a cut-back write)
                 return None
@@ -1241,11 +1241,11 @@ class PartitionStore:
             return
         seg.size = position + len(buf)
         self._next_offset = offset
-        if ship_first:
+        if not ship_first:
+            self._remember_tail(first, offset, buf, durable)
+        if durable:
             for listener in self.synced_listeners:
                 listener()
-        else:
-            self._remember_tail(first, offset, buf, durable)
         if not do_sync:
             self._unsynced = True
         else:
