@@ -412,7 +412,7 @@ class Follower:
                         placement.epoch,
                         self.node_id,
                         self.replica.next_offset,
-                        FETCH_WAIT_MS,
+                        self.replica.fetch_wait_ms(FETCH_WAIT_MS),
                         FETCH_BYTES_MAX,
                     ),
                     timeout_s=FETCH_WAIT_MS / 1000 + 10,
@@ -427,6 +427,7 @@ class Follower:
                     self.high_watermark, min(response.high_watermark, self.replica.next_offset)
                 )
                 self._hw_file.offer(self.high_watermark)
+                await self.replica.sync_if_due()
                 delay = RETRY_MIN_S
             except asyncio.CancelledError:
                 raise

@@ -10,6 +10,12 @@ describing records the log no longer has.
 Like the leader's, the active segment is preallocated ahead of its records so
 that the fdatasync before each FETCH that acknowledges them has no file size
 to commit; the zero tail reads as the log's end, here and on promotion.
+
+The node's `[storage] fsync` policy holds here as on the leader: "always"
+syncs each append before the next FETCH acknowledges it; "interval" syncs
+at most every `fsync_interval_ms` (the follower's long poll is cut short to
+keep that promise on an idle partition); "never" leaves it to the kernel.
+Either way the log is synced when a segment is sealed and on close.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class ReplicaLog:
         # 47 / 53 -> 18 / 20 ms, p50 10.6 -> 7.4 ms, 1,355 -> 1,230 µs/msg of server CPU;
         # W1c within noise (37,230 / 34,200 vs 34,483 / 33,091 msgs/s).
         self.loop_sync: LoopSyncBudget | None = None
+        self._unsynced = False  # appended since the last fdatasync ("interval", "never")
+        self._last_sync = time.monotonic()
 
     @classmethod
     async def open(cls, directory: Path, config: StorageConfig) -> ReplicaLog:
@@ -94,6 +102,7 @@ class ReplicaLog:
         return self._fd
 
     def _new_segment(self, base: int, created_ms: int) -> None:
+        self._sync_unsynced()
         self._trim_allocation()
         self._close_fd()
         path = self.directory / rec.segment_name(base)
@@ -173,11 +182,43 @@ class ReplicaLog:
         written = 0
         while written < len(data):
             written += os.pwrite(fd, memoryview(data)[written:], self._active_size + written)
-        fdatasync_observed(fd)
+        if self.config.fsync == "always" or self._sync_due():
+            self._sync_fd(fd)
+        else:
+            self._unsynced = True
         self._active_size += len(data)
         self._allocated = max(self._allocated, self._active_size)
         self.next_offset = offset
         return offset
+
+    def _sync_due(self) -> bool:
+        return (
+            self.config.fsync == "interval"
+            and time.monotonic() - self._last_sync >= self.config.fsync_interval_ms / 1000
+        )
+
+    def _sync_fd(self, fd: int) -> None:
+        fdatasync_observed(fd)
+        self._last_sync = time.monotonic()
+        self._unsynced = False
+
+    def fetch_wait_ms(self, wait_ms: int) -> int:
+        """How long the follower's next FETCH may wait at the leader: no longer than
+        until the "interval" policy's next sync of what it has appended."""
+        if not self._unsynced or self.config.fsync != "interval":
+            return wait_ms
+        left_s = self.config.fsync_interval_ms / 1000 - (time.monotonic() - self._last_sync)
+        return max(1, min(wait_ms, round(left_s * 1000)))
+
+    async def sync_if_due(self) -> None:
+        """Under the "interval" policy, fdatasync what was appended once it is due."""
+        if self._unsynced and self._fd is not None and self._sync_due():
+            await asyncio.to_thread(self._sync_fd, self._fd)
+
+    def _sync_unsynced(self) -> None:
+        """Sync the active segment before it is sealed, cut or closed (any policy)."""
+        if self._unsynced and self._fd is not None:
+            self._sync_fd(self._fd)
 
     async def truncate(self, to_offset: int) -> None:
         """Drop every record at or after `to_offset` (a divergent or uncommitted tail)."""
@@ -187,6 +228,7 @@ class ReplicaLog:
         log.info("replica.truncated", directory=str(self.directory), to_offset=to_offset)
 
     def _truncate(self, to_offset: int) -> None:
+        self._sync_unsynced()
         self._close_fd()
         for base, path in reversed(list_segments(self.directory)):
             if base >= to_offset:
@@ -214,6 +256,8 @@ class ReplicaLog:
             self._fd = None
 
     async def close(self) -> None:
+        if self._unsynced:
+            await asyncio.to_thread(self._sync_unsynced)
         self._trim_allocation()
         self._close_fd()
 

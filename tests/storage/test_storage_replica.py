@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 from pathlib import Path
@@ -123,3 +124,77 @@ async def test_small_appends_fsync_on_the_loop_when_the_node_lends_a_budget(
     promoted = await open_store(tmp_path / "replica")  # all of it on disk, in order
     assert [m.offset for m in promoted.live_messages()] == list(range(end))
     await promoted.close()
+
+
+class SyncCounter:
+    """Counts the log fdatasyncs of this process (the node's fsync histogram hook)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, _seconds: float) -> None:
+        self.count += 1
+
+    def __enter__(self) -> SyncCounter:
+        fs.fsync_observers.append(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        fs.fsync_observers.remove(self)
+
+
+async def _append_in_chunks(replica: ReplicaLog, data: bytes, end: int, step: int) -> None:
+    starts = [_record_start(data, offset) for offset in range(end)] + [len(data)]
+    for first in range(0, end, step):
+        last = min(first + step, end)
+        assert await replica.append(data[starts[first] : starts[last]], first) == last
+
+
+async def test_a_follower_syncs_each_append_under_fsync_always(tmp_path: Path) -> None:
+    data, end = await leader_records(tmp_path / "leader", 12)
+    with SyncCounter() as syncs:
+        replica = await ReplicaLog.open(tmp_path / "replica", StorageConfig(fsync="always"))
+        await _append_in_chunks(replica, data, end, 3)
+        assert syncs.count == 4  # one per FETCH's worth, before it is acknowledged
+        await replica.close()
+        assert syncs.count == 4
+
+
+async def test_a_follower_leaves_syncing_to_the_kernel_under_fsync_never(tmp_path: Path) -> None:
+    # The node's policy holds for the logs it follows too: a cluster set to "never"
+    # (replication as the durability, as Kafka's default) does not fsync on followers.
+    data, end = await leader_records(tmp_path / "leader", 12)
+    with SyncCounter() as syncs:
+        replica = await ReplicaLog.open(tmp_path / "replica", StorageConfig(fsync="never"))
+        await _append_in_chunks(replica, data, end, 3)
+        assert syncs.count == 0
+        assert replica.fetch_wait_ms(2000) == 2000
+        await replica.close()
+        assert syncs.count == 1  # a clean stop leaves it all on disk
+    promoted = await open_store(tmp_path / "replica")
+    assert [m.offset for m in promoted.live_messages()] == list(range(end))
+    await promoted.close()
+
+
+async def test_a_follower_syncs_at_most_every_interval_and_cuts_its_poll_short(
+    tmp_path: Path,
+) -> None:
+    data, end = await leader_records(tmp_path / "leader", 12)
+    config = StorageConfig(fsync="interval", fsync_interval_ms=300)
+    with SyncCounter() as syncs:
+        replica = await ReplicaLog.open(tmp_path / "replica", config)
+        await _append_in_chunks(replica, data, end, 3)
+        assert syncs.count == 0  # within the interval of opening
+        # An idle follower does not long-poll past the sync it owes.
+        assert 0 < replica.fetch_wait_ms(2000) <= 300
+        await replica.sync_if_due()
+        assert syncs.count == 0  # not due yet
+        await asyncio.sleep(0.35)
+        assert replica.fetch_wait_ms(2000) == 1
+        await replica.sync_if_due()
+        assert syncs.count == 1
+        assert replica.fetch_wait_ms(2000) == 2000  # nothing left to sync
+        await replica.sync_if_due()
+        assert syncs.count == 1
+        await replica.close()
+        assert syncs.count == 1
