@@ -1,6 +1,7 @@
 """`mqd cluster`: a whole cluster on one machine, for tests and for trying it out.
 
     mqd cluster start --dir D [--backends 3] [--frontends 2] [--metadata 1]
+                      [--fsync always|interval|never]
     mqd cluster status --dir D [--json]
     mqd cluster stop --dir D
     mqd cluster kill --dir D NODE_ID
@@ -21,6 +22,10 @@ data dir, log file and pid file under `D/nodes/ID/`:
 The launcher only ever signals a pid it recorded, and only after checking in
 /proc that the pid still runs `mqd serve --config D/nodes/ID/config.toml`
 (pids get reused). Every wait is bounded.
+
+`--fsync` sets `[storage] fsync` in every node's config: when the cluster is
+made, or, for a stopped cluster, by rewriting that one line of each config
+(the rest of a config, edits included, is kept).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -279,7 +285,14 @@ def _toml_list(values: Iterable[str]) -> str:
     return "[" + ", ".join(_toml_string(value) for value in values) + "]"
 
 
-def render_config(manifest: Manifest, node: NodeEntry) -> str:
+# mqd.storage.config.FSYNC_POLICIES, spelled out: importing the storage package here
+# would slow every `mqd` command, which all build this parser (a test keeps them equal).
+FSYNC_POLICIES = ("always", "interval", "never")
+# The line `render_config` writes in [storage]; `set_fsync` rewrites only it.
+_FSYNC_LINE = re.compile(r'^fsync = "[a-z]+"$', re.MULTILINE)
+
+
+def render_config(manifest: Manifest, node: NodeEntry, fsync: str = "always") -> str:
     """The TOML `mqd serve --config` reads for `node`; paths absolute, so any cwd works."""
     directory = manifest.directory.resolve()
     metadata_addresses = [entry.cluster_address for entry in manifest.by_role("metadata")]
@@ -316,7 +329,7 @@ def render_config(manifest: Manifest, node: NodeEntry) -> str:
         "require_client_cert = false",
         "",
         "[storage]",
-        'fsync = "always"',
+        f"fsync = {_toml_string(fsync)}",
         "",
         "[log]",
         'format = "json"',
@@ -347,8 +360,11 @@ def _make_certificates(manifest: Manifest) -> None:
         )
 
 
-def create_cluster(directory: Path, *, metadata: int, backends: int, frontends: int) -> Manifest:
+def create_cluster(
+    directory: Path, *, metadata: int, backends: int, frontends: int, fsync: str = "always"
+) -> Manifest:
     """Write ports, certificates, configs and the manifest of a new cluster into `directory`."""
+    _check_fsync(fsync)
     for name, count, low in (("metadata", metadata, 1), ("backends", backends, 1)):
         if not low <= count <= NODE_COUNT_MAX:
             raise LauncherError(f"--{name}: must be from {low} to {NODE_COUNT_MAX}, got {count}")
@@ -366,10 +382,39 @@ def create_cluster(directory: Path, *, metadata: int, backends: int, frontends: 
     _make_certificates(manifest)
     for node in manifest.nodes:
         manifest.path(node.data_dir).mkdir(parents=True, exist_ok=True)
-        _write_atomic(manifest.path(node.config), render_config(manifest, node))
+        _write_atomic(manifest.path(node.config), render_config(manifest, node, fsync))
     _create_root(manifest)
     manifest.save()
     return manifest
+
+
+def _check_fsync(fsync: str) -> None:
+    if fsync not in FSYNC_POLICIES:
+        raise LauncherError(f"--fsync: must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
+
+
+def set_fsync(manifest: Manifest, fsync: str) -> list[str]:
+    """Set `[storage] fsync` in every node's config; the ids of the configs it changed.
+
+    Checks every config before writing any, so a config edited beyond recognition
+    leaves them all as they were."""
+    _check_fsync(fsync)
+    texts = {}
+    for node in manifest.nodes:
+        path = manifest.path(node.config)
+        text = path.read_text(encoding="utf-8")
+        if len(_FSYNC_LINE.findall(text)) != 1:
+            raise LauncherError(
+                f"{path}: no single `fsync = ...` line to set; set [storage] fsync there by hand"
+            )
+        texts[node.id] = (path, text)
+    changed = []
+    for node_id, (path, text) in texts.items():
+        new = _FSYNC_LINE.sub(f"fsync = {_toml_string(fsync)}", text)
+        if new != text:
+            _write_atomic(path, new)
+            changed.append(node_id)
+    return changed
 
 
 def _create_root(manifest: Manifest) -> None:
@@ -876,6 +921,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"number of {name} nodes of a new cluster (default {default})",
         )
     start.add_argument(
+        "--fsync",
+        choices=FSYNC_POLICIES,
+        default=None,
+        help='[storage] fsync of every node (default "always"; on a stopped cluster, '
+        "rewrites that line of each node's config)",
+    )
+    start.add_argument(
         "--timeout",
         type=float,
         default=START_TIMEOUT_S,
@@ -910,6 +962,7 @@ _DEFAULT_COUNTS = {"metadata": 1, "backends": 3, "frontends": 2}
 
 def _start(args: argparse.Namespace, directory: Path) -> int:
     counts = {name: getattr(args, name, None) for name in _DEFAULT_COUNTS}
+    fsync = getattr(args, "fsync", None)
     if Manifest.exists(directory):
         manifest = Manifest.load(directory)
         running = [node.id for node in manifest.nodes if running_pid(manifest, node) is not None]
@@ -936,12 +989,14 @@ def _start(args: argparse.Namespace, directory: Path) -> int:
                 + "; use a new directory for a different size"
             )
         print(f"starting the existing cluster in {directory} (data kept)", file=sys.stderr)
+        if fsync is not None and set_fsync(manifest, fsync):
+            print(f'fsync = "{fsync}" in every node\'s config now', file=sys.stderr)
     else:
         sizes = {
             name: _DEFAULT_COUNTS[name] if count is None else count
             for name, count in counts.items()
         }
-        manifest = create_cluster(directory, **sizes)
+        manifest = create_cluster(directory, **sizes, fsync=fsync or "always")
         print(
             f"principal root's token is in {manifest.path(ROOT_TOKEN_NAME)} (mode 0600); "
             "authentication is off unless the nodes' configs set [auth] required = true",

@@ -19,6 +19,7 @@ import pytest
 from mqd import certs, launcher
 from mqd.config import load_config
 from mqd.launcher import LauncherError, Manifest
+from mqd.storage.config import FSYNC_POLICIES
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config" / "cluster"
@@ -80,6 +81,31 @@ def test_create_cluster_writes_configs_that_load(tmp_path: Path) -> None:
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in sans.get_values_for_type(x509.DNSName)
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def test_fsync_policy_is_set_when_made_and_rewritten_later(tmp_path: Path) -> None:
+    assert launcher.FSYNC_POLICIES == FSYNC_POLICIES  # spelled out there, kept equal here
+    manifest = launcher.create_cluster(
+        tmp_path / "c", metadata=1, backends=2, frontends=1, fsync="never"
+    )
+    assert {load_config(manifest.path(n.config)).storage.fsync for n in manifest.nodes} == {"never"}
+    # An edit a user made to a config survives the rewrite of the fsync line.
+    backend = manifest.path(manifest.node("backend-1").config)
+    backend.write_text(backend.read_text() + '\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    assert launcher.set_fsync(manifest, "interval") == [n.id for n in manifest.nodes]
+    assert launcher.set_fsync(manifest, "interval") == []  # nothing left to change
+    for node in manifest.nodes:
+        config = load_config(manifest.path(node.config))
+        assert config.storage.fsync == "interval"
+    assert load_config(backend).metrics.listen == "127.0.0.1:0"
+    with pytest.raises(LauncherError, match="--fsync: must be one of always, interval, never"):
+        launcher.set_fsync(manifest, "sometimes")
+    # A config whose fsync line is gone: nothing is rewritten, and the error says where.
+    frontend = manifest.path(manifest.node("frontend-1").config)
+    frontend.write_text(frontend.read_text().replace('fsync = "interval"', ""))
+    with pytest.raises(LauncherError, match=r"frontend-1.*no single `fsync = \.\.\.` line"):
+        launcher.set_fsync(manifest, "always")
+    assert load_config(backend).storage.fsync == "interval"
 
 
 def test_config_strings_are_escaped(tmp_path: Path) -> None:
@@ -439,10 +465,16 @@ def test_cluster_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         status = _status(directory, capsys)
         assert not any(e["up"] for k in ("frontends", "backends", "metadata") for e in status[k])
 
-        # start again on the stopped cluster: same nodes and addresses, data kept.
-        assert run_cli("start", "--dir", d, "--timeout", "45") == 0
-        assert capsys.readouterr().out.split() == [frontend]
+        # start again on the stopped cluster: same nodes and addresses, data kept;
+        # --fsync rewrites the policy of every node's config on the way.
+        assert run_cli("start", "--dir", d, "--fsync", "never", "--timeout", "45") == 0
+        out, err = capsys.readouterr()
+        assert out.split() == [frontend]
+        assert 'fsync = "never" in every node\'s config now' in err
+        for node in manifest.nodes:
+            assert load_config(manifest.path(node.config)).storage.fsync == "never"
         assert "launcher-e2e" in asyncio.run(_list_queues(frontend, ca))
+        asyncio.run(_send_and_receive(frontend, ca, "launcher-e2e-never"))
         assert run_cli("stop", "--dir", d) == 0
     finally:
         _kill_everything_recorded(directory)
