@@ -26,6 +26,8 @@ process's clock, so no clock skew enters.
       late sender shows up in it rather than hiding (no coordinated
       omission); send->acknowledge is the duration of each `send` call.
       `--w2-consumer push` takes the messages from SUBSCRIBE pushes instead.
+      Beside the latencies: the log fsyncs the server made over the run
+      (STATS fsync histogram, summed over a cluster frontend's nodes).
 - w3  4 producers + 4 consumers together, each with its own connection, N in
       total.
 - custom  the shape the options say (--producers, --consumers, --batch,
@@ -50,6 +52,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import secrets
@@ -433,6 +436,53 @@ class CpuMeter:
             "client_cpu_s": round(client_s, 3),
             "client_cpu_us_per_msg": round(client_s * 1e6 / per, 2),
         }
+
+
+_FSYNC_BUCKET = "mqd_fsync_seconds_bucket{le="
+
+
+def fsync_buckets(stats: dict[str, Any]) -> dict[float, float]:
+    """The cumulative log-fsync time buckets (seconds -> count) of a STATS answer; a
+    cluster frontend's answer adds up those of the nodes it reports (`nodes`)."""
+    sources = [stats.get("metrics") or {}]
+    sources += [
+        node.get("metrics") or {} for node in (stats.get("nodes") or {}).values()
+        if isinstance(node, dict)
+    ]  # fmt: skip
+    buckets: dict[float, float] = {}
+    for metrics in sources:
+        for key, value in metrics.items():
+            if key.startswith(_FSYNC_BUCKET):
+                le = float(key[len(_FSYNC_BUCKET) : -1])  # "+Inf" reads as inf
+                buckets[le] = buckets.get(le, 0.0) + value
+    return buckets
+
+
+async def _fsync_snapshot(client: Client) -> dict[float, float] | None:
+    """The server's fsync buckets now, or None if its STATS is not ours to read."""
+    try:
+        return fsync_buckets(await client.stats())
+    except MqdError:
+        return None
+
+
+def fsync_figures(
+    before: dict[float, float] | None, after: dict[float, float] | None
+) -> dict[str, Any]:
+    """The server's log fsyncs between two snapshots: how many, the bucket bound
+    their p99 is under (ms), and how many took over 1 ms — the disk's share of a
+    latency figure (W2 on a disk with slow spells has late messages in runs)."""
+    if before is None or after is None or math.inf not in after:
+        return {"server_fsyncs": None, "server_fsync_ms_p99_le": None,
+                "server_fsyncs_over_1ms": None}  # fmt: skip
+    delta = {le: after[le] - before.get(le, 0.0) for le in after}
+    total = delta[math.inf]
+    p99_le = next((le for le in sorted(delta) if delta[le] >= 0.99 * total), math.inf)
+    return {
+        "server_fsyncs": round(total),
+        "server_fsync_ms_p99_le": None if not total or p99_le == math.inf else p99_le * 1000,
+        "server_fsyncs_over_1ms": round(total - delta.get(0.001, 0.0)),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -1038,6 +1088,7 @@ async def _w2_phase(
 
     deadline = loop.time() + cfg.timeout_s
     warmup_ms = await _w2_warm_up(producer, consumer, deadline)
+    fsyncs_before = await _fsync_snapshot(session.clients[0])
     meter = CpuMeter(server_pids)
     waiting: asyncio.Task[Any] | None = None
     meter.start()
@@ -1086,6 +1137,7 @@ async def _w2_phase(
     if consuming.done() and not consuming.cancelled() and consuming.exception() is not None:
         raise consuming.exception()  # type: ignore[misc]
     cpu = meter.figures(state.distinct)
+    fsyncs = fsync_figures(fsyncs_before, await _fsync_snapshot(session.clients[0]))
     left = await _leftovers(session.clients[0].queue(name), state, W2_RECEIVE_MAX)
     sent = counts["sent"]
     checks = _checks(state, sent)
@@ -1107,6 +1159,7 @@ async def _w2_phase(
         **_ms_percentiles("send_ack_ms", send_ack_ns, ("p50", "p99", "p999", "max")),
         **_ms_percentiles("send_late_ms", late_ns, ("p50", "p99", "max")),
         **cpu,
+        **fsyncs,
         "timed_out": state.distinct < sent,
         "ok": _clean(checks) and left == 0 and counts["send_errors"] == 0,
     }
@@ -1263,6 +1316,13 @@ def format_workloads(result: dict[str, Any]) -> str:
                     f"sender timer late p99 {f['send_late_ms_p99']:.1f} ms, "
                     f"warm-up {f['warmup_ms']:.1f} ms"
                 )
+                if f.get("server_fsyncs") is not None:
+                    p99_le = f["server_fsync_ms_p99_le"]
+                    lines.append(
+                        f"      server log fsyncs {f['server_fsyncs']}, p99 "
+                        + ("-" if p99_le is None else f"<= {p99_le:g} ms")
+                        + f", {f['server_fsyncs_over_1ms']} over 1 ms"
+                    )
     lines.append(
         "  latency: w1c/w3 ack - send time (queueing delay under a backlog); "
         "w2 receive - send call time"

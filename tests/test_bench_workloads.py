@@ -16,6 +16,8 @@ from mqd.bench import (
     _median_of,
     find_server_pids,
     format_workloads,
+    fsync_buckets,
+    fsync_figures,
     proc_cpu_ticks,
 )
 from tests.test_bench import _bench
@@ -116,6 +118,60 @@ def test_w2_open_loop_counts_what_it_could_not_send(server):
     assert w2["slots"] == 500 and w2["in_flight_max"] == 1
     assert w2["sent"] + w2["missed_slots"] == 500
     assert w2["delivered"] == w2["sent"] >= 1
+
+
+FSYNC_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+
+def test_w2_reports_the_servers_fsyncs_over_the_run(server_factory):
+    """Beside W2's latency, the log fsyncs the server made meanwhile (from its STATS):
+    a disk with slow spells shows there. Under fsync "never" there are none."""
+    durable = server_factory("always")
+    done = _bench(durable.address, "--workload", "w2", "--rate", "400", "--duration", "0.5",
+                  "--w2-consumer", "push", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    w2 = json.loads(done.stdout)["workloads"]["w2"]
+    _assert_clean("w2", w2)
+    # Every send and every ack is synced before its answer (commit groups may share).
+    assert 1 <= w2["server_fsyncs"] <= 2 * w2["sent"] + 10
+    assert w2["server_fsync_ms_p99_le"] in FSYNC_BUCKETS_MS
+    assert 0 <= w2["server_fsyncs_over_1ms"] <= w2["server_fsyncs"]
+    text = _bench(durable.address, "--workload", "w2", "--rate", "400", "--duration", "0.25")
+    assert text.returncode == 0, text.stderr
+    assert "server log fsyncs" in text.stdout
+
+    lazy = server_factory("never", extra_args=("--fsync", "never"))
+    done = _bench(lazy.address, "--workload", "w2", "--rate", "400", "--duration", "0.5",
+                  "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    w2 = json.loads(done.stdout)["workloads"]["w2"]
+    _assert_clean("w2", w2)
+    assert w2["server_fsyncs"] == 0 and w2["server_fsyncs_over_1ms"] == 0
+    assert w2["server_fsync_ms_p99_le"] is None
+
+
+def test_fsync_buckets_add_up_a_cluster_frontends_nodes():
+    """A cluster frontend's STATS carries each node's own figures under `nodes`."""
+
+    def node(fast: float, slow: float) -> dict:
+        return {"metrics": {
+            "mqd_fsync_seconds_bucket{le=0.001}": fast,
+            "mqd_fsync_seconds_bucket{le=0.0025}": fast + slow,
+            "mqd_fsync_seconds_bucket{le=+Inf}": fast + slow,
+            "mqd_fsync_seconds_count": fast + slow,
+        }}  # fmt: skip
+
+    before = fsync_buckets({"metrics": {}, "nodes": {"backend-1": node(10, 0),
+                            "backend-2": node(5, 0), "backend-3": {"error": "timed out"}}})  # fmt: skip
+    after = fsync_buckets({"metrics": {}, "nodes": {"backend-1": node(400, 3),
+                           "backend-2": node(200, 1), "backend-3": {"error": "timed out"}}})  # fmt: skip
+    assert after == {0.001: 600, 0.0025: 604, float("inf"): 604}
+    assert fsync_figures(before, after) == {
+        "server_fsyncs": 589,
+        "server_fsync_ms_p99_le": 1.0,
+        "server_fsyncs_over_1ms": 4,
+    }
+    assert fsync_figures(None, after)["server_fsyncs"] is None
 
 
 def test_w2_with_a_push_consumer(server):
