@@ -424,7 +424,7 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def make_proxies(manifest: Any) -> dict[str, TcpProxy]:
+async def make_proxies(manifest: Any, fsync: str = "always") -> dict[str, TcpProxy]:
     """Start one proxy per link and point the nodes' configs at them (before the nodes start)."""
     from mqd import launcher
 
@@ -450,7 +450,7 @@ async def make_proxies(manifest: Any) -> dict[str, TcpProxy]:
         if node.role == "metadata":
             continue
         text = patch_config(
-            launcher.render_config(manifest, node),
+            launcher.render_config(manifest, node, fsync),
             advertise=advertise.get(node.id),
             metadata=meta_lists[node.id],
         )
@@ -479,6 +479,7 @@ class Options:
     visibility_s: int = 5
     skip_ack_pct: float = 2.0
     drain_timeout_s: float = 60.0
+    fsync: str = "always"
 
 
 @dataclass(slots=True)
@@ -984,6 +985,7 @@ async def run_async(options: Options, directory: Path, history: History) -> dict
         metadata=options.metadata,
         backends=options.backends,
         frontends=options.frontends,
+        fsync=options.fsync,
     )
     run = Run(options, manifest, history, launcher.client_ssl_context(manifest.client_ca))
     schedule = build_schedule(
@@ -996,7 +998,7 @@ async def run_async(options: Options, directory: Path, history: History) -> dict
     )
     history.record("schedule", faults=[asdict(f) for f in schedule])
     try:
-        run.proxies = await make_proxies(manifest)
+        run.proxies = await make_proxies(manifest, options.fsync)
         await asyncio.to_thread(launcher.start_cluster, manifest, START_TIMEOUT_S)
         await create_queues(run)
         outcome = await run_load(run, schedule)
@@ -1035,6 +1037,7 @@ async def run_async(options: Options, directory: Path, history: History) -> dict
         }
         for name in run.queues
     }
+    report["fsync"] = run.options.fsync
     report["notes"] = run.notes
     return report
 
@@ -1077,6 +1080,7 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"{label:<28} {value!s:>10}  {verdict}".rstrip())
     lines.append(f"{'fault kinds':<28} {report.get('fault_kinds')}")
     lines.append(f"{'drained':<28} {report.get('drained')!s:>10}")
+    lines.append(f"{'nodes fsync':<28} {report.get('fsync')!s:>10}")
     for name, attrs in report.get("queues", {}).items():
         lines.append(f"queue {name}: {attrs}")
     for key in ("lost_examples", "redelivered_examples", "unknown_examples", "fifo_examples"):
@@ -1192,6 +1196,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="where to write the history, JSON lines (default ./chaos-history.jsonl)",
     )
+    add(
+        "--fsync",
+        choices=("always", "interval", "never"),
+        default="always",
+        help='every node\'s [storage] fsync (default "always"): "never" still loses nothing to '
+        "the kills, pauses and cuts here, as a killed process's writes stay in the page cache",
+    )
     add("--json", action="store_true", help="print the summary as JSON")
     return parser
 
@@ -1224,6 +1235,7 @@ def options_from(args: argparse.Namespace) -> Options:
         visibility_s=args.visibility,
         skip_ack_pct=args.skip_ack_pct,
         drain_timeout_s=args.drain_timeout,
+        fsync=args.fsync,
     )
 
 
