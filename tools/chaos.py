@@ -1107,6 +1107,8 @@ def parse_faults(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mqd import launcher
+
     parser = argparse.ArgumentParser(
         prog="tools/chaos.py",
         description=__doc__.splitlines()[0],
@@ -1198,7 +1200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--fsync",
-        choices=("always", "interval", "never"),
+        choices=launcher.FSYNC_POLICIES,
         default="always",
         help='every node\'s [storage] fsync (default "always"): "never" still loses nothing to '
         "the kills, pauses and cuts here, as a killed process's writes stay in the page cache",

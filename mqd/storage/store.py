@@ -176,6 +176,14 @@ class _Op:
         self.result: Any = None
 
 
+def _fail_ops(ops: list[_Op], error: Callable[[], Exception]) -> None:
+    """Fail the callers of a group still waiting, each with its own error object (one
+    shared instance would grow its traceback with every caller that raises it)."""
+    for op in ops:
+        if not op.future.done():
+            op.future.set_exception(error())
+
+
 def _io_error(exc: OSError, what: str) -> Exception:
     if exc.errno in _FULL_ERRNOS:
         return StorageFull(f"{what}: disk full ({exc.strerror})")
@@ -1124,15 +1132,13 @@ class PartitionStore:
             await self._commit(ops)
         except Exception as exc:  # a bug: fail the callers rather than hang them
             self._log.exception("log.writer_failed")
-            for op in ops:
-                if not op.future.done():
-                    op.future.set_exception(InternalError(f"storage writer failed: {exc!r}"))
+            reason = f"storage writer failed: {exc!r}"
+            _fail_ops(ops, lambda: InternalError(reason))
 
     async def _commit(self, ops: list[_Op]) -> None:
-        if self._broken is not None:
-            for op in ops:
-                if not op.future.done():
-                    op.future.set_exception(InternalError(self._broken))
+        broken = self._broken
+        if broken is not None:
+            _fail_ops(ops, lambda: InternalError(broken))
             return
         now = self._clock.now_ms()
         first = offset = self._next_offset
@@ -1235,9 +1241,8 @@ class PartitionStore:
             self._stats["write_errors"] += 1
             self._log.error("log.write_failed", error=str(exc), errno=exc.errno,
                             records=len(sizes))  # fmt: skip
-            for op in ops:
-                if not op.future.done():
-                    op.future.set_exception(_io_error(exc, "append"))
+            cause = exc
+            _fail_ops(ops, lambda: _io_error(cause, "append"))
             return
         seg.size = position + len(buf)
         self._next_offset = offset
@@ -1275,14 +1280,11 @@ class PartitionStore:
             f"the partition's log could not be synced ({exc.strerror or exc}); it takes no "
             "writes until its node restarts"
         )
-        for op in ops:
-            if not op.future.done():
-                op.future.set_exception(
-                    InternalError(
-                        f"append: {exc.strerror or exc} after the followers were sent the "
-                        "records; the outcome is unknown"
-                    )
-                )
+        outcome = (
+            f"append: {exc.strerror or exc} after the followers were sent the records; "
+            "the outcome is unknown"
+        )
+        _fail_ops(ops, lambda: InternalError(outcome))
         for listener in self.failure_listeners:
             listener(exc)
 
