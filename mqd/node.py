@@ -32,6 +32,7 @@ from mqd.metrics import NodeMetrics
 from mqd.receipts import ReceiptSigner, load_or_create_secret
 from mqd.router import LocalCatalog, Router
 from mqd.runtime import settle_heap
+from mqd.storage import boot
 from mqd.storage.fs import LoopSyncBudget
 
 log = structlog.get_logger("mqd.node")
@@ -289,6 +290,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
     metrics.watch_fsyncs()
     metrics_server: asyncio.Server | None = None
     failures: list[str] = []
+    drained = False
 
     def fail_stop(reason: str) -> None:
         failures.append(reason)
@@ -307,6 +309,11 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             await metadata.start()
             await placement.start(metadata.queues)
         if "backend" in roles:
+            # Before registering: metadata learns from it whether this node's follower
+            # copies may have lost acknowledged records (mqd.storage.boot).
+            membership.rebooted_unclean = await asyncio.to_thread(boot.start_running, data_dir)
+            if membership.rebooted_unclean:
+                log.warning("node.rebooted_unclean", data_dir=str(data_dir))
             view.load_cache()
             secret_file = data_dir / "cluster-receipt.key"
             secret = await _cluster_receipt_secret(membership, secret_file, placement)
@@ -370,6 +377,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
         settle_heap()
         await stop.wait()
         log.info("server.draining")
+        drained = True
     finally:
         if placement is not None:
             await placement.stop_deciding()
@@ -389,6 +397,8 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             await metadata.close()
         if placement is not None:
             await placement.close()
+        if drained and not failures and backend is not None:
+            await asyncio.to_thread(boot.stopped_cleanly, data_dir)
         await peers.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):

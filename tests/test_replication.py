@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -393,3 +394,75 @@ async def test_decommission_rereplicates_a_dead_backend(tmp_path: Path):
         await asyncio.to_thread(
             launcher.stop_nodes, manifest, manifest.in_order(["frontend", "backend", "metadata"])
         )
+
+
+def metadata_lines(manifest: launcher.Manifest, event: str) -> list[dict]:
+    (metadata,) = manifest.by_role("metadata")
+    lines = manifest.path(metadata.log).read_text().splitlines()
+    return [json.loads(line) for line in lines if f'"{event}"' in line]
+
+
+async def test_a_follower_back_from_a_machine_restart_is_out_of_sync_until_caught_up(cluster):
+    # A follower acknowledges records once written (protocol.md §7.13 "Copying"); a
+    # restart of its machine may take the unsynced ones. Here: kill -9, cut its log
+    # short as a power loss would, and leave the note a restart leaves (another boot).
+    (frontend,) = cluster.by_role("frontend")
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        queue = await client.create_queue("rebooted", replication_factor=3, min_insync=2)
+        sent = set(await queue.send_batch([b"m%d" % i for i in range(50)]))
+        (part,) = await placement_of(client, "rebooted")
+        follower_id = sorted(r for r in part["replicas"] if r != part["leader"])[0]
+        follower = cluster.node(follower_id)
+        data_dir = cluster.path(follower.data_dir)
+
+        # A crash of the process alone: the page cache kept its copy; it stays in sync.
+        pid = int(cluster.path(follower.pid_file).read_text())
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(launcher.restart_node, cluster, follower)
+        registered = [
+            r for r in metadata_lines(cluster, "node.registered") if r["node"] == follower_id
+        ]
+        assert registered[-1]["rebooted_unclean"] is False
+
+        pid = int(cluster.path(follower.pid_file).read_text())
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        (segment,) = sorted((data_dir / "partitions").glob("*-0000/*.log"))[-1:]
+        os.truncate(segment, segment.stat().st_size // 2)  # the unsynced half, lost
+        note = json.loads((data_dir / "boot.json").read_text())
+        assert note["clean"] is False
+        (data_dir / "boot.json").write_text(json.dumps(note | {"boot_id": "an-earlier-boot"}))
+        await asyncio.to_thread(launcher.restart_node, cluster, follower)
+
+        # Metadata took it out of the in-sync set as it registered...
+        dropped = [
+            r for r in metadata_lines(cluster, "node.rebooted_unclean") if r["node"] == follower_id
+        ]
+        assert dropped and dropped[-1]["out_of_sync"] == 1
+        changes = [r["reason"] for r in metadata_lines(cluster, "placement.changed")]
+        assert f"node {follower_id} restarted with its machine: out of 1 isr" in changes
+
+        # ... and its leader takes it back once it has caught up.
+        async def back_in_sync() -> bool:
+            (now,) = await placement_of(client, "rebooted")
+            return follower_id in now["isr"]
+
+        await wait_for(back_in_sync)
+        # It holds every acknowledged message: with the other two gone, it leads them all.
+        others = [cluster.node(r) for r in part["replicas"] if r != follower_id]
+        for other in others:
+            os.kill(int(cluster.path(other.pid_file).read_text()), signal.SIGKILL)
+
+        async def leads() -> bool:
+            (now,) = await placement_of(client, "rebooted")
+            return now["leader"] == follower_id
+
+        await wait_for(leads)
+        # Received, not acked: one in-sync replica is below min_insync for deletes.
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while seen != sent and time.monotonic() < deadline:
+            with contextlib.suppress(Unavailable):
+                batch = await queue.receive(max_messages=100, wait=1, visibility_timeout=300)
+                seen |= {message.id for message in batch}
+        assert seen == sent

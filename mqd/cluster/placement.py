@@ -167,7 +167,13 @@ class PlacementManager:
 
     # --- nodes ------------------------------------------------------------------
 
-    async def register(self, node: NodeInfo) -> None:
+    async def register(self, node: NodeInfo, *, rebooted_unclean: bool = False) -> None:
+        """Record a node and start its session. A backend that says its machine restarted
+        since it last stopped cleanly leaves every in-sync set it does not lead: its
+        copies were acknowledged once written, and may have lost records with the page
+        cache. Its leaders take it back once it has caught up (protocol.md §7.13)."""
+        if rebooted_unclean:
+            await self._drop_from_isrs(node.node_id)
         node.up = True
         previous = self.nodes.get(node.node_id)
         self.nodes[node.node_id] = node
@@ -219,6 +225,29 @@ class PlacementManager:
                     log.warning("node.down", node=node_id)
                     await self._fail_over(node_id)
                     await self._bump(f"node {node_id} missed heartbeats")
+
+    async def _drop_from_isrs(self, node_id: str) -> None:
+        records = {record.queue_id.hex(): record for record in self._queues_source()}
+        dropped = []
+        for queue_hex, placements in self.placements.items():
+            changed = False
+            for position, placement in enumerate(placements):
+                if node_id not in placement.isr or placement.leader == node_id:
+                    continue
+                isr = [r for r in placement.isr if r != node_id]
+                placements[position] = PartitionPlacement(
+                    placement.index, placement.replicas, placement.leader, placement.epoch, isr
+                )
+                changed = True
+                dropped.append(f"{queue_hex}/{placement.index}")
+            record = records.get(queue_hex)
+            if changed and record is not None:
+                await self._put_placements(record, placements)
+        if dropped:
+            log.warning("node.rebooted_unclean", node=node_id, out_of_sync=len(dropped))
+            await self._bump(
+                f"node {node_id} restarted with its machine: out of {len(dropped)} isr"
+            )
 
     async def _fail_over(self, dead: str) -> None:
         """New leaders, with a new epoch, for the partitions the dead node led: the first

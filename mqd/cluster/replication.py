@@ -1,10 +1,12 @@
 """Partition replication: leaders, followers, the high watermark (DESIGN.md §6).
 
 A follower fetches the leader's records from its own log end (FETCH); asking
-for offset N acknowledges that it holds every record below N durably. The
+for offset N acknowledges that it has written every record below N (to its
+page cache; see mqd.storage.replica for why that is enough, and
+mqd.storage.boot for the restart of a machine, which it is not). The
 leader's high watermark is the lowest log end over its in-sync set (itself
-included): every in-sync replica holds every record below it, so any of them
-can take over without losing one. The leader acknowledges a send, an ack or a
+included, counted only once synced): every in-sync replica holds every record
+below it, so any of them can take over without losing one. The leader acknowledges a send, an ack or a
 dead-letter move only once its records are below the high watermark, and
 refuses writes while fewer than `min_insync` replicas are in sync.
 
@@ -36,7 +38,6 @@ from mqd.cluster.view import PlacementView
 from mqd.errors import MqdError, NotLeader, StorageError, Unavailable
 from mqd.protocol.messages import FetchRequest, FetchResponse
 from mqd.storage import PartitionStore, StorageConfig
-from mqd.storage.fs import LoopSyncBudget
 from mqd.storage.records import record_offset
 from mqd.storage.replica import ReplicaLog
 
@@ -150,6 +151,7 @@ class LeaderReplication:
         # there are only receive leases (written without an fsync).
         self._durable_end = store.next_offset
         self._polling: set[str] = set()
+        self._check_now = asyncio.Event()  # check the set before the next interval
         self._closed = False
         self._maintainer: asyncio.Task[None] | None = None
         self._hw_file = HighWatermarkFile(store.directory)
@@ -246,6 +248,14 @@ class LeaderReplication:
             )
         previous = self.acked.get(request.replica, -1)
         self.acked[request.replica] = request.from_offset
+        if request.from_offset < previous and request.replica in self.isr:
+            # It no longer holds what it acknowledged: its machine restarted and took
+            # unsynced records with it. Out of the set now, not after the lag limit;
+            # back once caught up.
+            log.warning("isr.follower_lost_records", replica=request.replica,
+                        acknowledged=previous, asks_from=request.from_offset)  # fmt: skip
+            self._caught_up_at[request.replica] = float("-inf")
+            self._check_now.set()
         # Past the durable end are only receive leases: nobody waits for their
         # replication, so a follower that holds everything durable waits for the next
         # durable group (or its long poll's end) and takes them with it, rather than
@@ -275,7 +285,9 @@ class LeaderReplication:
 
     async def _maintain(self) -> None:
         while not self._closed:
-            await asyncio.sleep(MAINTAIN_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), MAINTAIN_INTERVAL_S)
+            self._check_now.clear()
             now = time.monotonic()
             end = self._durable_end  # receive leases past it need not be held to be in sync
             isr = list(self.isr)
@@ -303,6 +315,12 @@ class LeaderReplication:
                     self._set_isr(isr)
 
     def _set_isr(self, isr: list[str]) -> None:
+        for replica in self.isr:
+            if replica not in isr and replica != self.node_id:
+                # It rejoins on fetches made from now on, not on figures from before it
+                # left (metadata takes a restarted machine's copies out: they may be short).
+                self.acked.pop(replica, None)
+                self._caught_up_at[replica] = float("-inf")
         self.isr = list(isr)
         self._recompute()
         if len(self.isr) < self.min_insync:
@@ -374,8 +392,6 @@ class Follower:
         self.index = index
         self.node_id = node_id
         self.replica: ReplicaLog | None = None
-        # The node's budget for fsyncs on the loop (fs.LoopSyncBudget), if it lends one.
-        self.loop_sync: LoopSyncBudget | None = None
         self.high_watermark = 0
         self._epoch = -1
         self._task: asyncio.Task[None] | None = None
@@ -383,7 +399,6 @@ class Follower:
 
     async def start(self) -> None:
         self.replica = await ReplicaLog.open(self.directory, self.config)
-        self.replica.loop_sync = self.loop_sync
         self.high_watermark = await asyncio.to_thread(read_persisted_hw, self.directory)
         self._task = asyncio.create_task(self._run())
 

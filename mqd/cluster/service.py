@@ -51,7 +51,6 @@ from mqd.protocol import codec, messages
 from mqd.protocol.messages import Opcode
 from mqd.router import LocalEndpoint
 from mqd.storage import NewMessage
-from mqd.storage.fs import LoopSyncBudget
 
 log = structlog.get_logger("mqd.cluster")
 
@@ -167,8 +166,13 @@ async def handle_register(
     conn: ClientConnection, request: messages.RegisterNodeRequest
 ) -> messages.RegisterNodeResponse:
     _, placement = _metadata(conn)
-    await placement.register(request.node)
-    log.info("node.registered", node=request.node.node_id, roles=request.node.roles)
+    await placement.register(request.node, rebooted_unclean=request.rebooted_unclean)
+    log.info(
+        "node.registered",
+        node=request.node.node_id,
+        roles=request.node.roles,
+        rebooted_unclean=request.rebooted_unclean,
+    )
     return messages.RegisterNodeResponse(
         cluster_id=placement.cluster_id,
         receipt_secret=placement.receipt_secret,
@@ -341,9 +345,8 @@ class BackendService:
         self._leading_started = asyncio.Event()
         self._resync: asyncio.Task[None] | None = None
         self._followers: dict[tuple[bytes, int], Follower] = {}
-        # Followers' small appends may fsync on the loop; a leader's commits never do
-        # (tried: the cluster's W2 p99 went from ~50 ms to seconds).
-        self.follower_sync = LoopSyncBudget()
+        # A leader's commits never fsync on the loop (tried: the cluster's W2 p99 went
+        # from ~50 ms to seconds); followers' appends do not fsync at all on their way.
         # Set by the node: stop it, with a reason (a leader's log that can no longer be
         # synced; its partitions must fail over to replicas that can take writes).
         self.fail_stop: Callable[[str], None] | None = None
@@ -493,7 +496,6 @@ class BackendService:
             index=key[1],
             node_id=self.node_id,
         )
-        follower.loop_sync = self.follower_sync
         await follower.start()
         self._followers[key] = follower
 
@@ -925,9 +927,14 @@ class Membership:
         self._task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
         self.receipt_secret = b""
+        # Said until metadata has heard it once (mqd.storage.boot, protocol.md §7.2).
+        self.rebooted_unclean = False
 
     async def register(self) -> messages.RegisterNodeResponse:
-        response = await self._view.metadata_call(messages.RegisterNodeRequest(self._node))
+        response = await self._view.metadata_call(
+            messages.RegisterNodeRequest(self._node, self.rebooted_unclean)
+        )
+        self.rebooted_unclean = False
         self.receipt_secret = response.receipt_secret
         self.registered.set()
         return response

@@ -551,8 +551,11 @@ class QueuePlacement:
 @dataclass(slots=True)
 class RegisterNodeRequest:
     OPCODE: ClassVar[Opcode] = Opcode.REGISTER_NODE
-    FIELDS: ClassVar[tuple] = (("node", NodeInfo),)
+    FIELDS: ClassVar[tuple] = (("node", NodeInfo), ("rebooted_unclean", "BOOL"))
     node: NodeInfo
+    # A backend whose machine restarted since it last stopped cleanly: its follower
+    # copies may lack records they acknowledged (mqd.storage.boot).
+    rebooted_unclean: bool = False
 
 
 @dataclass(slots=True)
