@@ -4,6 +4,7 @@ proxy against a real echo server, its seeded schedule, and one short real run.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import subprocess
@@ -261,6 +262,46 @@ def test_schedule_uses_only_the_kinds_asked_for():
     assert {f.kind for f in schedule(3, ("partition",))} == {"partition"}
     assert schedule(3, ()) == []
     assert schedule(3, duration=4.0) == []
+
+
+def test_a_reboot_cuts_only_the_logs_the_node_followed_and_leaves_another_boots_note(
+    tmp_path: Path,
+):
+    from mqd.storage import boot
+    from mqd.storage.records import HEADER_BYTES
+
+    data_dir = tmp_path / "data"
+    followed, led = bytes.fromhex("aa" * 8), bytes.fromhex("bb" * 8)
+    cache = {
+        "version": 3,
+        "queues": [
+            {"queue_id": base64.b64encode(queue_id).decode(), "partitions": [
+                {"index": 0, "replicas": ["b1", "b2", "b3"], "leader": leader},
+            ]}
+            for queue_id, leader in ((followed, "b2"), (led, "b1"))
+        ],
+    }  # fmt: skip
+    data_dir.mkdir()
+    (data_dir / "placement.json").write_text(json.dumps(cache))
+    records = bytes(range(1, 256)) * 4096  # ~1 MiB with no zero byte, then preallocation
+    for queue_id in (followed, led):
+        part = data_dir / "partitions" / f"{queue_id.hex()}-0000"
+        part.mkdir(parents=True)
+        (part / "00000000000000000000.log").write_bytes(
+            b"H" * HEADER_BYTES + records + bytes(64 * 1024)
+        )
+    boot.start_running(data_dir)
+
+    cut = chaos.lose_unsynced_tails(data_dir, "b1", pick=0.25)
+    followed_log = data_dir / "partitions" / f"{followed.hex()}-0000" / "00000000000000000000.log"
+    led_log = data_dir / "partitions" / f"{led.hex()}-0000" / "00000000000000000000.log"
+    assert list(cut) == [f"{followed.hex()}-0000"]
+    assert 0 < cut[f"{followed.hex()}-0000"] <= chaos.REBOOT_LOST_BYTES_MAX
+    assert (
+        followed_log.stat().st_size == HEADER_BYTES + len(records) - cut[f"{followed.hex()}-0000"]
+    )
+    assert led_log.stat().st_size == HEADER_BYTES + len(records) + 64 * 1024
+    assert boot.start_running(data_dir) is True  # what the restarted node will find
 
 
 def test_parse_faults():

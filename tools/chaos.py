@@ -30,7 +30,10 @@ What it does (DESIGN.md §6, §9):
    `kill` (SIGKILL a backend: the leader of a random partition, a follower, or
    any; restarted at heal), `pause` (SIGSTOP any node; SIGCONT at heal),
    `partition` (a proxy link set to drop, delay or blackhole; pass at heal),
-   `frontend` (SIGKILL a frontend; restarted at heal). Only pids the launcher
+   `frontend` (SIGKILL a frontend; restarted at heal), `reboot` (a backend's
+   machine restart: SIGKILL, then each log it follows loses a random tail, as
+   unsynced page cache would, and its boot note is another boot's; restarted
+   at heal: `lose_unsynced_tails`). Only pids the launcher
    recorded are signalled, after its /proc check.
 5. Stops the load, heals everything (proxies to pass, SIGCONT every node, restart
    every node that is down, wait until every frontend sees every backend up),
@@ -70,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -88,7 +92,7 @@ from typing import Any
 
 from tcp_proxy import TcpProxy
 
-FAULT_KINDS = ("kill", "pause", "partition", "frontend")
+FAULT_KINDS = ("kill", "pause", "partition", "frontend", "reboot")
 KILL_TARGETS = ("leader", "follower", "random")
 PARTITION_MODES = ("drop", "delay", "blackhole")
 
@@ -355,7 +359,7 @@ def build_schedule(
     usable = [
         kind
         for kind in kinds
-        if (kind == "kill" and backends)
+        if (kind in ("kill", "reboot") and backends)
         or (kind == "frontend" and frontends)
         or (kind == "partition" and links)
         or kind == "pause"
@@ -374,6 +378,8 @@ def build_schedule(
             fault = Fault(at, length, kind, rng.choice([*metadata, *backends, *frontends]))
         elif kind == "frontend":
             fault = Fault(at, length, kind, rng.choice(list(frontends)))
+        elif kind == "reboot":
+            fault = Fault(at, length, kind, rng.choice(list(backends)), pick=round(rng.random(), 6))
         else:
             mode = rng.choice(PARTITION_MODES)
             delay = round(rng.uniform(*DELAY_S), 3) if mode == "delay" else 0.0
@@ -815,6 +821,47 @@ async def restart(run: Run, node_id: str) -> bool:
     return True
 
 
+# What a restart of a backend's machine may take with its page cache: the tail of each
+# log it follows, written but not yet synced (a follower acknowledges on write and syncs
+# about once a second). Up to this much of each, at random; more than a second holds at
+# the rates of a chaos run, so the fault is harsher than the power loss it stands for.
+REBOOT_LOST_BYTES_MAX = 256 * 1024
+
+
+def lose_unsynced_tails(data_dir: Path, node_id: str, pick: float) -> dict[str, int]:
+    """A machine restart, after the node was killed: the logs it followed (by its own
+    cached placement) lose a random tail, and its boot note is left as another boot's
+    (protocol.md §7.13 "A restarted machine"). Logs it led keep everything: a leader
+    syncs what it commits. Bytes cut per partition directory."""
+    from mqd.storage.records import HEADER_BYTES
+
+    rng = random.Random(pick)
+    followed: set[str] = set()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cache = json.loads((data_dir / "placement.json").read_text())
+        for queue in cache["queues"]:
+            queue_hex = base64.b64decode(queue["queue_id"]).hex()
+            for part in queue["partitions"]:
+                if node_id in part["replicas"] and part["leader"] != node_id:
+                    followed.add(f"{queue_hex}-{part['index']:04d}")
+    cut: dict[str, int] = {}
+    for name in sorted(followed):
+        segments = sorted((data_dir / "partitions" / name).glob("*.log"))
+        if not segments:
+            continue
+        data = segments[-1].read_bytes()
+        end = len(data.rstrip(b"\0"))  # past it: preallocated zeros
+        keep = max(HEADER_BYTES, end - rng.randint(0, REBOOT_LOST_BYTES_MAX))
+        if keep < end:
+            os.truncate(segments[-1], keep)
+            cut[name] = end - keep
+    note = data_dir / "boot.json"
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads(note.read_text())
+        note.write_text(json.dumps(state | {"boot_id": f"before-chaos-reboot-{pick}"}))
+    return cut
+
+
 async def run_fault(run: Run, fault: Fault) -> None:
     """Apply one fault, hold it for its duration, heal it; each step in the history."""
     history = run.history
@@ -826,6 +873,14 @@ async def run_fault(run: Run, fault: Fault) -> None:
     if fault.kind in ("kill", "frontend"):
         pid = _node_signal(run, target, signal.SIGKILL)
         history.record("fault", **info, pid=pid)
+        await asyncio.sleep(fault.duration_s)
+        await restart(run, target)
+    elif fault.kind == "reboot":
+        pid = _node_signal(run, target, signal.SIGKILL)
+        await asyncio.sleep(0.2)  # the kernel has closed its files
+        data_dir = run.manifest.path(run.manifest.node(target).data_dir)
+        cut = await asyncio.to_thread(lose_unsynced_tails, data_dir, target, fault.pick)
+        history.record("fault", **info, pid=pid, bytes_lost=cut)
         await asyncio.sleep(fault.duration_s)
         await restart(run, target)
     elif fault.kind == "pause":
