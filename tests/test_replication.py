@@ -466,3 +466,36 @@ async def test_a_follower_back_from_a_machine_restart_is_out_of_sync_until_caugh
                 batch = await queue.receive(max_messages=100, wait=1, visibility_timeout=300)
                 seen |= {message.id for message in batch}
         assert seen == sent
+
+
+async def test_a_copy_that_may_be_short_never_leads_the_partition_waits_for_its_leader(cluster):
+    # Every replica goes down; the one back first comes from a machine restart with a
+    # cut log. Electing it would lose acknowledged messages: the partition waits,
+    # offline, for its leader (protocol.md §7.13 "A restarted machine").
+    (frontend,) = cluster.by_role("frontend")
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        queue = await client.create_queue("waits", replication_factor=3, min_insync=2)
+        sent = set(await queue.send_batch([b"w%d" % i for i in range(200)]))
+        (part,) = await placement_of(client, "waits")
+        leader_id = part["leader"]
+        short_id, other_id = sorted(r for r in part["replicas"] if r != leader_id)
+        for node_id in (other_id, short_id, leader_id):
+            node = cluster.node(node_id)
+            os.kill(int(cluster.path(node.pid_file).read_text()), signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        short_dir = cluster.path(cluster.node(short_id).data_dir)
+        (segment,) = sorted((short_dir / "partitions").glob("*-0000/*.log"))[-1:]
+        os.truncate(segment, 200)  # a few records left of 200 messages
+        note = json.loads((short_dir / "boot.json").read_text())
+        (short_dir / "boot.json").write_text(json.dumps(note | {"boot_id": "an-earlier-boot"}))
+        await asyncio.to_thread(launcher.restart_node, cluster, cluster.node(short_id))
+
+        # Past the leader's session timeout (2 s here), twice over: still not elected.
+        await asyncio.sleep(4.5)
+        (now,) = await placement_of(client, "waits")
+        assert now["leader"] == leader_id and short_id not in now["isr"]
+
+        await asyncio.to_thread(launcher.restart_node, cluster, cluster.node(leader_id))
+        await asyncio.to_thread(launcher.restart_node, cluster, cluster.node(other_id))
+        seen = await drain(queue, len(sent))
+        assert set(seen) == sent
