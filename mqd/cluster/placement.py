@@ -169,9 +169,10 @@ class PlacementManager:
 
     async def register(self, node: NodeInfo, *, rebooted_unclean: bool = False) -> None:
         """Record a node and start its session. A backend that says its machine restarted
-        since it last stopped cleanly leaves every in-sync set it does not lead: its
-        copies were acknowledged once written, and may have lost records with the page
-        cache. Its leaders take it back once it has caught up (protocol.md §7.13)."""
+        since it last stopped cleanly leaves every in-sync set: its copies were
+        acknowledged once written, and may have lost records with the page cache. Where
+        it leads, another in-sync replica that is up takes over; with none, it keeps
+        the lead. Leaders take it back once it has caught up (protocol.md §7.13)."""
         if rebooted_unclean:
             await self._drop_from_isrs(node.node_id)
         node.up = True
@@ -219,12 +220,20 @@ class PlacementManager:
                 for node_id in self._last_seen:
                     self._last_seen[node_id] = now
                 continue
-            for node_id, node in list(self.nodes.items()):
-                if node.up and now - self._last_seen.get(node_id, 0) > self._session_timeout_s:
-                    node.up = False
-                    log.warning("node.down", node=node_id)
-                    await self._fail_over(node_id)
-                    await self._bump(f"node {node_id} missed heartbeats")
+            expired = [
+                node_id
+                for node_id, node in self.nodes.items()
+                if node.up and now - self._last_seen.get(node_id, 0) > self._session_timeout_s
+            ]
+            # Every silent node is down before any failover, so that none of them is
+            # chosen to lead in place of another (it would lead from a dead process, and
+            # come back leading with whatever its log kept).
+            for node_id in expired:
+                self.nodes[node_id].up = False
+                log.warning("node.down", node=node_id)
+            for node_id in expired:
+                await self._fail_over(node_id)
+                await self._bump(f"node {node_id} missed heartbeats")
 
     async def _drop_from_isrs(self, node_id: str) -> None:
         records = {record.queue_id.hex(): record for record in self._queues_source()}
@@ -232,11 +241,24 @@ class PlacementManager:
         for queue_hex, placements in self.placements.items():
             changed = False
             for position, placement in enumerate(placements):
-                if node_id not in placement.isr or placement.leader == node_id:
+                if node_id not in placement.isr:
                     continue
                 isr = [r for r in placement.isr if r != node_id]
+                leader, epoch = placement.leader, placement.epoch
+                if leader == node_id:
+                    # It synced what it committed as leader, but it may have been chosen
+                    # while it was down, with a follower's log. Another in-sync replica
+                    # that is up holds every committed record: it leads instead. With
+                    # none, it keeps the lead: nothing better is there.
+                    up = [r for r in isr if self.nodes.get(r) and self.nodes[r].up]
+                    if not up:
+                        continue
+                    leader, epoch, isr = up[0], epoch + 1, up
+                    log.warning("partition.failover", queue_id=queue_hex,
+                                partition=placement.index, leader=leader, epoch=epoch,
+                                reason=f"{node_id} restarted with its machine")  # fmt: skip
                 placements[position] = PartitionPlacement(
-                    placement.index, placement.replicas, placement.leader, placement.epoch, isr
+                    placement.index, placement.replicas, leader, epoch, isr
                 )
                 changed = True
                 dropped.append(f"{queue_hex}/{placement.index}")
