@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["console", "json"],
         help="log format (default: console on a terminal, else json)",
     )
-    serve.add_argument(
-        "--fsync", choices=["always", "interval", "never"], help="override [storage] fsync"
-    )
+    from mqd.launcher import FSYNC_POLICIES  # (mqd.storage would slow every command)
+
+    serve.add_argument("--fsync", choices=FSYNC_POLICIES, help="override [storage] fsync")
     serve.set_defaults(func=_serve)
 
     storage = commands.add_parser("storage", help="inspect or repair a data directory")

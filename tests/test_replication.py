@@ -423,7 +423,16 @@ async def test_a_follower_back_from_a_machine_restart_is_out_of_sync_until_caugh
             r for r in metadata_lines(cluster, "node.registered") if r["node"] == follower_id
         ]
         assert registered[-1]["rebooted_unclean"] is False
+        sent |= set(await queue.send_batch([b"n%d" % i for i in range(50)]))
 
+        async def back_in_sync() -> bool:
+            (now,) = await placement_of(client, "rebooted")
+            return follower_id in now["isr"]
+
+        # Restarted, it cut its log back to the high watermark it had written down (at
+        # most a second old) and fetched the rest again; asking from below what it had
+        # acknowledged, it may have left the in-sync set meanwhile (protocol.md §7.14).
+        await wait_for(back_in_sync)
         pid = int(cluster.path(follower.pid_file).read_text())
         os.kill(pid, signal.SIGKILL)
         await asyncio.sleep(0.2)
@@ -443,10 +452,6 @@ async def test_a_follower_back_from_a_machine_restart_is_out_of_sync_until_caugh
         assert f"node {follower_id} restarted with its machine: out of 1 isr" in changes
 
         # ... and its leader takes it back once it has caught up.
-        async def back_in_sync() -> bool:
-            (now,) = await placement_of(client, "rebooted")
-            return follower_id in now["isr"]
-
         await wait_for(back_in_sync)
         # It holds every acknowledged message: with the other two gone, it leads them all.
         others = [cluster.node(r) for r in part["replicas"] if r != follower_id]
