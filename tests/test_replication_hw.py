@@ -19,9 +19,9 @@ def write_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
     real = replication.persist_hw
 
-    def noting(directory: Path, high_watermark: int) -> None:
+    def noting(directory: Path, high_watermark: int, epoch: int | None = None) -> None:
         seen.append((threading.get_ident(), high_watermark))
-        real(directory, high_watermark)
+        real(directory, high_watermark, epoch)
 
     monkeypatch.setattr(replication, "persist_hw", noting)
     return seen

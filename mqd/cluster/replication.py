@@ -55,17 +55,28 @@ RETRY_MAX_S = 1.0
 
 
 def read_persisted_hw(directory: Path) -> int:
+    return read_persisted(directory)[0]
+
+
+def read_persisted(directory: Path) -> tuple[int, int | None]:
+    """The persisted high watermark, and the epoch whose leader the copy followed (or
+    led) when it was written (None if not recorded)."""
     try:
-        return int(json.loads((directory / HW_FILE).read_text())["high_watermark"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        state = json.loads((directory / HW_FILE).read_text())
+        epoch = state.get("epoch")
+        return int(state["high_watermark"]), epoch if isinstance(epoch, int) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0, None
 
 
-def persist_hw(directory: Path, high_watermark: int) -> None:
+def persist_hw(directory: Path, high_watermark: int, epoch: int | None = None) -> None:
     """A lower bound of the committed end: cutting back to it is always safe."""
     path = directory / HW_FILE
     temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps({"high_watermark": high_watermark}))
+    state: dict[str, int] = {"high_watermark": high_watermark}
+    if epoch is not None:
+        state["epoch"] = epoch
+    temp.write_text(json.dumps(state))
     with open(temp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temp, path)
@@ -82,6 +93,9 @@ class HighWatermarkFile:
     def __init__(self, directory: Path, *, interval_s: float = HW_PERSIST_INTERVAL_S) -> None:
         self.directory = directory
         self.interval_s = interval_s
+        # The epoch the log is kept at: written with the high watermark, so a follower
+        # restarted at the same epoch knows its log is a prefix of its leader's.
+        self.epoch: int | None = None
         self.latest = 0
         self.written: int | None = None
         self._last_started = 0.0
@@ -113,7 +127,7 @@ class HighWatermarkFile:
     async def _persist(self, value: int) -> None:
         # A failed write leaves the older (lower, still safe) value; the next offer retries.
         with contextlib.suppress(OSError):
-            await asyncio.to_thread(persist_hw, self.directory, value)
+            await asyncio.to_thread(persist_hw, self.directory, value, self.epoch)
             self.written = value
 
 
@@ -155,6 +169,7 @@ class LeaderReplication:
         self._closed = False
         self._maintainer: asyncio.Task[None] | None = None
         self._hw_file = HighWatermarkFile(store.directory)
+        self._hw_file.epoch = epoch
         store.durable_listeners.append(self._on_durable)
         # Groups go to followers while the leader's own fsync runs; the high watermark
         # still counts the leader's log end only once that returns (`next_offset`).
@@ -399,7 +414,13 @@ class Follower:
 
     async def start(self) -> None:
         self.replica = await ReplicaLog.open(self.directory, self.config)
-        self.high_watermark = await asyncio.to_thread(read_persisted_hw, self.directory)
+        self.high_watermark, epoch = await asyncio.to_thread(read_persisted, self.directory)
+        if epoch is not None:
+            # Following that epoch's leader when it stopped: its log is a prefix of that
+            # leader's (or longer, if the leader lost records: NOT_LEADER `log_end`), so
+            # it keeps what it has rather than cut back to a high watermark up to a
+            # second old and fetch it again (out of the in-sync set meanwhile).
+            self._epoch = self._hw_file.epoch = epoch
         self._task = asyncio.create_task(self._run())
 
     @property
@@ -417,7 +438,7 @@ class Follower:
                 if placement.epoch != self._epoch:
                     # A new leader: drop what may not be on it, then follow it.
                     await self.replica.truncate(self.high_watermark)
-                    self._epoch = placement.epoch
+                    self._epoch = self._hw_file.epoch = placement.epoch
                 address = self.view.cluster_address(placement.leader)
                 response = await self.peers.call(
                     address,

@@ -244,6 +244,13 @@ class ReplicaLog:
                     break
                 cut = pos + size
             os.truncate(path, cut)
+            # Durable before the follower moves on: a restart at the epoch it then
+            # follows keeps its log as it finds it (replication.Follower.start).
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             break
         _fsync_dir(self.directory)
         self._active = None

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from storage_helpers import EIO, FaultyFS, LogRecorder, msg, open_store, record_offsets, wait_for
 
-from mqd.cluster.replication import Follower, LeaderReplication
+from mqd.cluster.replication import Follower, LeaderReplication, persist_hw
 from mqd.errors import InternalError, NotLeader
 from mqd.protocol.messages import FetchRequest
 from mqd.storage import FileSystem, Lease, StorageConfig
@@ -268,4 +268,67 @@ async def test_a_follower_asking_from_below_what_it_acknowledged_leaves_the_set_
     await wait_for(lambda: proposals[-1] == ["b1", "b2"], timeout_s=2)
     assert sorted(leader.isr) == ["b1", "b2"]
     await leader.close()
+    await store.close()
+
+
+async def test_a_follower_restarted_at_the_same_epoch_keeps_its_log(tmp_path: Path) -> None:
+    # Its high watermark on disk may be a second old; the epoch beside it says the
+    # leader did not change, so nothing above it is divergent: no cut, no refetch.
+    store = await open_store(tmp_path / "leader")
+    seam = InProcessLeader(leading(store))
+    follower = following(tmp_path / "follower", seam)
+    await follower.start()
+    await store.append_messages([msg(i) for i in range(3)])
+    await wait_for(lambda: follower.high_watermark == 3)
+    await follower.stop()  # writes high watermark 3 at epoch 1
+    await store.append_messages([msg(3), msg(4)])
+    follower = following(tmp_path / "follower", seam)
+    await follower.start()
+    await wait_for(lambda: follower.replica.next_offset == 5)
+    await follower.stop()
+
+    # As if killed with the file behind: it says 3 at epoch 1, the log holds 5.
+    persist_hw(tmp_path / "follower", 3, 1)
+    asked: list[int] = []
+    fetch = seam.call
+
+    async def recording(address: str, request: FetchRequest, timeout_s: float) -> object:
+        asked.append(request.from_offset)
+        return await fetch(address, request, timeout_s)
+
+    seam.call = recording
+    follower = following(tmp_path / "follower", seam)
+    await follower.start()
+    await wait_for(lambda: bool(asked))
+    assert asked[0] == 5 and follower.replica.next_offset == 5
+    await follower.stop()
+    await seam.leader.close()
+    await store.close()
+
+
+async def test_a_follower_restarted_into_a_new_epoch_cuts_back_to_its_high_watermark(
+    tmp_path: Path,
+) -> None:
+    store = await open_store(tmp_path / "leader")
+    await store.append_messages([msg(i) for i in range(5)])
+    seam = InProcessLeader(leading(store))
+    follower = following(tmp_path / "follower", seam)
+    await follower.start()
+    await wait_for(lambda: follower.replica.next_offset == 5)
+    await follower.stop()
+    persist_hw(tmp_path / "follower", 3, 0)  # it last followed epoch 0's leader
+    follower = following(tmp_path / "follower", seam)
+    asked: list[int] = []
+    fetch = seam.call
+
+    async def recording(address: str, request: FetchRequest, timeout_s: float) -> object:
+        asked.append(request.from_offset)
+        return await fetch(address, request, timeout_s)
+
+    seam.call = recording
+    await follower.start()
+    await wait_for(lambda: bool(asked))
+    assert asked[0] == 3
+    await follower.stop()
+    await seam.leader.close()
     await store.close()
