@@ -429,9 +429,8 @@ async def test_a_follower_back_from_a_machine_restart_is_out_of_sync_until_caugh
             (now,) = await placement_of(client, "rebooted")
             return follower_id in now["isr"]
 
-        # Restarted, it cut its log back to the high watermark it had written down (at
-        # most a second old) and fetched the rest again; asking from below what it had
-        # acknowledged, it may have left the in-sync set meanwhile (protocol.md §7.14).
+        # (It keeps its log at the same epoch; had the lag limit taken it out of the set
+        # while it was down, it is back once caught up.)
         await wait_for(back_in_sync)
         pid = int(cluster.path(follower.pid_file).read_text())
         os.kill(pid, signal.SIGKILL)
