@@ -6,9 +6,10 @@ page cache; see mqd.storage.replica for why that is enough, and
 mqd.storage.boot for the restart of a machine, which it is not). The
 leader's high watermark is the lowest log end over its in-sync set (itself
 included, counted only once synced): every in-sync replica holds every record
-below it, so any of them can take over without losing one. The leader acknowledges a send, an ack or a
-dead-letter move only once its records are below the high watermark, and
-refuses writes while fewer than `min_insync` replicas are in sync.
+below it, so any of them can take over without losing one. The leader
+acknowledges a send, an ack or a dead-letter move only once its records are
+below the high watermark, and refuses writes while fewer than `min_insync`
+replicas are in sync.
 
 The in-sync set changes only through metadata, with the leader's epoch
 (UPDATE_ISR): a follower that lags more than `replica_lag_max` leaves it, and

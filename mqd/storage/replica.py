@@ -17,7 +17,7 @@ its machine's page cache, which outlives a crash of the process. What a
 write alone does not survive is the machine's own restart; a backend that
 comes back from one without a clean shutdown leaves the in-sync sets until
 its copies have caught up again (`mqd.storage.boot`), so a copy that lost
-records never leads. The fsync here therefore bounds how much a follower
+records does not lead (protocol.md §7.13 "A restarted machine"). The fsync here therefore bounds how much a follower
 refetches after such a restart, and is off the acknowledgement's path:
 under "always" and "interval" at most every `fsync_interval_ms` (the
 follower's long poll is cut short to keep that promise on an idle
@@ -70,7 +70,7 @@ class ReplicaLog:
         self._fd: int | None = None
         # As PartitionStore's: for this segment (off after ENOSPC), and for good.
         self._preallocate = self._preallocate_supported = True
-        self._unsynced = False  # appended since the last fdatasync ("interval", "never")
+        self._unsynced = False  # appended since the last fdatasync
         self._last_sync = time.monotonic()
 
     @classmethod
