@@ -396,6 +396,21 @@ async def test_decommission_rereplicates_a_dead_backend(tmp_path: Path):
         )
 
 
+def kill(manifest: launcher.Manifest, node_id: str) -> None:
+    os.kill(int(manifest.path(manifest.node(node_id).pid_file).read_text()), signal.SIGKILL)
+
+
+def as_after_a_machine_restart(data_dir: Path, keep_bytes) -> dict:
+    """What a restart of a killed backend's machine may leave: the last segment of its
+    partition 0 cut to `keep_bytes(size)` (unsynced pages lost), and its boot note
+    another boot's. Returns the note as it was."""
+    (segment,) = sorted((data_dir / "partitions").glob("*-0000/*.log"))[-1:]
+    os.truncate(segment, keep_bytes(segment.stat().st_size))
+    note = json.loads((data_dir / "boot.json").read_text())
+    (data_dir / "boot.json").write_text(json.dumps(note | {"boot_id": "an-earlier-boot"}))
+    return note
+
+
 def metadata_lines(manifest: launcher.Manifest, event: str) -> list[dict]:
     (metadata,) = manifest.by_role("metadata")
     lines = manifest.path(metadata.log).read_text().splitlines()
@@ -416,8 +431,7 @@ async def test_a_follower_back_from_a_machine_restart_is_out_of_sync_until_caugh
         data_dir = cluster.path(follower.data_dir)
 
         # A crash of the process alone: the page cache kept its copy; it stays in sync.
-        pid = int(cluster.path(follower.pid_file).read_text())
-        os.kill(pid, signal.SIGKILL)
+        kill(cluster, follower_id)
         await asyncio.to_thread(launcher.restart_node, cluster, follower)
         registered = [
             r for r in metadata_lines(cluster, "node.registered") if r["node"] == follower_id
@@ -432,14 +446,10 @@ async def test_a_follower_back_from_a_machine_restart_is_out_of_sync_until_caugh
         # (It keeps its log at the same epoch; had the lag limit taken it out of the set
         # while it was down, it is back once caught up.)
         await wait_for(back_in_sync)
-        pid = int(cluster.path(follower.pid_file).read_text())
-        os.kill(pid, signal.SIGKILL)
+        kill(cluster, follower_id)
         await asyncio.sleep(0.2)
-        (segment,) = sorted((data_dir / "partitions").glob("*-0000/*.log"))[-1:]
-        os.truncate(segment, segment.stat().st_size // 2)  # the unsynced half, lost
-        note = json.loads((data_dir / "boot.json").read_text())
+        note = as_after_a_machine_restart(data_dir, lambda size: size // 2)  # half lost
         assert note["clean"] is False
-        (data_dir / "boot.json").write_text(json.dumps(note | {"boot_id": "an-earlier-boot"}))
         await asyncio.to_thread(launcher.restart_node, cluster, follower)
 
         # Metadata took it out of the in-sync set as it registered...
@@ -453,9 +463,9 @@ async def test_a_follower_back_from_a_machine_restart_is_out_of_sync_until_caugh
         # ... and its leader takes it back once it has caught up.
         await wait_for(back_in_sync)
         # It holds every acknowledged message: with the other two gone, it leads them all.
-        others = [cluster.node(r) for r in part["replicas"] if r != follower_id]
-        for other in others:
-            os.kill(int(cluster.path(other.pid_file).read_text()), signal.SIGKILL)
+        for other in part["replicas"]:
+            if other != follower_id:
+                kill(cluster, other)
 
         async def leads() -> bool:
             (now,) = await placement_of(client, "rebooted")
@@ -484,14 +494,10 @@ async def test_a_copy_that_may_be_short_never_leads_the_partition_waits_for_its_
         leader_id = part["leader"]
         short_id, other_id = sorted(r for r in part["replicas"] if r != leader_id)
         for node_id in (other_id, short_id, leader_id):
-            node = cluster.node(node_id)
-            os.kill(int(cluster.path(node.pid_file).read_text()), signal.SIGKILL)
+            kill(cluster, node_id)
         await asyncio.sleep(0.2)
         short_dir = cluster.path(cluster.node(short_id).data_dir)
-        (segment,) = sorted((short_dir / "partitions").glob("*-0000/*.log"))[-1:]
-        os.truncate(segment, 200)  # a few records left of 200 messages
-        note = json.loads((short_dir / "boot.json").read_text())
-        (short_dir / "boot.json").write_text(json.dumps(note | {"boot_id": "an-earlier-boot"}))
+        as_after_a_machine_restart(short_dir, lambda size: 200)  # a few records of 200
         await asyncio.to_thread(launcher.restart_node, cluster, cluster.node(short_id))
 
         # Past the leader's session timeout (2 s here), twice over: still not elected.

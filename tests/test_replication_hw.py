@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mqd.cluster import replication
-from mqd.cluster.replication import HW_FILE, HighWatermarkFile, read_persisted_hw
+from mqd.cluster.replication import HW_FILE, HighWatermarkFile, read_persisted
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ async def test_writes_in_a_thread_and_at_most_once_an_interval(
     loop_thread = threading.get_ident()
     assert [value for _, value in write_threads] == [10, 199]
     assert all(thread != loop_thread for thread, _ in write_threads)
-    assert read_persisted_hw(tmp_path) == 199
+    assert read_persisted(tmp_path)[0] == 199
     assert not (tmp_path / HW_FILE).with_suffix(".tmp").exists()
 
 
@@ -56,7 +56,7 @@ async def test_a_write_takes_the_value_current_when_it_starts(
     hw_file.offer(6)  # unchanged: nothing to write
     await hw_file.flush()
     assert len(write_threads) == 1
-    assert read_persisted_hw(tmp_path) == 6
+    assert read_persisted(tmp_path)[0] == 6
 
 
 async def test_a_failed_write_is_retried_by_the_next_offer(tmp_path: Path) -> None:
@@ -72,4 +72,4 @@ async def test_a_failed_write_is_retried_by_the_next_offer(tmp_path: Path) -> No
         if hw_file.written == 4:
             break
         await asyncio.sleep(0.01)
-    assert read_persisted_hw(missing) == 4
+    assert read_persisted(missing)[0] == 4

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,74 +237,78 @@ class PlacementManager:
                 await self._bump(f"node {node_id} missed heartbeats")
 
     async def _drop_from_isrs(self, node_id: str) -> None:
-        records = {record.queue_id.hex(): record for record in self._queues_source()}
-        dropped = []
-        for queue_hex, placements in self.placements.items():
-            changed = False
-            for position, placement in enumerate(placements):
-                if node_id not in placement.isr:
-                    continue
-                isr = [r for r in placement.isr if r != node_id]
-                leader, epoch = placement.leader, placement.epoch
-                if leader == node_id:
-                    # It synced what it committed as leader, but it may have been chosen
-                    # while it was down, with a follower's log. Another in-sync replica
-                    # that is up holds every committed record: it leads instead. With
-                    # none, it keeps the lead: nothing better is there.
-                    up = [r for r in isr if self.nodes.get(r) and self.nodes[r].up]
-                    if not up:
-                        continue
-                    leader, epoch, isr = up[0], epoch + 1, up
-                    log.warning("partition.failover", queue_id=queue_hex,
-                                partition=placement.index, leader=leader, epoch=epoch,
-                                reason=f"{node_id} restarted with its machine")  # fmt: skip
-                placements[position] = PartitionPlacement(
-                    placement.index, placement.replicas, leader, epoch, isr
-                )
-                changed = True
-                dropped.append(f"{queue_hex}/{placement.index}")
-            record = records.get(queue_hex)
-            if changed and record is not None:
-                await self._put_placements(record, placements)
-        if dropped:
-            log.warning("node.rebooted_unclean", node=node_id, out_of_sync=len(dropped))
-            await self._bump(
-                f"node {node_id} restarted with its machine: out of {len(dropped)} isr"
+        def change(queue_hex: str, placement: PartitionPlacement) -> PartitionPlacement | None:
+            if node_id not in placement.isr:
+                return None
+            if placement.leader == node_id:
+                # It synced what it committed as leader, but it may have been chosen
+                # while it was down, with a follower's log. Another in-sync replica
+                # that is up holds every committed record: it leads instead. With
+                # none, it keeps the lead: nothing better is there.
+                up = self._up_in(placement.isr, node_id)
+                if not up:
+                    return None
+                return self._new_leader(queue_hex, placement, up,
+                                        reason=f"{node_id} restarted with its machine")  # fmt: skip
+            isr = [r for r in placement.isr if r != node_id]
+            return PartitionPlacement(
+                placement.index, placement.replicas, placement.leader, placement.epoch, isr
             )
+
+        dropped = await self._rewrite_placements(change)
+        if dropped:
+            log.warning("node.rebooted_unclean", node=node_id, out_of_sync=dropped)
+            await self._bump(f"node {node_id} restarted with its machine: out of {dropped} isr")
 
     async def _fail_over(self, dead: str) -> None:
         """New leaders, with a new epoch, for the partitions the dead node led: the first
         live member of the in-sync set. With none, the partition waits for the node."""
+
+        def change(queue_hex: str, placement: PartitionPlacement) -> PartitionPlacement | None:
+            if placement.leader != dead:
+                return None
+            candidates = self._up_in(placement.isr, dead)
+            if not candidates:
+                log.error("partition.offline", queue_id=queue_hex, partition=placement.index)
+                return None
+            return self._new_leader(queue_hex, placement, candidates)
+
+        await self._rewrite_placements(change)
+
+    def _up_in(self, isr: list[str], without: str) -> list[str]:
+        """The members of an in-sync set, other than `without`, whose nodes are up."""
+        return [r for r in isr if r != without and self.nodes.get(r) and self.nodes[r].up]
+
+    @staticmethod
+    def _new_leader(
+        queue_hex: str, placement: PartitionPlacement, isr: list[str], **why: str
+    ) -> PartitionPlacement:
+        """The first of `isr` leads, at the next epoch, with `isr` as its in-sync set."""
+        log.warning("partition.failover", queue_id=queue_hex, partition=placement.index,
+                    leader=isr[0], epoch=placement.epoch + 1, **why)  # fmt: skip
+        return PartitionPlacement(
+            placement.index, placement.replicas, isr[0], placement.epoch + 1, isr
+        )
+
+    async def _rewrite_placements(
+        self, change: Callable[[str, PartitionPlacement], PartitionPlacement | None]
+    ) -> int:
+        """Put `change(queue_hex, placement)` in place of every partition it answers for
+        (None: unchanged), persisting each queue it changed; how many it changed."""
         records = {record.queue_id.hex(): record for record in self._queues_source()}
+        count = 0
         for queue_hex, placements in self.placements.items():
             changed = False
             for position, placement in enumerate(placements):
-                if placement.leader != dead:
-                    continue
-                candidates = [
-                    r for r in placement.isr if r != dead and self.nodes.get(r) and self.nodes[r].up
-                ]
-                if not candidates:
-                    log.error("partition.offline", queue_id=queue_hex, partition=placement.index)
-                    continue
-                placements[position] = PartitionPlacement(
-                    placement.index,
-                    placement.replicas,
-                    candidates[0],
-                    placement.epoch + 1,
-                    candidates,
-                )
-                changed = True
-                log.warning(
-                    "partition.failover",
-                    queue_id=queue_hex,
-                    partition=placement.index,
-                    leader=candidates[0],
-                    epoch=placement.epoch + 1,
-                )
+                new = change(queue_hex, placement)
+                if new is not None:
+                    placements[position] = new
+                    changed = True
+                    count += 1
             record = records.get(queue_hex)
             if changed and record is not None:
                 await self._put_placements(record, placements)
+        return count
 
     async def update_isr(self, request: Any) -> None:
         """A leader's change to its in-sync set, refused unless it is the current leader

@@ -55,10 +55,6 @@ RETRY_MIN_S = 0.05
 RETRY_MAX_S = 1.0
 
 
-def read_persisted_hw(directory: Path) -> int:
-    return read_persisted(directory)[0]
-
-
 def read_persisted(directory: Path) -> tuple[int, int | None]:
     """The persisted high watermark, and the epoch whose leader the copy followed (or
     led) when it was written (None if not recorded)."""

@@ -18,8 +18,9 @@ counts as one across a restart of the machine: the safe side.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from mqd.storage.fs import replace_file
 
 BOOT_FILE = "boot.json"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
@@ -33,16 +34,7 @@ def current_boot_id() -> str | None:
 
 
 def _write(path: Path, state: dict[str, object]) -> None:
-    temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps(state, sort_keys=True))
-    with open(temp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file(path, json.dumps(state, sort_keys=True).encode())
 
 
 def start_running(data_dir: Path) -> bool:

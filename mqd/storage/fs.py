@@ -83,6 +83,25 @@ class LoopSyncBudget:
             self._debt_s += seconds
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path (a truncation, a rename, an unlink)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Make `path` hold `data`, all or nothing, durably: a temp file written and synced,
+    renamed over it, the directory synced."""
+    temp = path.with_suffix(".tmp")
+    temp.write_bytes(data)
+    fsync_path(temp)
+    os.replace(temp, path)
+    fsync_path(path.parent)
+
+
 class FileSystem:
     """Plain POSIX calls; also counts writes and syncs for tests and stats."""
 

@@ -48,6 +48,7 @@ from mqd.storage.config import StorageConfig
 from mqd.storage.fs import (
     PREALLOCATE_UNSUPPORTED,
     fdatasync_observed,
+    fsync_path,
     preallocation_end,
 )
 from mqd.storage.index import Index
@@ -119,7 +120,7 @@ class ReplicaLog:
         header = rec.encode_header(base, created_ms)
         os.pwrite(fd, header, 0)
         os.fdatasync(fd)
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         self._fd, self._active, self._active_size = fd, path, len(header)
         self._allocated = len(header)
         self._preallocate = self._preallocate_supported
@@ -246,13 +247,9 @@ class ReplicaLog:
             os.truncate(path, cut)
             # Durable before the follower moves on: a restart at the epoch it then
             # follows keeps its log as it finds it (replication.Follower.start).
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
             break
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         self._active = None
         self._active_size = 0
         self._open()
@@ -269,11 +266,3 @@ class ReplicaLog:
             await asyncio.to_thread(self._sync_unsynced)
         self._trim_allocation()
         self._close_fd()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -166,6 +166,7 @@ class InProcessLeader:
 
     def __init__(self, leader: LeaderReplication) -> None:
         self.leader = leader
+        self.asked: list[int] = []  # each FETCH's from_offset, in order
 
     def leader_of(self, queue_id: bytes, index: int) -> SimpleNamespace:
         return SimpleNamespace(leader="b1", epoch=1)
@@ -177,6 +178,7 @@ class InProcessLeader:
         return None
 
     async def call(self, address: str, request: FetchRequest, timeout_s: float) -> object:
+        self.asked.append(request.from_offset)
         return await self.leader.fetch(request)
 
 
@@ -289,18 +291,11 @@ async def test_a_follower_restarted_at_the_same_epoch_keeps_its_log(tmp_path: Pa
 
     # As if killed with the file behind: it says 3 at epoch 1, the log holds 5.
     persist_hw(tmp_path / "follower", 3, 1)
-    asked: list[int] = []
-    fetch = seam.call
-
-    async def recording(address: str, request: FetchRequest, timeout_s: float) -> object:
-        asked.append(request.from_offset)
-        return await fetch(address, request, timeout_s)
-
-    seam.call = recording
+    seam.asked.clear()
     follower = following(tmp_path / "follower", seam)
     await follower.start()
-    await wait_for(lambda: bool(asked))
-    assert asked[0] == 5 and follower.replica.next_offset == 5
+    await wait_for(lambda: bool(seam.asked))
+    assert seam.asked[0] == 5 and follower.replica.next_offset == 5
     await follower.stop()
     await seam.leader.close()
     await store.close()
@@ -318,17 +313,10 @@ async def test_a_follower_restarted_into_a_new_epoch_cuts_back_to_its_high_water
     await follower.stop()
     persist_hw(tmp_path / "follower", 3, 0)  # it last followed epoch 0's leader
     follower = following(tmp_path / "follower", seam)
-    asked: list[int] = []
-    fetch = seam.call
-
-    async def recording(address: str, request: FetchRequest, timeout_s: float) -> object:
-        asked.append(request.from_offset)
-        return await fetch(address, request, timeout_s)
-
-    seam.call = recording
+    seam.asked.clear()
     await follower.start()
-    await wait_for(lambda: bool(asked))
-    assert asked[0] == 3
+    await wait_for(lambda: bool(seam.asked))
+    assert seam.asked[0] == 3
     await follower.stop()
     await seam.leader.close()
     await store.close()

@@ -161,25 +161,6 @@ async def _append_in_chunks(replica: ReplicaLog, data: bytes, end: int, step: in
         assert await replica.append(data[starts[first] : starts[last]], first) == last
 
 
-async def test_a_follower_acknowledges_on_write_and_syncs_every_interval_under_always(
-    tmp_path: Path,
-) -> None:
-    # Under "always" the leader syncs before it commits; a follower's copy counts once
-    # written (mqd.storage.replica), and is synced off that path, as under "interval".
-    data, end = await leader_records(tmp_path / "leader", 12)
-    config = StorageConfig(fsync="always", fsync_interval_ms=300)
-    with SyncCounter() as syncs:
-        replica = await ReplicaLog.open(tmp_path / "replica", config)
-        await _append_in_chunks(replica, data, end, 3)
-        assert syncs.count == 0
-        assert 0 < replica.fetch_wait_ms(2000) <= 300
-        await asyncio.sleep(0.35)
-        await replica.sync_if_due()
-        assert syncs.count == 1
-        await replica.close()
-        assert syncs.count == 1
-
-
 async def test_a_follower_leaves_syncing_to_the_kernel_under_fsync_never(tmp_path: Path) -> None:
     # The node's policy holds for the logs it follows too: a cluster set to "never"
     # (replication as the durability, as Kafka's default) does not fsync on followers.
@@ -196,11 +177,14 @@ async def test_a_follower_leaves_syncing_to_the_kernel_under_fsync_never(tmp_pat
     await promoted.close()
 
 
+@pytest.mark.parametrize("policy", ["always", "interval"])
 async def test_a_follower_syncs_at_most_every_interval_and_cuts_its_poll_short(
-    tmp_path: Path,
+    tmp_path: Path, policy: str
 ) -> None:
+    # Under "always" too: the leader syncs before it commits; a follower's copy counts
+    # once written (mqd.storage.replica), and is synced off that path.
     data, end = await leader_records(tmp_path / "leader", 12)
-    config = StorageConfig(fsync="interval", fsync_interval_ms=300)
+    config = StorageConfig(fsync=policy, fsync_interval_ms=300)
     with SyncCounter() as syncs:
         replica = await ReplicaLog.open(tmp_path / "replica", config)
         await _append_in_chunks(replica, data, end, 3)
