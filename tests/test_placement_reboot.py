@@ -93,3 +93,25 @@ async def test_nodes_silent_together_are_all_down_before_any_failover(manager, m
     after = parts(manager)[0]
     # One failover, straight to the live replica (not one to the dead follower first).
     assert (after.leader, after.epoch, after.isr) == (live, before.epoch + 1, [live])
+
+
+async def test_a_follower_silent_since_the_leader_died_is_not_chosen_to_lead(
+    manager, monkeypatch
+) -> None:
+    # The leader and a follower die together, the follower a heartbeat later: when the
+    # leader expires the follower is still up, but silent for most of a session. The
+    # replica that keeps heartbeating leads, at once (not after a second failover).
+    monkeypatch.setattr(placement_module, "LIVENESS_CHECK_S", 0.05)
+    before = parts(manager)[0]
+    leader = before.leader
+    silent_follower, live = (r for r in before.isr if r != leader)  # the silent one first
+    await asyncio.sleep(0.3)  # past the check still on the old period (it reads as a stall)
+    await manager.heartbeat(leader)
+    await asyncio.sleep(0.2)
+    await manager.heartbeat(silent_follower)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and parts(manager)[0].leader == leader:
+        await manager.heartbeat(live)
+        await asyncio.sleep(0.05)
+    chosen = parts(manager)[0]
+    assert (chosen.leader, chosen.epoch) == (live, before.epoch + 1)

@@ -267,13 +267,23 @@ class PlacementManager:
         def change(queue_hex: str, placement: PartitionPlacement) -> PartitionPlacement | None:
             if placement.leader != dead:
                 return None
-            candidates = self._up_in(placement.isr, dead)
+            candidates = self._freshest_first(self._up_in(placement.isr, dead))
             if not candidates:
                 log.error("partition.offline", queue_id=queue_hex, partition=placement.index)
                 return None
             return self._new_leader(queue_hex, placement, candidates)
 
         await self._rewrite_placements(change)
+
+    def _freshest_first(self, members: list[str]) -> list[str]:
+        """`members` heard from within half a session first (in their order), then the
+        rest. Replicas that died with the leader but a heartbeat later are still "up"
+        when it expires; one of them chosen would lead from a dead process (unavailable
+        until it expires too, and with only what its log kept if its machine restarted).
+        A live node heartbeats at least twice a session (config check), so it is fresh."""
+        suspect_after = time.monotonic() - self._session_timeout_s / 2
+        fresh = [r for r in members if self._last_seen.get(r, 0) >= suspect_after]
+        return fresh + [r for r in members if r not in fresh]
 
     def _up_in(self, isr: list[str], without: str) -> list[str]:
         """The members of an in-sync set, other than `without`, whose nodes are up."""
