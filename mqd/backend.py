@@ -21,6 +21,7 @@ from mqd.partition import Partition
 from mqd.receipts import ReceiptSigner
 from mqd.storage import NewMessage, PartitionStore, StorageConfig
 from mqd.storage.fs import LoopSyncBudget
+from mqd.storage.syncer import SyncProcess
 
 log = structlog.get_logger("mqd.backend")
 
@@ -53,6 +54,9 @@ class BackendRole:
         # Set by a node without replication: its stores may fsync small groups on the
         # loop (mqd.storage.fs.LoopSyncBudget), one budget for them all.
         self.loop_sync: LoopSyncBudget | None = None
+        # Set by the node before `start`: its sync process, for every store; closed by
+        # `close` after the stores.
+        self.syncer: SyncProcess | None = None
 
     def partition_dir(self, queue_id: bytes, index: int) -> Path:
         return self._partition_dir(queue_id, index)
@@ -108,6 +112,7 @@ class BackendRole:
             if self.commit_observer is not None:
                 store.commit_observers.append(self.commit_observer)
             store.loop_sync = self.loop_sync
+            store.syncer = self.syncer
             self._partitions[key] = Partition(
                 queue.queue_id,
                 index,
@@ -218,5 +223,9 @@ class BackendRole:
                 await self._housekeeping
         partitions = list(self._partitions.values())
         self._partitions.clear()
-        for partition in partitions:
-            await partition.close()
+        try:
+            for partition in partitions:
+                await partition.close()
+        finally:
+            if self.syncer is not None:
+                await self.syncer.close()

@@ -320,7 +320,8 @@ _TICKS_PER_S = _clock_ticks_per_s()
 
 
 def proc_cpu_ticks(pid: int) -> int | None:
-    """utime + stime of a process (all its threads) in clock ticks, or None if unreadable."""
+    """utime + stime of a process (all its threads) and of its live children (a node's
+    sync process, mqd.storage.syncer) in clock ticks, or None if unreadable."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -331,9 +332,17 @@ def proc_cpu_ticks(pid: int) -> int | None:
     # stime (15) are at 11 and 12.
     fields = raw[raw.rfind(b")") + 2 :].split()
     try:
-        return int(fields[11]) + int(fields[12])
+        ticks = int(fields[11]) + int(fields[12])
     except (IndexError, ValueError):
         return None
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            children = [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        children = []  # a kernel without CONFIG_PROC_CHILDREN: the process alone
+    for child in children:
+        ticks += proc_cpu_ticks(child) or 0
+    return ticks
 
 
 def _listening_inodes(port: int) -> set[str]:

@@ -34,6 +34,7 @@ from mqd.router import LocalCatalog, Router
 from mqd.runtime import settle_heap
 from mqd.storage import boot
 from mqd.storage.fs import LoopSyncBudget
+from mqd.storage.syncer import SyncProcess
 
 log = structlog.get_logger("mqd.node")
 
@@ -320,6 +321,10 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
             backend = BackendRole(data_dir / "partitions", config.storage, ReceiptSigner(secret))
             backend.commit_observer = metrics.observe_commit
             metrics.watch_queues(backend.partitions)
+            # A replicated leader's fsyncs overlap its followers' fetches; handed to
+            # a thread they wait on the GIL (mqd.storage.syncer). A single node syncs
+            # small groups on its loop instead (LoopSyncBudget, measured better there).
+            backend.syncer = await SyncProcess.start()
             await backend.start([], remove_orphans=False)
             service = BackendService(
                 backend,

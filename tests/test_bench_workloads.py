@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -260,3 +262,24 @@ def test_a_failed_check_in_any_run_fails_the_median():
     text = format_workloads(result)
     assert "FAILED missing 2" in text
     assert "none found (pass --server-pid)" in text
+
+
+def test_server_cpu_counts_the_server_s_live_children() -> None:
+    # A node's sync process (mqd.storage.syncer) does the fdatasyncs: its CPU is the
+    # server's. The child burns ~0.3 s of CPU, then sleeps so that it stays a child.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.process_time() + 0.3\n"
+         "while time.process_time() < end: pass\nprint('done', flush=True)\ntime.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "done\n"
+        child_ticks = proc_cpu_ticks(child.pid)
+        assert child_ticks is not None and child_ticks >= 20  # 0.2 s at 100 ticks/s
+        with open(f"/proc/{os.getpid()}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        own_ticks = int(fields[11]) + int(fields[12])
+        assert proc_cpu_ticks(os.getpid()) >= own_ticks + child_ticks
+    finally:
+        child.kill()
+        child.communicate()

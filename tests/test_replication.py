@@ -185,8 +185,8 @@ async def test_killing_the_leader_loses_no_acknowledged_message(cluster):
 # A backend on a disk whose fdatasync fails with EIO once TRIGGER exists: the
 # storage seam (mqd.storage.fs.FileSystem) faulted in a real node process.
 FAULTY_DISK_NODE = """
-import errno, os, sys
-from mqd.storage import fs
+import errno, os, pathlib, sys
+from mqd.storage import fs, syncer
 trigger = sys.argv.pop(1)
 synced = fs.FileSystem.fdatasync
 def fdatasync(self, fd):
@@ -194,6 +194,21 @@ def fdatasync(self, fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
     synced(self, fd)
 fs.FileSystem.fdatasync = fdatasync
+# The node's sync process (mqd.storage.syncer) makes a leader's small-group fsyncs:
+# run it with the same fault, as a wrapper around the real one.
+helper = pathlib.Path(trigger).with_name("faulty_sync_helper.py")
+helper.write_text(
+    "import errno, os, runpy\\n"
+    f"trigger = {trigger!r}\\n"
+    "real = os.fdatasync\\n"
+    "def fdatasync(fd):\\n"
+    "    if os.path.exists(trigger):\\n"
+    "        raise OSError(errno.EIO, os.strerror(errno.EIO))\\n"
+    "    real(fd)\\n"
+    "os.fdatasync = fdatasync\\n"
+    f"runpy.run_path({str(syncer.HELPER)!r}, run_name='__main__')\\n"
+)
+syncer.HELPER = helper
 from mqd.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -512,3 +527,48 @@ async def test_a_copy_that_may_be_short_never_leads_the_partition_waits_for_its_
         await asyncio.to_thread(launcher.restart_node, cluster, cluster.node(other_id))
         seen = await drain(queue, len(sent))
         assert set(seen) == sent
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def ended(pid: int, timeout_s: float = 15.0) -> bool:
+    """Whether process `pid` ended (an unreaped zombie counts) within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def test_a_backend_syncs_what_it_leads_in_a_child_process_that_ends_with_it(cluster):
+    # A replicated leader's fsyncs run in the backend's sync process (mqd.storage.syncer);
+    # it must not outlive its node, whether the node stops cleanly or is killed.
+    (frontend,) = cluster.by_role("frontend")
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        queue = await client.create_queue("synced", replication_factor=3, min_insync=2)
+        for i in range(20):  # one at a time: small groups
+            await queue.send(b"s%d" % i)
+        (part,) = await placement_of(client, "synced")
+        storage = (await client.stats())["nodes"][part["leader"]]["storage"]
+    assert storage["fsyncs_in_sync_process"] >= 15
+    leader = cluster.node(part["leader"])
+    (helper,) = children_of(launcher.running_pid(cluster, leader))
+    assert "sync_helper.py" in command_line(helper)
+
+    await asyncio.to_thread(launcher.stop_nodes, cluster, [leader])
+    assert await asyncio.to_thread(ended, helper)
+    await asyncio.to_thread(launcher.restart_node, cluster, leader)
+    (helper,) = children_of(launcher.running_pid(cluster, leader))
+    kill(cluster, leader.id)
+    assert await asyncio.to_thread(ended, helper)  # end of file: the kernel closed its peer

@@ -1,0 +1,71 @@
+"""The sync process: fdatasync for a node's logs, in a process of its own.
+
+Run by `mqd.storage.syncer.SyncProcess` as `python -I sync_helper.py FD`, where FD is
+its end of an AF_UNIX SOCK_SEQPACKET socket pair. Standard library only, and nothing
+of mqd imported, so that it starts in milliseconds and holds a few MB. It exits when
+the node's end of the socket closes (the node stopped or was killed); it ignores
+SIGINT and SIGTERM, which are the node's to act on.
+
+Requests, one datagram each (little-endian):
+    b"R" u32 slot      + one fd (SCM_RIGHTS): sync that file as `slot` from now on
+    b"C" u32 slot      forget `slot` (closes its fd)
+    b"S" u32 id u32 slot   fdatasync `slot`'s file
+An S is answered with u32 id, i32 errno (0: synced), f64 seconds the call took; the
+same with id 0 says the process is ready (its signal dispositions set).
+"""
+
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+REQUEST = struct.Struct("<cII")
+REPLY = struct.Struct("<Iid")
+
+
+def serve(sock: socket.socket) -> None:
+    # A Ctrl-C at the terminal, or a service manager's SIGTERM to the whole group, is
+    # for the node: it drains, with syncs, then closes its end, and this process exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock.send(REPLY.pack(0, 0, 0.0))  # ready
+    files: dict[int, int] = {}
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, REQUEST.size, 1)
+        except OSError:
+            return
+        if not data:
+            return
+        kind, first, second = REQUEST.unpack(data)
+        if kind == b"R":
+            old = files.pop(first, None)
+            if old is not None:
+                os.close(old)
+            if fds:
+                files[first] = fds[0]
+        elif kind == b"C":
+            old = files.pop(first, None)
+            if old is not None:
+                os.close(old)
+        elif kind == b"S":
+            fd = files.get(second)
+            started = time.perf_counter()
+            if fd is None:
+                error = 9  # EBADF: no such slot (a bug on the node's side)
+            else:
+                try:
+                    os.fdatasync(fd)
+                    error = 0
+                except OSError as exc:
+                    error = exc.errno or 5
+            try:
+                sock.send(REPLY.pack(first, error, time.perf_counter() - started))
+            except OSError:
+                return
+
+
+if __name__ == "__main__":
+    serve(socket.socket(fileno=int(sys.argv[1])))

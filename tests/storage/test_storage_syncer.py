@@ -1,0 +1,156 @@
+"""A node's sync process (mqd.storage.syncer): real process, real files, real faults."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from storage_helpers import msg, open_store, segment_files
+
+from mqd.errors import InternalError
+from mqd.storage import fs
+from mqd.storage.config import StorageConfig
+from mqd.storage.syncer import SyncProcess
+
+
+@pytest.fixture
+async def syncer():
+    started = await SyncProcess.start()
+    assert started is not None, "Linux passes descriptors over Unix sockets"
+    yield started
+    await started.close()
+
+
+def files_held_by(pid: int) -> set[str]:
+    """The regular files process `pid` holds open, by path."""
+    held = set()
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{entry}")
+        except OSError:
+            continue  # closed since the listing
+        if target.startswith("/"):
+            held.add(target.removesuffix(" (deleted)"))
+    return held
+
+
+async def test_it_syncs_the_file_it_was_given_and_reports_the_time(
+    syncer: SyncProcess, tmp_path: Path
+) -> None:
+    seen: list[float] = []
+    fs.fsync_observers.append(seen.append)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"x" * 300, 0)
+        slot = syncer.new_slot()
+        syncer.use(slot, fd)
+        await syncer.fdatasync(slot)
+        await syncer.fdatasync(slot)
+        assert syncer.syncs == 2 and len(seen) == 2 and all(s >= 0 for s in seen)
+        assert str(tmp_path / "f") in files_held_by(syncer.pid)
+    finally:
+        fs.fsync_observers.remove(seen.append)
+        os.close(fd)
+
+
+async def test_a_failed_fdatasync_comes_back_with_its_errno(
+    syncer: SyncProcess, tmp_path: Path
+) -> None:
+    read_end, write_end = os.pipe()  # fdatasync on a pipe: EINVAL
+    try:
+        slot = syncer.new_slot()
+        syncer.use(slot, read_end)
+        with pytest.raises(OSError) as failed:
+            await syncer.fdatasync(slot)
+        assert failed.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as unknown:
+            await syncer.fdatasync(syncer.new_slot())  # never given a file
+        assert unknown.value.errno == errno.EBADF
+        assert syncer.alive  # errors are answers, not deaths
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_it_ignores_sigterm_and_exits_when_the_node_closes_its_end(
+    syncer: SyncProcess, tmp_path: Path
+) -> None:
+    os.kill(syncer.pid, signal.SIGTERM)  # a service manager signalling the whole group
+    os.kill(syncer.pid, signal.SIGINT)  # a Ctrl-C at the terminal
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        slot = syncer.new_slot()
+        syncer.use(slot, fd)
+        await syncer.fdatasync(slot)  # still serving
+    finally:
+        os.close(fd)
+    await syncer.close()
+    assert syncer._proc.returncode == 0  # exited by itself, at end of file
+
+
+async def test_a_store_syncs_through_it_and_follows_its_active_segment(tmp_path: Path) -> None:
+    syncer = await SyncProcess.start()
+    assert syncer is not None
+    config = StorageConfig(segment_bytes_max=64 * 1024)
+    store = await open_store(tmp_path / "p", config=config)
+    store.syncer = syncer
+    try:
+        for i in range(20):
+            await store.append_messages([msg(i, 200)])
+        assert store.stats()["fsyncs_in_sync_process"] >= 15
+        (first,) = segment_files(tmp_path / "p")
+        assert str(first) in files_held_by(syncer.pid)
+
+        # Past a segment: the process syncs the new one, and let go of the old one.
+        for i in range(20, 400):
+            await store.append_messages([msg(i, 300)])
+        files = segment_files(tmp_path / "p")
+        assert len(files) > 1
+        held = files_held_by(syncer.pid)
+        assert str(files[-1]) in held and str(first) not in held
+
+        await store.close()
+        assert not any(path.endswith(".log") for path in files_held_by(syncer.pid))
+        reopened = await open_store(tmp_path / "p", config=config)
+        assert len(reopened.live_messages()) == 400
+        await reopened.close()
+    finally:
+        await syncer.close()
+
+
+async def test_if_it_dies_mid_sync_the_group_fails_and_later_ones_sync_in_threads(
+    tmp_path: Path,
+) -> None:
+    syncer = await SyncProcess.start()
+    assert syncer is not None
+    store = await open_store(tmp_path / "p")
+    store.syncer = syncer
+    try:
+        await store.append_messages([msg(0, 200)])  # allocates ahead: a thread's job
+        await store.append_messages([msg(1, 200)])
+        assert store.stats()["fsyncs_in_sync_process"] == 1
+
+        os.kill(syncer.pid, signal.SIGSTOP)  # its sync of the next group never answers
+        stuck = asyncio.ensure_future(store.append_messages([msg(2, 200)]))
+        await asyncio.sleep(0.1)
+        assert not stuck.done()
+        os.kill(syncer.pid, signal.SIGKILL)
+        with pytest.raises(InternalError):
+            await asyncio.wait_for(stuck, 5)  # whether it synced is unknown: not acknowledged
+        assert not syncer.alive
+
+        # The log was cut back to before the group; the next ones sync in threads.
+        metas = await store.append_messages([msg(3, 200)])
+        assert metas[0].offset == 2 and store.stats()["fsyncs_in_sync_process"] == 2
+        await store.close()
+        reopened = await open_store(tmp_path / "p")
+        offsets = [meta.offset for meta in reopened.live_messages()]
+        bodies = sorted(m.body for m in await reopened.read(offsets))
+        assert bodies == [msg(i, 200).body for i in (0, 1, 3)]
+        await reopened.close()
+    finally:
+        await syncer.close()
