@@ -1,12 +1,15 @@
 """The sync process: fdatasync for a node's logs, in a process of its own.
 
-Run by `mqd.storage.syncer.SyncProcess` as `python -I sync_helper.py FD`, where FD is
-its end of an AF_UNIX SOCK_SEQPACKET socket pair. Standard library only, and nothing
+Run by `mqd.storage.syncer.SyncProcess` as `python -I sync_helper.py FD...`, where
+each FD is its end of an AF_UNIX SOCK_SEQPACKET socket pair: a lane, served by a
+thread of its own, so that stores on different lanes sync at the same time (the
+filesystem journal batches concurrent fsyncs) while each store's requests, all on
+one lane, stay in order. Standard library only, and nothing
 of mqd imported, so that it starts in milliseconds and holds a few MB. It exits when
-the node's end of the socket closes (the node stopped or was killed); it ignores
+the node's end of a lane closes (the node stopped or was killed); it ignores
 SIGINT and SIGTERM, which are the node's to act on.
 
-Requests, one datagram each (little-endian):
+Requests on a lane, one datagram each (little-endian):
     b"R" u32 slot      + one fd (SCM_RIGHTS): sync that file as `slot` from now on
     b"C" u32 slot      forget `slot` (closes its fd)
     b"S" u32 id u32 slot   fdatasync `slot`'s file
@@ -19,17 +22,34 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 
 REQUEST = struct.Struct("<cII")
 REPLY = struct.Struct("<Iid")
 
 
-def serve(sock: socket.socket) -> None:
+def main(fds: list[int]) -> None:
     # A Ctrl-C at the terminal, or a service manager's SIGTERM to the whole group, is
     # for the node: it drains, with syncs, then closes its end, and this process exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    lanes = [socket.socket(fileno=fd) for fd in fds]
+    for lane in lanes[1:]:
+        threading.Thread(target=serve, args=(lane,), daemon=True).start()
+    serve(lanes[0])  # its end of file (the node gone, or done) ends the process
+
+
+def serve(sock: socket.socket) -> None:
+    """One lane, until its end of file; a lane that fails closes, which the node
+    takes as the end of the whole process."""
+    try:
+        _serve(sock)
+    finally:
+        sock.close()
+
+
+def _serve(sock: socket.socket) -> None:
     sock.send(REPLY.pack(0, 0, 0.0))  # ready
     files: dict[int, int] = {}
     while True:
@@ -68,4 +88,4 @@ def serve(sock: socket.socket) -> None:
 
 
 if __name__ == "__main__":
-    serve(socket.socket(fileno=int(sys.argv[1])))
+    main([int(arg) for arg in sys.argv[1:]])

@@ -30,6 +30,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import structlog
@@ -40,105 +41,156 @@ from mqd.storage.sync_helper import REPLY, REQUEST
 log = structlog.get_logger("mqd.storage.syncer")
 
 HELPER = Path(__file__).with_name("sync_helper.py")
+# Lanes: socket pairs, each served by a thread of the process. A store keeps to one
+# (its requests stay in order); stores on different lanes sync at the same time, as
+# they would in executor threads (the journal batches concurrent fsyncs).
+LANES = 4
 START_WAIT_S = 10.0
 STOP_WAIT_S = 5.0
+
+
+class _Lane:
+    """One socket pair's node end, with what could not be sent yet (a full buffer:
+    sent in order once the socket is writable, never dropped)."""
+
+    __slots__ = ("backlog", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.backlog: deque[tuple[bytes, int | None]] = deque()  # (datagram, own fd)
 
 
 class SyncProcess:
     """One per node, shared by its stores (`PartitionStore.syncer`)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, sock: socket.socket) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, socks: list[socket.socket]) -> None:
         self._loop = asyncio.get_running_loop()
         self._proc = proc
-        self._sock = sock
+        self._lanes = [_Lane(sock) for sock in socks]
         self._ids = itertools.count(1)
-        self._slots = itertools.count(1)
+        self._slots = itertools.count(0)
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self.alive = True
         self.syncs = 0  # answered (stats, tests)
-        self._loop.add_reader(sock.fileno(), self._on_readable)
+        for lane in self._lanes:
+            self._loop.add_reader(lane.sock.fileno(), self._on_readable, lane)
 
     @property
     def pid(self) -> int:
         return self._proc.pid
 
     @classmethod
-    async def start(cls) -> SyncProcess | None:
-        """Start the process; None where this platform cannot pass descriptors over a
-        Unix socket (the stores then sync in executor threads, as before)."""
+    async def start(cls, lanes: int = LANES) -> SyncProcess | None:
+        """Start the process; None where it cannot be (a platform that cannot pass
+        descriptors over Unix sockets, or it did not come up): the stores then sync
+        in executor threads, as before."""
         if not hasattr(socket, "send_fds") or not hasattr(socket, "SOCK_SEQPACKET"):
             return None
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(lanes)]
+        ours = [mine for mine, _ in pairs]
+        theirs = [other.fileno() for _, other in pairs]
+        proc = None
+        why = ""
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", str(HELPER), str(child.fileno()),
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+                sys.executable, "-I", str(HELPER), *map(str, theirs),
+                pass_fds=theirs, stdin=subprocess.DEVNULL,
             )  # fmt: skip
-        except OSError as exc:
-            parent.close()
-            log.warning("syncer.unavailable", error=str(exc))
-            return None
-        finally:
-            child.close()
-        parent.setblocking(False)
-        try:
-            ready = await asyncio.wait_for(
-                asyncio.get_running_loop().sock_recv(parent, REPLY.size), START_WAIT_S
-            )
+            for sock in ours:
+                sock.setblocking(False)
+                ready = await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_recv(sock, REPLY.size), START_WAIT_S
+                )
+                if not ready:
+                    why = "it exited at start"
+                    break
         except (OSError, TimeoutError) as exc:
-            ready, why = b"", str(exc) or type(exc).__name__
-        else:
-            why = "it exited at start"
-        if not ready:
-            log.warning("syncer.unavailable", error=why, pid=proc.pid)
-            parent.close()
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            why = str(exc) or type(exc).__name__
+        finally:
+            for _, other in pairs:
+                other.close()
+        if why:
+            log.warning("syncer.unavailable", error=why)
+            for sock in ours:
+                sock.close()
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
             return None
-        return cls(proc, parent)
+        assert proc is not None
+        return cls(proc, ours)
 
     def new_slot(self) -> int:
         """A name for one store's file in the process, for `use` and `fdatasync`."""
         return next(self._slots)
 
+    def _lane_of(self, slot: int) -> _Lane:
+        return self._lanes[slot % len(self._lanes)]
+
     def use(self, slot: int, fd: int) -> None:
         """Sync the file open at `fd` as `slot` from now on (the process keeps its own
         descriptor of it, closing the slot's previous one)."""
-        self._send(REQUEST.pack(b"R", slot, 0), fd)
+        self._send(self._lane_of(slot), REQUEST.pack(b"R", slot, 0), fd)
 
     def forget(self, slot: int) -> None:
         """Let the process close the slot's file (a store closing: never raises)."""
         if self.alive:
             with contextlib.suppress(OSError):  # it died: its files went with it
-                self._send(REQUEST.pack(b"C", slot, 0))
+                self._send(self._lane_of(slot), REQUEST.pack(b"C", slot, 0))
 
     def fdatasync(self, slot: int) -> asyncio.Future[None]:
         """fdatasync the slot's file; the future fails with OSError as fdatasync would."""
-        future: asyncio.Future[None] = self._loop.create_future()
         request_id = next(self._ids)
+        self._send(self._lane_of(slot), REQUEST.pack(b"S", request_id, slot))
+        # Registered after sending: a send that fails raises instead, and the answer
+        # can only be read by this loop, later.
+        future: asyncio.Future[None] = self._loop.create_future()
         self._waiting[request_id] = future
-        self._send(REQUEST.pack(b"S", request_id, slot))
         return future
 
-    def _send(self, data: bytes, fd: int | None = None) -> None:
+    def _send(self, lane: _Lane, data: bytes, fd: int | None = None) -> None:
         if not self.alive:
             raise OSError(errno.EIO, "the sync process has exited")
+        if not lane.backlog and self._try_send(lane, data, fd):
+            return
+        # A full socket buffer (the disk is slow and many stores wait on it): keep it,
+        # with a descriptor of our own, as the store may close its file meanwhile.
+        lane.backlog.append((data, None if fd is None else os.dup(fd)))
+        if len(lane.backlog) == 1:
+            self._loop.add_writer(lane.sock.fileno(), self._drain, lane)
+
+    def _try_send(self, lane: _Lane, data: bytes, fd: int | None) -> bool:
+        """Sent (True), or the buffer is full (False); any other failure is the end."""
         try:
-            # Datagrams of 9 bytes into a socket buffer of ~200 KB that the process
-            # drains as fast as the disk syncs: a full buffer means it is stuck.
             if fd is None:
-                self._sock.send(data)
+                lane.sock.send(data)
             else:
-                socket.send_fds(self._sock, [data], [fd])
+                socket.send_fds(lane.sock, [data], [fd])
+        except BlockingIOError:
+            return False
         except OSError as exc:
             self._died(f"send: {exc}")
             raise OSError(errno.EIO, "the sync process has exited") from None
+        return True
 
-    def _on_readable(self) -> None:
+    def _drain(self, lane: _Lane) -> None:
+        while lane.backlog:
+            data, fd = lane.backlog[0]
+            try:
+                if not self._try_send(lane, data, fd):
+                    return
+            except OSError:
+                return  # _died took the backlog down with it
+            lane.backlog.popleft()
+            if fd is not None:
+                os.close(fd)
+        self._loop.remove_writer(lane.sock.fileno())
+
+    def _on_readable(self, lane: _Lane) -> None:
         while True:
             try:
-                data = self._sock.recv(REPLY.size)
+                data = lane.sock.recv(REPLY.size)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -159,30 +211,39 @@ class SyncProcess:
                     observe(seconds)
                 future.set_result(None)
 
+    def _stop_watching(self) -> None:
+        self.alive = False
+        for lane in self._lanes:
+            self._loop.remove_reader(lane.sock.fileno())
+            if lane.backlog:
+                self._loop.remove_writer(lane.sock.fileno())
+            while lane.backlog:
+                _data, fd = lane.backlog.popleft()
+                if fd is not None:
+                    os.close(fd)
+
+    def _fail_waiting(self, why: str) -> int:
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(OSError(errno.EIO, why))
+        return len(waiting)
+
     def _died(self, why: str) -> None:
         if not self.alive:
             return
-        self.alive = False
-        self._loop.remove_reader(self._sock.fileno())
-        waiting, self._waiting = self._waiting, {}
-        log.error("syncer.exited", why=why, unanswered=len(waiting), pid=self._proc.pid,
+        self._stop_watching()
+        unanswered = self._fail_waiting("the sync process exited; whether it synced is unknown")
+        log.error("syncer.exited", why=why, unanswered=unanswered, pid=self._proc.pid,
                   hint="log syncs go to executor threads until the node restarts")  # fmt: skip
-        for future in waiting.values():
-            if not future.done():
-                future.set_exception(
-                    OSError(errno.EIO, "the sync process exited; whether it synced is unknown")
-                )
 
     async def close(self) -> None:
         """Stop the process once it has answered what it was asked (stores close first)."""
         if self.alive:
-            self.alive = False
-            self._loop.remove_reader(self._sock.fileno())
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(OSError(errno.EIO, "the sync process was stopped"))
-        self._waiting.clear()
-        self._sock.close()  # end of file for the process: it exits
+            self._stop_watching()
+        self._fail_waiting("the sync process was stopped")
+        for lane in self._lanes:
+            lane.sock.close()  # end of file for the process: it exits
         try:
             await asyncio.wait_for(self._proc.wait(), STOP_WAIT_S)
         except TimeoutError:

@@ -154,3 +154,32 @@ async def test_if_it_dies_mid_sync_the_group_fails_and_later_ones_sync_in_thread
         await reopened.close()
     finally:
         await syncer.close()
+
+
+async def test_a_full_socket_buffer_queues_requests_in_order_instead_of_failing(
+    syncer: SyncProcess, tmp_path: Path
+) -> None:
+    # A disk that hangs while many stores wait: requests beyond the socket's buffer
+    # wait on the node's side and go out, in order, once the process reads again.
+    fds = [os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(2)]
+    try:
+        slots = [syncer.new_slot() for _ in fds]
+        os.kill(syncer.pid, signal.SIGSTOP)
+        for slot, fd in zip(slots, fds, strict=True):
+            syncer.use(slot, fd)
+        pending = [syncer.fdatasync(slots[i % 2]) for i in range(3000)]
+        assert any(lane.backlog for lane in syncer._lanes)  # more than the buffers hold
+        os.kill(syncer.pid, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*pending), 30)
+        assert syncer.alive and syncer.syncs == 3000
+        assert not any(lane.backlog for lane in syncer._lanes)
+    finally:
+        os.kill(syncer.pid, signal.SIGCONT)
+        for fd in fds:
+            os.close(fd)
+
+
+async def test_each_lane_is_a_thread_of_its_own(syncer: SyncProcess) -> None:
+    assert len(os.listdir(f"/proc/{syncer.pid}/task")) == len(syncer._lanes) == 4
+    lanes = {id(syncer._lane_of(syncer.new_slot())) for _ in range(8)}
+    assert len(lanes) == 4  # consecutive stores spread over them
