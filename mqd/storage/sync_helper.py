@@ -4,10 +4,10 @@ Run by `mqd.storage.syncer.SyncProcess` as `python -I sync_helper.py FD...`, whe
 each FD is its end of an AF_UNIX SOCK_SEQPACKET socket pair: a lane, served by a
 thread of its own, so that stores on different lanes sync at the same time (the
 filesystem journal batches concurrent fsyncs) while each store's requests, all on
-one lane, stay in order. Standard library only, and nothing
-of mqd imported, so that it starts in milliseconds and holds a few MB. It exits when
-the node's end of a lane closes (the node stopped or was killed); it ignores
-SIGINT and SIGTERM, which are the node's to act on.
+one lane, stay in order. Standard library only, nothing of mqd imported: it starts
+in milliseconds and holds a few MB. It exits at end of file on the first lane (the
+node closed its ends, or was killed and the kernel closed them); it ignores SIGINT
+and SIGTERM, which are the node's to act on.
 
 Requests on a lane, one datagram each (little-endian):
     b"R" u32 slot      + one fd (SCM_RIGHTS): sync that file as `slot` from now on
