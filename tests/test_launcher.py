@@ -260,6 +260,21 @@ def test_pid_check_matches_only_mqd_serve_of_this_config(tmp_path: Path) -> None
     assert not launcher.is_node_process(proc.pid, config)  # gone
 
 
+def test_spawned_processes_are_recognised_once_exec_has_published_their_argv() -> None:
+    # posix_spawn returns while the child is still in execve; its command line reads
+    # empty for a moment (24 of 300 spawns here), and a node checked then was taken
+    # for one that had exited (a cluster start failed in CI on it). spawn_node waits.
+    for _ in range(100):
+        argv = [sys.executable, "-c", "import time; time.sleep(5)", "--config", "x.toml"]
+        pid = os.posix_spawn(argv[0], argv, dict(os.environ), setsid=True)
+        try:
+            launcher._wait_exec(pid)
+            assert (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))[-2:] == [b"x.toml", b""]
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 def test_pid_exited_counts_zombies_as_exited() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.DEVNULL
