@@ -558,13 +558,8 @@ def _wait_exec(pid: int, timeout_s: float = EXEC_WAIT_S) -> None:
     check then (`is_node_process`) would take a starting node for one that exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes():
-                return
-        except OSError:
-            return  # gone already (or no /proc: nothing to wait for)
-        if pid_exited(pid):
-            return  # the exec failed and the child exited
+        if _proc_argv(pid) is not None or pid_exited(pid):
+            return  # exec'd, or gone (the exec failed, or no /proc: nothing to wait for)
         time.sleep(0.001)
 
 
