@@ -335,14 +335,19 @@ def proc_cpu_ticks(pid: int) -> int | None:
         ticks = int(fields[11]) + int(fields[12])
     except (IndexError, ValueError):
         return None
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-            children = [int(child) for child in f.read().split()]
-    except (OSError, ValueError):
-        children = []  # a kernel without CONFIG_PROC_CHILDREN: the process alone
-    for child in children:
+    for child in live_children(pid):
         ticks += proc_cpu_ticks(child) or 0
     return ticks
+
+
+def live_children(pid: int) -> list[int]:
+    """The pids of a process's children that are running, [] if unreadable (a kernel
+    without CONFIG_PROC_CHILDREN, or the process gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _listening_inodes(port: int) -> set[str]:

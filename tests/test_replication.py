@@ -16,6 +16,7 @@ import pytest
 
 import mqd.client
 from mqd import launcher
+from mqd.bench import live_children
 from mqd.errors import MqdError, Unavailable
 from tests.cluster_helpers import running, tls_for
 
@@ -529,18 +530,9 @@ async def test_a_copy_that_may_be_short_never_leads_the_partition_waits_for_its_
         assert set(seen) == sent
 
 
-def children_of(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def ended(pid: int, timeout_s: float = 15.0) -> bool:
-    """Whether process `pid` exited within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not launcher.pid_exited(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def ended(pid: int) -> bool:
+    """Whether process `pid` exited within 15 s."""
+    return not launcher._wait_exited({"sync process": pid}, 15.0)
 
 
 async def test_a_backend_syncs_what_it_leads_in_a_child_process_that_ends_with_it(cluster):
@@ -555,12 +547,12 @@ async def test_a_backend_syncs_what_it_leads_in_a_child_process_that_ends_with_i
         storage = (await client.stats())["nodes"][part["leader"]]["storage"]
     assert storage["fsyncs_in_sync_process"] >= 15
     leader = cluster.node(part["leader"])
-    (helper,) = children_of(launcher.running_pid(cluster, leader))
+    (helper,) = live_children(launcher.running_pid(cluster, leader))
     assert any(arg.endswith("sync_helper.py") for arg in launcher._proc_argv(helper) or [])
 
     await asyncio.to_thread(launcher.stop_nodes, cluster, [leader])
     assert await asyncio.to_thread(ended, helper)
     await asyncio.to_thread(launcher.restart_node, cluster, leader)
-    (helper,) = children_of(launcher.running_pid(cluster, leader))
+    (helper,) = live_children(launcher.running_pid(cluster, leader))
     kill(cluster, leader.id)
     assert await asyncio.to_thread(ended, helper)  # end of file: the kernel closed its peer

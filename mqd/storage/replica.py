@@ -17,11 +17,11 @@ its machine's page cache, which outlives a crash of the process. What a
 write alone does not survive is the machine's own restart; a backend that
 comes back from one without a clean shutdown leaves the in-sync sets until
 its copies have caught up again (`mqd.storage.boot`), so a copy that lost
-records does not lead (protocol.md §7.13 "A restarted machine"). The fsync here therefore bounds how much a follower
-refetches after such a restart, and is off the acknowledgement's path:
-under "always" and "interval" at most every `fsync_interval_ms` (the
-follower's long poll is cut short to keep that promise on an idle
-partition), under "never" left to the kernel. Under every policy the log is
+records does not lead (protocol.md §7.13 "A restarted machine"). The fsync
+here therefore bounds how much a follower refetches after such a restart,
+and is off the acknowledgement's path: under "always" and "interval" at
+most every `fsync_interval_ms` (the follower's long poll is cut short to
+keep that promise on an idle partition), under "never" left to the kernel. Under every policy the log is
 synced when a segment is sealed, before a truncation, and on close, which is
 also how a promoted follower's log reaches its disk before it leads.
 

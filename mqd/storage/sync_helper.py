@@ -17,6 +17,7 @@ An S is answered with u32 id, i32 errno (0: synced), f64 seconds the call took; 
 same with id 0 says the process is ready (its signal dispositions set).
 """
 
+import errno
 import os
 import signal
 import socket
@@ -60,27 +61,23 @@ def _serve(sock: socket.socket) -> None:
         if not data:
             return
         kind, first, second = REQUEST.unpack(data)
-        if kind == b"R":
+        if kind in (b"R", b"C"):
             old = files.pop(first, None)
             if old is not None:
                 os.close(old)
-            if fds:
+            if kind == b"R" and fds:
                 files[first] = fds[0]
-        elif kind == b"C":
-            old = files.pop(first, None)
-            if old is not None:
-                os.close(old)
         elif kind == b"S":
             fd = files.get(second)
             started = time.perf_counter()
             if fd is None:
-                error = 9  # EBADF: no such slot (a bug on the node's side)
+                error = errno.EBADF  # no such slot (a bug on the node's side)
             else:
                 try:
                     os.fdatasync(fd)
                     error = 0
                 except OSError as exc:
-                    error = exc.errno or 5
+                    error = exc.errno or errno.EIO
             try:
                 sock.send(REPLY.pack(first, error, time.perf_counter() - started))
             except OSError:
