@@ -22,6 +22,7 @@ from mqd.receipts import ReceiptSigner
 from mqd.storage import NewMessage, PartitionStore, StorageConfig
 from mqd.storage.fs import LoopSyncBudget
 from mqd.storage.syncer import SyncProcess
+from mqd.storage.uring import UringSyncer
 
 log = structlog.get_logger("mqd.backend")
 
@@ -54,9 +55,9 @@ class BackendRole:
         # Set by a node without replication: its stores may fsync small groups on the
         # loop (mqd.storage.fs.LoopSyncBudget), one budget for them all.
         self.loop_sync: LoopSyncBudget | None = None
-        # Set by the node before `start`: its sync process, for every store; closed by
-        # `close` after the stores.
-        self.syncer: SyncProcess | None = None
+        # Set by the node before `start`: its syncer (a cluster node's sync process, a
+        # single node's io_uring), for every store; closed by `close` after the stores.
+        self.syncer: SyncProcess | UringSyncer | None = None
 
     def partition_dir(self, queue_id: bytes, index: int) -> Path:
         return self._partition_dir(queue_id, index)

@@ -63,6 +63,8 @@ class _Lane:
 class SyncProcess:
     """One per node, shared by its stores (`PartitionStore.syncer`)."""
 
+    stats_key = "fsyncs_in_sync_process"  # the store's STATS figure for syncs made here
+
     def __init__(self, proc: asyncio.subprocess.Process, socks: list[socket.socket]) -> None:
         self._loop = asyncio.get_running_loop()
         self._proc = proc
