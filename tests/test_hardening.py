@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import resource
 import socket
 import struct
 import subprocess
@@ -23,6 +24,7 @@ from mqd.frontend import HANDLERS
 from mqd.protocol import codec, messages
 from mqd.protocol.frame import FLAG_RESPONSE, PROTOCOL_VERSION, Frame, FrameDecoder
 from mqd.protocol.messages import ErrorBody
+from tests.conftest import ServerProcess
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -411,3 +413,41 @@ async def test_storm_of_random_and_mutated_frames(server_factory, tmp_path):
         timeout=120,
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+class _LowFilesLimitServer(ServerProcess):
+    """`mqd serve` started with a soft limit of 256 open files (the hard one kept)."""
+
+    def command(self) -> list[str]:
+        wrapper = (
+            "import os, resource, sys; "
+            "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+            "os.execv(sys.executable, sys.argv[1:])"
+        )
+        return [sys.executable, "-c", wrapper, *super().command()]
+
+
+def _open_files_limits(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError("no open-files line")
+
+
+async def test_a_node_takes_the_hard_open_files_limit_as_its_soft_one(tmp_path: Path) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard limit leaves nothing to raise")
+    server = _LowFilesLimitServer(tmp_path / "data").start()
+    try:
+        soft_now, hard_now = _open_files_limits(server.proc.pid)
+        unlimited = hard == resource.RLIM_INFINITY
+        assert soft_now == ("1048576" if unlimited else str(hard))
+        assert hard_now == ("unlimited" if unlimited else str(hard))  # left as it was
+        async with await mqd.client.connect(server.address) as client:
+            queue = await client.create_queue("many-files")
+            await queue.send(b"x")
+    finally:
+        server.kill()
