@@ -210,6 +210,10 @@ class BackendRole:
             for key, value in partition.store.stats().items():
                 if isinstance(value, int) and not isinstance(value, bool):
                     totals[key] = totals.get(key, 0) + value
+        # Where fsyncs the loop does not make go: a cluster node's sync process, a
+        # single node's io_uring, or executor threads (without one, or once it died).
+        syncer = self.syncer
+        totals["syncer"] = syncer.name if syncer is not None and syncer.alive else "threads"
         return totals
 
     def stop_long_polls(self) -> None:

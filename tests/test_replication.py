@@ -545,7 +545,8 @@ async def test_a_backend_syncs_what_it_leads_in_a_child_process_that_ends_with_i
             await queue.send(b"s%d" % i)
         (part,) = await placement_of(client, "synced")
         storage = (await client.stats())["nodes"][part["leader"]]["storage"]
-    assert storage["fsyncs_in_sync_process"] >= 15
+    assert storage["fsyncs_in_sync_process"] >= 15 and storage["syncer"] == "sync_process"
+    assert storage["fsyncs_in_io_uring"] == 0  # a cluster backend keeps its sync process
     leader = cluster.node(part["leader"])
     (helper,) = live_children(launcher.running_pid(cluster, leader))
     assert any(arg.endswith("sync_helper.py") for arg in launcher._proc_argv(helper) or [])

@@ -63,6 +63,7 @@ class _Lane:
 class SyncProcess:
     """One per node, shared by its stores (`PartitionStore.syncer`)."""
 
+    name = "sync_process"  # in STATS' storage figures, as `syncer`
     stats_key = "fsyncs_in_sync_process"  # the store's STATS figure for syncs made here
 
     def __init__(self, proc: asyncio.subprocess.Process, socks: list[socket.socket]) -> None:

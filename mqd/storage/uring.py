@@ -21,6 +21,14 @@ struct as liburing does in C. Where the kernel has no io_uring or forbids it
 (before 5.5, `kernel.io_uring_disabled`, a container's seccomp profile), `open`
 returns None and the node syncs as before, in executor threads.
 
+The kernel may put a completion on its overflow list instead of the ring, even
+with fewer in flight than the ring holds (seen under CPU load), and then no
+eventfd signal comes for it: the completion ring is four times what may be in
+flight, the overflow list is flushed (`io_uring_enter` with GETEVENTS, as
+liburing does) whenever the ring says it has one, and while syncs are in flight
+the ring is looked at every WATCH_S whatever the eventfd says. A store's writer
+waits on these syncs: a lost one would stop its partition for good.
+
 Memory ordering: the kernel reads a submission inside this thread's own
 `io_uring_enter`, so program order publishes it. Completions are read after the
 eventfd's read, whose lock the kernel takes after posting them, so what it wrote
@@ -58,6 +66,9 @@ _OFF_SQES = 0x10000000
 _OP_FSYNC = 3
 _FSYNC_DATASYNC = 1
 _REGISTER_EVENTFD = 4
+_SETUP_CQSIZE = 1 << 3
+_ENTER_GETEVENTS = 1 << 0
+_SQ_CQ_OVERFLOW = 1 << 1  # in the submission ring's flags
 # One mmap for both rings (5.4) and completions never dropped when the ring is full
 # (5.5): what this module relies on.
 _FEATURES_NEEDED = (1 << 0) | (1 << 1)
@@ -74,6 +85,13 @@ _CQE = struct.Struct("<QiI")  # user_data, res, flags
 _U32 = struct.Struct("<I")
 
 ENTRIES = 64
+# The completion ring holds this many times what may be in flight.
+CQ_FACTOR = 4
+# While syncs are in flight, the ring is also looked at this often, whatever the
+# eventfd says (see `_watch`).
+WATCH_S = 0.05
+# Overflow flushes in one look at the ring; what is still left waits for the next.
+OVERFLOW_FLUSHES_MAX = 8
 CLOSE_WAIT_S = 5.0
 
 
@@ -86,6 +104,7 @@ class UringSyncer:
     """One per node, shared by its stores (`PartitionStore.syncer`): the calls of
     `mqd.storage.syncer.SyncProcess`, so a store does not care which it has."""
 
+    name = "io_uring"  # in STATS' storage figures, as `syncer`
     stats_key = "fsyncs_in_io_uring"  # the store's STATS figure for syncs made here
 
     def __init__(self, libc: ctypes.CDLL, ring_fd: int, params: bytes) -> None:
@@ -93,7 +112,9 @@ class UringSyncer:
         self._enter = libc.syscall
         self._ring_fd = ring_fd
         sq_entries, cq_entries = struct.unpack_from("<2I", params, 0)
-        _, sq_tail, sq_mask, _, _, _, sq_array = struct.unpack_from("<7I", params, _SQ_OFFSETS_AT)
+        _, sq_tail, sq_mask, _, sq_flags, _, sq_array = struct.unpack_from(
+            "<7I", params, _SQ_OFFSETS_AT
+        )
         cq_head, cq_tail, cq_mask, _, _, cqes = struct.unpack_from("<6I", params, _CQ_OFFSETS_AT)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         prot = mmap.PROT_READ | mmap.PROT_WRITE
@@ -104,13 +125,15 @@ class UringSyncer:
         except BaseException:
             self._ring.close()
             raise
-        self._sq_tail_at, self._sq_array_at = sq_tail, sq_array
+        self._sq_tail_at, self._sq_array_at, self._sq_flags_at = sq_tail, sq_array, sq_flags
         self._cq_head_at, self._cq_tail_at, self._cqes_at = cq_head, cq_tail, cqes
         self._sq_mask = _U32.unpack_from(self._ring, sq_mask)[0]
         self._cq_mask = _U32.unpack_from(self._ring, cq_mask)[0]
-        # Submitted and not yet completed: never more than the completion ring holds.
+        # Submitted and not yet completed: at most a submission ring's worth, a
+        # fraction of what the completion ring holds.
         self._in_flight = 0
-        self._in_flight_max = cq_entries
+        self._in_flight_max = sq_entries
+        self._watching: asyncio.TimerHandle | None = None
         self._backlog: deque[tuple[int, int]] = deque()  # (request id, fd), not submitted
         self._waiting: dict[int, tuple[asyncio.Future[None], float, int]] = {}  # + fd
         self._files: dict[int, int] = {}  # slot -> our own descriptor of its file
@@ -122,6 +145,7 @@ class UringSyncer:
         self.alive = True
         self._closed = False
         self.syncs = 0  # completed (stats, tests)
+        self.overflow_flushes = 0  # completions moved out of the kernel's overflow list
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         arg = ctypes.c_int(self._event_fd)
         if libc.syscall(_SYS_REGISTER, ring_fd, _REGISTER_EVENTFD, ctypes.byref(arg), 1):
@@ -140,6 +164,7 @@ class UringSyncer:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall.restype = ctypes.c_long
         params = ctypes.create_string_buffer(_PARAMS_BYTES)
+        struct.pack_into("<3I", params, 0, 0, entries * CQ_FACTOR, _SETUP_CQSIZE)
         ring_fd = libc.syscall(_SYS_SETUP, ctypes.c_uint(entries), params)
         if ring_fd < 0:
             log.info("uring.unavailable", error=str(_last_error("io_uring_setup")))
@@ -222,6 +247,8 @@ class UringSyncer:
             taken = self._enter(_SYS_ENTER, self._ring_fd, 1, 0, 0, None, 0)
             if taken == 1:
                 self._in_flight += 1
+                if self._watching is None:
+                    self._watching = self._loop.call_later(WATCH_S, self._watch)
                 return
             if taken < 0 and ctypes.get_errno() == errno.EINTR:
                 continue
@@ -231,20 +258,39 @@ class UringSyncer:
             self._break(why)
             raise OSError(errno.EIO, f"io_uring: {why}")
 
+    def _watch(self) -> None:
+        """Look at the ring while syncs are in flight, eventfd or not. Completions the
+        kernel could not put on the ring when it posted them (it overflowed, seen
+        here under CPU load with fewer in flight than the ring holds) wait in its
+        overflow list, which only `io_uring_enter` flushes, and no eventfd says so:
+        without this, their stores would wait for ever."""
+        self._watching = None
+        if not self.alive:
+            return
+        self._on_completions()
+        if self._in_flight and self._watching is None:
+            self._watching = self._loop.call_later(WATCH_S, self._watch)
+
     def _on_completions(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._event_fd)
         ring = self._ring
-        head = _U32.unpack_from(ring, self._cq_head_at)[0]
-        tail = _U32.unpack_from(ring, self._cq_tail_at)[0]
         now = time.perf_counter()
-        while head != tail:
-            at = self._cqes_at + (head & self._cq_mask) * _CQE.size
-            request_id, result, _flags = _CQE.unpack_from(ring, at)
-            head = (head + 1) & 0xFFFFFFFF
-            _U32.pack_into(ring, self._cq_head_at, head)
-            self._in_flight -= 1
-            self._complete(request_id, result, now)
+        for _ in range(OVERFLOW_FLUSHES_MAX):
+            head = _U32.unpack_from(ring, self._cq_head_at)[0]
+            tail = _U32.unpack_from(ring, self._cq_tail_at)[0]
+            while head != tail:
+                at = self._cqes_at + (head & self._cq_mask) * _CQE.size
+                request_id, result, _flags = _CQE.unpack_from(ring, at)
+                head = (head + 1) & 0xFFFFFFFF
+                _U32.pack_into(ring, self._cq_head_at, head)
+                self._in_flight -= 1
+                self._complete(request_id, result, now)
+            if not _U32.unpack_from(ring, self._sq_flags_at)[0] & _SQ_CQ_OVERFLOW:
+                break
+            # Move what overflowed onto the ring (liburing does the same), and read on.
+            self.overflow_flushes += 1
+            self._enter(_SYS_ENTER, self._ring_fd, 0, 0, _ENTER_GETEVENTS, None, 0)
         while self._backlog and self._in_flight < self._in_flight_max and self.alive:
             request_id, fd = self._backlog.popleft()
             with contextlib.suppress(OSError):  # _break failed everything that waits
@@ -272,6 +318,7 @@ class UringSyncer:
             return
         self.alive = False
         self._loop.remove_reader(self._event_fd)
+        self._stop_watching()
         log.error("uring.broken", why=why, unanswered=len(self._waiting),
                   hint="log syncs go to executor threads until the node restarts")  # fmt: skip
         self._fail_waiting(f"io_uring: {why}; whether it synced is unknown")
@@ -283,6 +330,11 @@ class UringSyncer:
             self._release(fd)
             if not future.done():
                 future.set_exception(OSError(errno.EIO, why))
+
+    def _stop_watching(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
 
     def _unmap(self) -> None:
         self._sqes.close()
@@ -299,6 +351,7 @@ class UringSyncer:
                 await asyncio.wait(pending, timeout=CLOSE_WAIT_S)
             self.alive = False
             self._loop.remove_reader(self._event_fd)
+        self._stop_watching()
         self._fail_waiting("the io_uring syncer was closed")
         for slot in list(self._files):
             self.forget(slot)

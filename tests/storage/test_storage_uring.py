@@ -81,7 +81,7 @@ async def test_a_failed_fdatasync_comes_back_with_its_errno(syncer: UringSyncer)
 
 
 async def test_more_syncs_than_the_ring_holds_wait_their_turn(tmp_path: Path) -> None:
-    ring = UringSyncer.open(entries=2)  # completions for 4 at a time
+    ring = UringSyncer.open(entries=2)  # 2 syncs in flight at a time
     if ring is None:
         pytest.skip("this kernel gives no io_uring")
     fds = [os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(2)]
@@ -167,7 +167,8 @@ async def test_with_a_budget_the_loop_syncs_while_cheap_and_the_ring_takes_the_r
 ) -> None:
     filesystem = ThreadNotingFS()
     store = await open_store(tmp_path / "p", fs=filesystem)
-    store.loop_sync = budget = LoopSyncBudget(slow_sync_s=0.004)
+    # A burst the test cannot spend: only the disk's speed decides here.
+    store.loop_sync = budget = LoopSyncBudget(burst_s=60.0, slow_sync_s=0.004)
     store.syncer = syncer
     loop_thread = threading.get_ident()
     try:
@@ -193,22 +194,34 @@ async def test_with_a_budget_the_loop_syncs_while_cheap_and_the_ring_takes_the_r
     await reopened.close()
 
 
-async def test_a_single_node_holds_a_ring_and_counts_its_syncs_in_stats(server) -> None:
+async def test_a_single_node_says_it_has_a_ring_and_counts_its_syncs(server) -> None:
     import mqd.client
 
     probe = UringSyncer.open()
     if probe is None:
         pytest.skip("this kernel gives no io_uring (the node then syncs in threads)")
     await probe.close()
-    held = []
-    for entry in os.listdir(f"/proc/{server.proc.pid}/fd"):
-        try:
-            held.append(os.readlink(f"/proc/{server.proc.pid}/fd/{entry}"))
-        except OSError:
-            continue  # closed since the listing
-    assert "anon_inode:[io_uring]" in held
     async with await mqd.client.connect(server.address) as client:
         queue = await client.create_queue("rung")
         await queue.send(b"x")
         storage = (await client.stats())["storage"]
+    assert storage["syncer"] == "io_uring"
     assert storage["fsyncs"] >= 1 and storage["fsyncs_in_io_uring"] >= 0
+
+
+async def test_completions_no_eventfd_announced_are_found_all_the_same(
+    syncer: UringSyncer, tmp_path: Path
+) -> None:
+    # Completions that overflowed the kernel's ring wait in its overflow list with no
+    # eventfd signal (seen under CPU load); the ring is looked at while syncs are in
+    # flight regardless. Here no signal is heard at all.
+    asyncio.get_running_loop().remove_reader(syncer._event_fd)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"z" * 100, 0)
+        slot = syncer.new_slot()
+        syncer.use(slot, fd)
+        await asyncio.wait_for(asyncio.gather(*(syncer.fdatasync(slot) for _ in range(3))), 5)
+        assert syncer.syncs == 3 and syncer._in_flight == 0
+    finally:
+        os.close(fd)
