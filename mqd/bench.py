@@ -472,6 +472,19 @@ def fsync_buckets(stats: dict[str, Any]) -> dict[float, float]:
     return buckets
 
 
+def server_syncers(stats: dict[str, Any]) -> str | None:
+    """Where the server's log fsyncs go when its loop does not make them (STATS
+    storage `syncer`: io_uring, sync_process or threads); a cluster frontend's
+    answer names its nodes' (joined with "+" where they differ)."""
+    sources = [stats, *(n for n in (stats.get("nodes") or {}).values() if isinstance(n, dict))]
+    names = {
+        syncer
+        for source in sources
+        if isinstance(syncer := (source.get("storage") or {}).get("syncer"), str)
+    }
+    return "+".join(sorted(names)) or None
+
+
 async def _fsync_snapshot(client: Client) -> dict[float, float] | None:
     """The server's fsync buckets now, or None if its STATS is not ours to read."""
     try:
@@ -1151,7 +1164,14 @@ async def _w2_phase(
     if consuming.done() and not consuming.cancelled() and consuming.exception() is not None:
         raise consuming.exception()  # type: ignore[misc]
     cpu = meter.figures(state.distinct)
-    fsyncs = fsync_figures(fsyncs_before, await _fsync_snapshot(session.clients[0]))
+    try:
+        stats_after: dict[str, Any] | None = await session.clients[0].stats()
+    except MqdError:
+        stats_after = None  # not ours to read
+    fsyncs = fsync_figures(
+        fsyncs_before, None if stats_after is None else fsync_buckets(stats_after)
+    )
+    fsyncs["server_syncer"] = None if stats_after is None else server_syncers(stats_after)
     left = await _leftovers(session.clients[0].queue(name), state, W2_RECEIVE_MAX)
     sent = counts["sent"]
     checks = _checks(state, sent)
@@ -1336,6 +1356,11 @@ def format_workloads(result: dict[str, Any]) -> str:
                         f"      server log fsyncs {f['server_fsyncs']}, p99 "
                         + ("-" if p99_le is None else f"<= {p99_le:g} ms")
                         + f", {f['server_fsyncs_over_1ms']} over 1 ms"
+                        + (
+                            f" (off the loop: {f['server_syncer']})"
+                            if f.get("server_syncer")
+                            else ""
+                        )
                     )
     lines.append(
         "  latency: w1c/w3 ack - send time (queueing delay under a backlog); "

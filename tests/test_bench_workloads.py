@@ -21,6 +21,7 @@ from mqd.bench import (
     fsync_buckets,
     fsync_figures,
     proc_cpu_ticks,
+    server_syncers,
 )
 from tests.test_bench import _bench
 
@@ -138,6 +139,8 @@ def test_w2_reports_the_servers_fsyncs_over_the_run(server_factory):
     assert 1 <= w2["server_fsyncs"] <= 2 * w2["sent"] + 10
     assert w2["server_fsync_ms_p99_le"] in FSYNC_BUCKETS_MS
     assert 0 <= w2["server_fsyncs_over_1ms"] <= w2["server_fsyncs"]
+    # Where its fsyncs go off the loop: io_uring where this kernel gives a ring.
+    assert w2["server_syncer"] in ("io_uring", "threads")
     text = _bench(durable.address, "--workload", "w2", "--rate", "400", "--duration", "0.25")
     assert text.returncode == 0, text.stderr
     assert "server log fsyncs" in text.stdout
@@ -174,6 +177,18 @@ def test_fsync_buckets_add_up_a_cluster_frontends_nodes():
         "server_fsyncs_over_1ms": 4,
     }
     assert fsync_figures(None, after)["server_fsyncs"] is None
+
+
+def test_the_syncers_of_a_node_or_a_clusters_nodes():
+    assert server_syncers({"storage": {"syncer": "io_uring"}}) == "io_uring"
+    frontend = {"storage": {}, "nodes": {
+        "b1": {"storage": {"syncer": "sync_process"}},
+        "b2": {"storage": {"syncer": "threads"}},
+        "b3": {"error": "timed out"},
+        "f2": {"metrics": {}},
+    }}  # fmt: skip
+    assert server_syncers(frontend) == "sync_process+threads"
+    assert server_syncers({"metrics": {}}) is None
 
 
 def test_w2_with_a_push_consumer(server):
