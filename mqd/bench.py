@@ -485,10 +485,10 @@ def server_syncers(stats: dict[str, Any]) -> str | None:
     return "+".join(sorted(names)) or None
 
 
-async def _fsync_snapshot(client: Client) -> dict[float, float] | None:
-    """The server's fsync buckets now, or None if its STATS is not ours to read."""
+async def _server_stats(client: Client) -> dict[str, Any] | None:
+    """The server's STATS now, or None if it is not ours to read."""
     try:
-        return fsync_buckets(await client.stats())
+        return await client.stats()
     except MqdError:
         return None
 
@@ -1115,7 +1115,7 @@ async def _w2_phase(
 
     deadline = loop.time() + cfg.timeout_s
     warmup_ms = await _w2_warm_up(producer, consumer, deadline)
-    fsyncs_before = await _fsync_snapshot(session.clients[0])
+    stats_before = await _server_stats(session.clients[0])
     meter = CpuMeter(server_pids)
     waiting: asyncio.Task[Any] | None = None
     meter.start()
@@ -1164,12 +1164,10 @@ async def _w2_phase(
     if consuming.done() and not consuming.cancelled() and consuming.exception() is not None:
         raise consuming.exception()  # type: ignore[misc]
     cpu = meter.figures(state.distinct)
-    try:
-        stats_after: dict[str, Any] | None = await session.clients[0].stats()
-    except MqdError:
-        stats_after = None  # not ours to read
+    stats_after = await _server_stats(session.clients[0])
     fsyncs = fsync_figures(
-        fsyncs_before, None if stats_after is None else fsync_buckets(stats_after)
+        None if stats_before is None else fsync_buckets(stats_before),
+        None if stats_after is None else fsync_buckets(stats_after),
     )
     fsyncs["server_syncer"] = None if stats_after is None else server_syncers(stats_after)
     left = await _leftovers(session.clients[0].queue(name), state, W2_RECEIVE_MAX)

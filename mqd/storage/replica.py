@@ -21,9 +21,10 @@ records does not lead (protocol.md §7.13 "A restarted machine"). The fsync
 here therefore bounds how much a follower refetches after such a restart,
 and is off the acknowledgement's path: under "always" and "interval" at
 most every `fsync_interval_ms` (the follower's long poll is cut short to
-keep that promise on an idle partition), under "never" left to the kernel. Under every policy the log is
-synced when a segment is sealed, before a truncation, and on close, which is
-also how a promoted follower's log reaches its disk before it leads.
+keep that promise on an idle partition), under "never" left to the kernel.
+Under every policy the log is synced when a segment is sealed, before a
+truncation, and on close, which is also how a promoted follower's log
+reaches its disk before it leads.
 
 Measured on the local cluster (3 backends sharing one disk), W2 push
 interleaved, e2e p99 ms: a sync before each acknowledging FETCH 8.1 / 8.4 /

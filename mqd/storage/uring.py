@@ -145,7 +145,6 @@ class UringSyncer:
         self.alive = True
         self._closed = False
         self.syncs = 0  # completed (stats, tests)
-        self.overflow_flushes = 0  # completions moved out of the kernel's overflow list
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         arg = ctypes.c_int(self._event_fd)
         if libc.syscall(_SYS_REGISTER, ring_fd, _REGISTER_EVENTFD, ctypes.byref(arg), 1):
@@ -283,13 +282,12 @@ class UringSyncer:
                 at = self._cqes_at + (head & self._cq_mask) * _CQE.size
                 request_id, result, _flags = _CQE.unpack_from(ring, at)
                 head = (head + 1) & 0xFFFFFFFF
-                _U32.pack_into(ring, self._cq_head_at, head)
                 self._in_flight -= 1
                 self._complete(request_id, result, now)
+            _U32.pack_into(ring, self._cq_head_at, head)  # their slots are free again
             if not _U32.unpack_from(ring, self._sq_flags_at)[0] & _SQ_CQ_OVERFLOW:
                 break
             # Move what overflowed onto the ring (liburing does the same), and read on.
-            self.overflow_flushes += 1
             self._enter(_SYS_ENTER, self._ring_fd, 0, 0, _ENTER_GETEVENTS, None, 0)
         while self._backlog and self._in_flight < self._in_flight_max and self.alive:
             request_id, fd = self._backlog.popleft()

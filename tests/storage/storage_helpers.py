@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from pathlib import Path
 
 from mqd.clock import ManualClock
@@ -37,6 +38,18 @@ class FaultyFS(FileSystem):
         if self.fsync_errno is not None:
             self.fsyncs += 1
             raise OSError(self.fsync_errno, os.strerror(self.fsync_errno))
+        super().fdatasync(fd)
+
+
+class ThreadNotingFS(FileSystem):
+    """Real calls; remembers which thread made each fdatasync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sync_threads: list[int] = []
+
+    def fdatasync(self, fd: int) -> None:
+        self.sync_threads.append(threading.get_ident())
         super().fdatasync(fd)
 
 

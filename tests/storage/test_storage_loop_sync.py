@@ -7,22 +7,18 @@ import time
 from pathlib import Path
 
 import pytest
-from storage_helpers import EIO, ENOSPC, FaultyFS, msg, open_store, segment_files
+from storage_helpers import (
+    EIO,
+    ENOSPC,
+    FaultyFS,
+    ThreadNotingFS,
+    msg,
+    open_store,
+    segment_files,
+)
 
 from mqd.errors import InternalError, StorageFull
-from mqd.storage.fs import FileSystem, LoopSyncBudget
-
-
-class ThreadNotingFS(FileSystem):
-    """Real calls; remembers which thread made each fdatasync."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sync_threads: list[int] = []
-
-    def fdatasync(self, fd: int) -> None:
-        self.sync_threads.append(threading.get_ident())
-        super().fdatasync(fd)
+from mqd.storage.fs import LoopSyncBudget
 
 
 async def test_small_groups_sync_on_the_loop_large_ones_in_a_thread(tmp_path: Path) -> None:

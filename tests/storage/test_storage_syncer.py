@@ -1,4 +1,7 @@
-"""A node's sync process (mqd.storage.syncer): real process, real files, real faults."""
+"""A node's sync process (mqd.storage.syncer): real process, real files, real faults.
+
+The first tests hold for every syncer a store may have, so they run against a
+single node's io_uring (mqd.storage.uring) too."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from mqd.errors import InternalError
 from mqd.storage import fs
 from mqd.storage.config import StorageConfig
 from mqd.storage.syncer import SyncProcess
+from mqd.storage.uring import UringSyncer
 
 
 @pytest.fixture
@@ -38,39 +42,62 @@ def files_held_by(pid: int) -> set[str]:
     return held
 
 
+@pytest.fixture(params=["sync_process", "io_uring"])
+async def any_syncer(request: pytest.FixtureRequest):
+    """Each syncer in turn: a cluster node's sync process, a single node's ring."""
+    if request.param == "sync_process":
+        made: SyncProcess | UringSyncer | None = await SyncProcess.start()
+        assert made is not None, "Linux passes descriptors over Unix sockets"
+    else:
+        made = UringSyncer.open()
+        if made is None:
+            pytest.skip("this kernel gives no io_uring (the node then syncs in threads)")
+    yield made
+    await made.close()
+
+
+def holds_own_copy(syncer: SyncProcess | UringSyncer, slot: int, fd: int, path: Path) -> bool:
+    """Whether the syncer keeps a descriptor of its own of the file (the node may
+    close its one meanwhile)."""
+    if isinstance(syncer, SyncProcess):
+        return str(path) in files_held_by(syncer.pid)
+    own = syncer._files[slot]
+    return own != fd and os.readlink(f"/proc/self/fd/{own}") == str(path)
+
+
 async def test_it_syncs_the_file_it_was_given_and_reports_the_time(
-    syncer: SyncProcess, tmp_path: Path
+    any_syncer: SyncProcess | UringSyncer, tmp_path: Path
 ) -> None:
     seen: list[float] = []
     fs.fsync_observers.append(seen.append)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         os.pwrite(fd, b"x" * 300, 0)
-        slot = syncer.new_slot()
-        syncer.use(slot, fd)
-        await syncer.fdatasync(slot)
-        await syncer.fdatasync(slot)
-        assert syncer.syncs == 2 and len(seen) == 2 and all(s >= 0 for s in seen)
-        assert str(tmp_path / "f") in files_held_by(syncer.pid)
+        slot = any_syncer.new_slot()
+        any_syncer.use(slot, fd)
+        await any_syncer.fdatasync(slot)
+        await asyncio.gather(any_syncer.fdatasync(slot), any_syncer.fdatasync(slot))
+        assert any_syncer.syncs == 3 and len(seen) == 3 and all(s >= 0 for s in seen)
+        assert holds_own_copy(any_syncer, slot, fd, tmp_path / "f")
     finally:
         fs.fsync_observers.remove(seen.append)
         os.close(fd)
 
 
 async def test_a_failed_fdatasync_comes_back_with_its_errno(
-    syncer: SyncProcess, tmp_path: Path
+    any_syncer: SyncProcess | UringSyncer,
 ) -> None:
     read_end, write_end = os.pipe()  # fdatasync on a pipe: EINVAL
     try:
-        slot = syncer.new_slot()
-        syncer.use(slot, read_end)
+        slot = any_syncer.new_slot()
+        any_syncer.use(slot, read_end)
         with pytest.raises(OSError) as failed:
-            await syncer.fdatasync(slot)
+            await any_syncer.fdatasync(slot)
         assert failed.value.errno == errno.EINVAL
         with pytest.raises(OSError) as unknown:
-            await syncer.fdatasync(syncer.new_slot())  # never given a file
+            await any_syncer.fdatasync(any_syncer.new_slot())  # never given a file
         assert unknown.value.errno == errno.EBADF
-        assert syncer.alive  # errors are answers, not deaths
+        assert any_syncer.alive  # errors are answers, not the syncer's end
     finally:
         os.close(read_end)
         os.close(write_end)

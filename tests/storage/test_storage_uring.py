@@ -1,4 +1,7 @@
-"""A single node's io_uring syncer (mqd.storage.uring): a real ring, real files."""
+"""A single node's io_uring syncer (mqd.storage.uring): a real ring, real files.
+
+What every syncer must do (sync, report the time, answer errors) is tested
+against each in test_storage_syncer.py."""
 
 from __future__ import annotations
 
@@ -9,11 +12,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from storage_helpers import msg, open_store, segment_files
+from storage_helpers import ThreadNotingFS, msg, open_store, segment_files
 
-from mqd.storage import fs
 from mqd.storage.config import StorageConfig
-from mqd.storage.fs import FileSystem, LoopSyncBudget
+from mqd.storage.fs import LoopSyncBudget
 from mqd.storage.uring import UringSyncer
 
 
@@ -28,56 +30,6 @@ async def syncer():
 
 def file_of(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
-
-
-class ThreadNotingFS(FileSystem):
-    """Real calls; remembers which thread made each fdatasync."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sync_threads: list[int] = []
-
-    def fdatasync(self, fd: int) -> None:
-        self.sync_threads.append(threading.get_ident())
-        super().fdatasync(fd)
-
-
-async def test_it_syncs_the_file_it_was_given_and_reports_the_time(
-    syncer: UringSyncer, tmp_path: Path
-) -> None:
-    seen: list[float] = []
-    fs.fsync_observers.append(seen.append)
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, b"x" * 300, 0)
-        slot = syncer.new_slot()
-        syncer.use(slot, fd)
-        await syncer.fdatasync(slot)
-        await asyncio.gather(syncer.fdatasync(slot), syncer.fdatasync(slot))
-        assert syncer.syncs == 3 and len(seen) == 3 and all(s >= 0 for s in seen)
-        # Its own descriptor of the file: the store may close its one meanwhile.
-        own = syncer._files[slot]
-        assert own != fd and file_of(own) == str(tmp_path / "f")
-    finally:
-        fs.fsync_observers.remove(seen.append)
-        os.close(fd)
-
-
-async def test_a_failed_fdatasync_comes_back_with_its_errno(syncer: UringSyncer) -> None:
-    read_end, write_end = os.pipe()  # fdatasync on a pipe: EINVAL
-    try:
-        slot = syncer.new_slot()
-        syncer.use(slot, read_end)
-        with pytest.raises(OSError) as failed:
-            await syncer.fdatasync(slot)
-        assert failed.value.errno == errno.EINVAL
-        with pytest.raises(OSError) as unknown:
-            await syncer.fdatasync(syncer.new_slot())  # never given a file
-        assert unknown.value.errno == errno.EBADF
-        assert syncer.alive  # errors are answers, not the end of the ring
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 async def test_more_syncs_than_the_ring_holds_wait_their_turn(tmp_path: Path) -> None:
