@@ -153,28 +153,36 @@ class FrontendRole:
             self.metrics.request_seconds.labels(op).observe(elapsed)
             if outcome != "ok":
                 self.metrics.request_errors.labels(op, outcome).inc()
-        if (
-            self.slow_request_s
-            and elapsed >= self.slow_request_s
-            and not getattr(request, "wait_ms", 0)
-        ):
-            # A long poll is slow on purpose; everything else this slow is worth a line.
-            log.warning(
-                "request.slow",
-                op=op,
-                queue=getattr(request, "queue", "") or getattr(request, "name", ""),
-                entries=len(
-                    getattr(request, "entries", None)
-                    or getattr(request, "receipts", None)
-                    or getattr(request, "changes", None)
-                    or ()
-                ),
-                request_bytes=trace.request_bytes,
-                response_bytes=trace.response_bytes,
-                elapsed_ms=round(elapsed * 1000, 1),
-                stages_ms=trace.summary_ms(elapsed),
-                outcome=outcome,
-            )
+        if self.slow_request_s and elapsed >= self.slow_request_s:
+            self._log_slow(op, request, elapsed, outcome, trace)
+
+    def _log_slow(
+        self, op: str, request: Any, elapsed: float, outcome: str, trace: stages.Trace
+    ) -> None:
+        carried: dict[str, Any] = {}
+        if trace.carried is not None:
+            # A leader's PARTITION_CALL: the line is about the client op inside it.
+            carried_op, request, partition = trace.carried
+            carried = {"carries": carried_op, "partition": partition}
+        if getattr(request, "wait_ms", 0):
+            return  # a long poll is slow on purpose; everything else this slow is worth a line
+        log.warning(
+            "request.slow",
+            op=op,
+            **carried,
+            queue=getattr(request, "queue", "") or getattr(request, "name", ""),
+            entries=len(
+                getattr(request, "entries", None)
+                or getattr(request, "receipts", None)
+                or getattr(request, "changes", None)
+                or ()
+            ),
+            request_bytes=trace.request_bytes,
+            response_bytes=trace.response_bytes,
+            elapsed_ms=round(elapsed * 1000, 1),
+            stages_ms=trace.summary_ms(elapsed),
+            outcome=outcome,
+        )
 
     def stats(self) -> dict[str, Any]:
         return {

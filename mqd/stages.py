@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from contextvars import ContextVar
 from time import perf_counter
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -25,12 +25,15 @@ T = TypeVar("T")
 class Trace:
     """One request's stages (seconds by name) and sizes (bytes of its frames)."""
 
-    __slots__ = ("request_bytes", "response_bytes", "spans")
+    __slots__ = ("carried", "request_bytes", "response_bytes", "spans")
 
     def __init__(self, request_bytes: int = 0) -> None:
         self.spans: dict[str, float] = {}
         self.request_bytes = request_bytes
         self.response_bytes = 0
+        # A node-to-node request that carries a client op (PARTITION_CALL): the op's
+        # name, its decoded request and the partition, for the slow-request line.
+        self.carried: tuple[str, Any, int] | None = None
 
     def add(self, stage: str, seconds: float) -> None:
         self.spans[stage] = self.spans.get(stage, 0.0) + seconds
@@ -52,6 +55,13 @@ def begin(request_bytes: int = 0) -> Trace:
     trace = Trace(request_bytes)
     _current.set(trace)
     return trace
+
+
+def carry(op: str, request: Any, partition: int) -> None:
+    """Note the client op the current request carries to a partition's leader."""
+    trace = _current.get()
+    if trace is not None:
+        trace.carried = (op, request, partition)
 
 
 def respond(response_bytes: int, seconds: float) -> None:

@@ -35,6 +35,10 @@ def fast_failure_detection(manifest: launcher.Manifest) -> None:
         text = text.replace('[log]\nformat = "json"\n', '[log]\nformat = "json"\nlevel = "debug"\n')
         if node.role == "backend":
             text += '\n[metrics]\nlisten = "127.0.0.1:0"\n'
+            # Slow-request lines from the leaders (test_the_leader_exports_...).
+            text = text.replace(
+                '[log]\nformat = "json"\n', '[log]\nformat = "json"\nslow_request_ms = 300\n'
+            )
         path.write_text(text)
 
 
@@ -79,6 +83,23 @@ def lag_of(exposition: str, queue: str, replica: str) -> float | None:
             if f'replica="{replica}"' in line:
                 return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def slow_request(
+    manifest: launcher.Manifest, node_id: str, carries: str, entries: int, timeout_s: float = 10
+) -> dict:
+    """A node's first `request.slow` line for a carried op of `entries` entries, waiting
+    for it: a request is logged once answered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in manifest.path(manifest.node(node_id).log).read_text().splitlines():
+            if '"request.slow"' in line:
+                event = json.loads(line)
+                if event.get("carries") == carries and event["entries"] == entries:
+                    return event
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{node_id} logged no slow {carries} within {timeout_s} s")
+        time.sleep(0.05)
 
 
 async def placement_of(client, queue: str) -> list[dict]:
@@ -339,6 +360,24 @@ async def test_the_leader_exports_each_followers_replication_lag(cluster):
             return lag_of(await scrape(leader), "lagged", followers[0]) == 0.0
 
         await wait_for(caught_up)
+
+        # The leader's slow-request line names the client op its PARTITION_CALL carried,
+        # and where the time went: waiting for the in-sync set to drop the paused follower.
+        slow = await asyncio.to_thread(slow_request, cluster, part["leader"], "SEND", 3)
+        assert slow["op"] == "PARTITION_CALL" and slow["queue"] == "lagged"
+        assert slow["partition"] == 0 and slow["elapsed_ms"] >= 300
+        assert max(slow["stages_ms"], key=slow["stages_ms"].get) == "replication"
+        # A long poll through PARTITION_CALL is slow on purpose: no line for it.
+        idle = await client.create_queue("idle-poll")
+        (idle_part,) = await placement_of(client, "idle-poll")
+        assert await idle.receive(max_messages=1, wait=0.6) == []
+        await asyncio.sleep(1)  # (a line would follow the answer within microseconds)
+        idle_leader = cluster.path(cluster.node(idle_part["leader"]).log).read_text()
+        assert "idle-poll" in idle_leader  # the queue's partition opened there
+        slow_lines = [
+            json.loads(line) for line in idle_leader.splitlines() if '"request.slow"' in line
+        ]
+        assert not [e for e in slow_lines if e["elapsed_ms"] >= 550 and e.get("carries") != "SEND"]
 
 
 async def test_writes_refused_below_min_insync(cluster):

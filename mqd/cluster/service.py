@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from mqd import __version__, auth
+from mqd import __version__, auth, stages
 from mqd.backend import BackendRole
 from mqd.cluster.replication import Follower, LeaderReplication
 from mqd.cluster.rpc import PeerPool
@@ -837,6 +837,7 @@ async def handle_partition_call(
     except ProtocolError as exc:
         # The frame itself was fine: a bad inner body is a bad argument, not a broken stream.
         raise InvalidArgument(f"PARTITION_CALL body: {exc.message}") from None
+    stages.carry(Opcode(request.opcode).name, inner, request.partition)
     record, endpoint = await service.local(request.queue_id, request.partition, request.epoch)
     response = await run(service, record, endpoint, inner)
     return messages.PartitionCallResponse(body=codec.encode_body(response))
