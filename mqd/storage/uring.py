@@ -306,10 +306,15 @@ class UringSyncer:
         if result < 0:
             future.set_exception(OSError(-result, os.strerror(-result)))
             return
-        # Submission to completion as the loop saw it: the disk and the wake-up.
-        for observe in fs.fsync_observers:
-            observe(now - submitted)
         future.set_result(None)
+        # Submission to completion as the loop saw it: the disk and the wake-up. (After
+        # the answer, and apart: an observer that raises must not leave the batch of
+        # completions half read.)
+        try:
+            for observe in fs.fsync_observers:
+                observe(now - submitted)
+        except Exception:
+            log.exception("uring.observer_failed")
 
     def _break(self, why: str) -> None:
         if not self.alive:
@@ -343,10 +348,16 @@ class UringSyncer:
         if self._closed:
             return
         self._closed = True
-        if self.alive:
+        try:
             pending = [future for future, _submitted, _fd in self._waiting.values()]
-            if pending:
+            if pending and self.alive:
                 await asyncio.wait(pending, timeout=CLOSE_WAIT_S)
+        finally:
+            # Cancelled while waiting (a second close returns at once): freed all the same.
+            self._release_all()
+
+    def _release_all(self) -> None:
+        if self.alive:
             self.alive = False
             self._loop.remove_reader(self._event_fd)
         self._stop_watching()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from storage_helpers import ThreadNotingFS, msg, open_store, segment_files
 
+from mqd.storage import fs
 from mqd.storage.config import StorageConfig
 from mqd.storage.fs import LoopSyncBudget
 from mqd.storage.uring import UringSyncer
@@ -176,4 +177,60 @@ async def test_completions_no_eventfd_announced_are_found_all_the_same(
         await asyncio.wait_for(asyncio.gather(*(syncer.fdatasync(slot) for _ in range(3))), 5)
         assert syncer.syncs == 3 and syncer._in_flight == 0
     finally:
+        os.close(fd)
+
+
+def ring_fds() -> list[str]:
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # the listing's own descriptor, gone
+    return [name for name in names if name in ("anon_inode:[io_uring]", "anon_inode:[eventfd]")]
+
+
+async def test_a_close_cancelled_while_syncs_finish_still_frees_the_ring(tmp_path: Path) -> None:
+    before = ring_fds()
+    ring = UringSyncer.open()
+    if ring is None:
+        pytest.skip("this kernel gives no io_uring")
+    fd = os.open(tmp_path / "big", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"z" * (64 << 20), 0)  # tens of ms of writeback for the sync
+        slot = ring.new_slot()
+        ring.use(slot, fd)
+        syncing = asyncio.ensure_future(ring.fdatasync(slot))
+        closing = asyncio.ensure_future(ring.close())
+        await asyncio.sleep(0.001)
+        assert not syncing.done() and not closing.done()  # close waits for the sync
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await ring.close()  # returns at once: the first one freed everything
+        assert not ring.alive
+        assert ring_fds() == before  # ring, its mmaps' copies and eventfd: all closed
+        with pytest.raises(OSError) as failed:
+            await syncing
+        assert failed.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+
+
+async def test_an_observer_that_raises_loses_no_completion(
+    syncer: UringSyncer, tmp_path: Path
+) -> None:
+    def broken(_seconds: float) -> None:
+        raise RuntimeError("observer bug")
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    fs.fsync_observers.append(broken)
+    try:
+        slot = syncer.new_slot()
+        syncer.use(slot, fd)
+        os.pwrite(fd, b"x" * 100, 0)
+        await asyncio.wait_for(asyncio.gather(*(syncer.fdatasync(slot) for _ in range(5))), 30)
+        assert syncer.syncs == 5 and syncer._in_flight == 0 and not syncer._waiting
+    finally:
+        fs.fsync_observers.remove(broken)
         os.close(fd)
