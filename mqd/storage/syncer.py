@@ -209,10 +209,13 @@ class SyncProcess:
             self.syncs += 1
             if error:
                 future.set_exception(OSError(error, os.strerror(error)))
-            else:
+                continue
+            future.set_result(None)
+            try:  # after the answer: an observer that raises must not lose the rest
                 for observe in fs.fsync_observers:
                     observe(seconds)
-                future.set_result(None)
+            except Exception:
+                log.exception("syncer.observer_failed")
 
     def _stop_watching(self) -> None:
         self.alive = False

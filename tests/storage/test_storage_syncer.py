@@ -65,6 +65,26 @@ def holds_own_copy(syncer: SyncProcess | UringSyncer, slot: int, fd: int, path: 
     return own != fd and os.readlink(f"/proc/self/fd/{own}") == str(path)
 
 
+async def test_an_observer_that_raises_loses_no_completion(
+    any_syncer: SyncProcess | UringSyncer, tmp_path: Path
+) -> None:
+    def broken(_seconds: float) -> None:
+        raise RuntimeError("observer bug")
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    fs.fsync_observers.append(broken)
+    try:
+        slot = any_syncer.new_slot()
+        any_syncer.use(slot, fd)
+        os.pwrite(fd, b"x" * 100, 0)
+        syncs = [any_syncer.fdatasync(slot) for _ in range(5)]
+        await asyncio.wait_for(asyncio.gather(*syncs), 10)
+        assert any_syncer.syncs == 5 and not any_syncer._waiting
+    finally:
+        fs.fsync_observers.remove(broken)
+        os.close(fd)
+
+
 async def test_it_syncs_the_file_it_was_given_and_reports_the_time(
     any_syncer: SyncProcess | UringSyncer, tmp_path: Path
 ) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from storage_helpers import ThreadNotingFS, msg, open_store, segment_files
 
-from mqd.storage import fs
 from mqd.storage.config import StorageConfig
 from mqd.storage.fs import LoopSyncBudget
 from mqd.storage.uring import UringSyncer
@@ -214,23 +213,4 @@ async def test_a_close_cancelled_while_syncs_finish_still_frees_the_ring(tmp_pat
             await syncing
         assert failed.value.errno == errno.EIO
     finally:
-        os.close(fd)
-
-
-async def test_an_observer_that_raises_loses_no_completion(
-    syncer: UringSyncer, tmp_path: Path
-) -> None:
-    def broken(_seconds: float) -> None:
-        raise RuntimeError("observer bug")
-
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
-    fs.fsync_observers.append(broken)
-    try:
-        slot = syncer.new_slot()
-        syncer.use(slot, fd)
-        os.pwrite(fd, b"x" * 100, 0)
-        await asyncio.wait_for(asyncio.gather(*(syncer.fdatasync(slot) for _ in range(5))), 30)
-        assert syncer.syncs == 5 and syncer._in_flight == 0 and not syncer._waiting
-    finally:
-        fs.fsync_observers.remove(broken)
         os.close(fd)
