@@ -267,6 +267,28 @@ async def test_a_failing_handler_is_retried_with_backoff(client):
     assert failed[0]["receive_count"] == 1 and failed[0]["queue"] == "retry"
 
 
+async def test_a_handler_s_own_cancelled_error_is_a_failure_not_a_stop(client):
+    # A handler that awaits something cancelled gets CancelledError without the
+    # consumer stopping: retried like any failure, and its worker goes on.
+    queue = await client.create_queue("own-cancel", visibility_timeout=30)
+    await queue.send_batch([b"first", b"second"])
+    handled: list[tuple[bytes, int]] = []
+
+    async def handler(message: Message) -> None:
+        handled.append((message.body, message.receive_count))
+        if message.receive_count == 1 and message.body == b"first":
+            doomed = asyncio.ensure_future(asyncio.sleep(3600))
+            doomed.cancel()
+            await doomed
+
+    with structlog.testing.capture_logs() as logs:
+        async with queue.consumer(handler, concurrency=1, wait=0.3, retry_delay=0.1):
+            await _until(lambda: _settled(queue), 10, "both messages acked")
+    assert sorted(handled) == [(b"first", 1), (b"first", 2), (b"second", 1)]
+    [failed] = [e for e in logs if e["event"] == "consumer.handler_failed"]
+    assert failed["receive_count"] == 1
+
+
 async def test_the_consumer_rides_out_a_server_restart(server, client):
     queue = await client.create_queue("restart", visibility_timeout=30)
     handled: list[bytes] = []

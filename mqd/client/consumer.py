@@ -733,23 +733,33 @@ class Consumer:
         try:
             await self._handler(message)
         except asyncio.CancelledError:
-            # The drain timeout ran out (or a hard stop): give it back now.
-            self._settle(lease, release_ms=0)
-            raise
+            worker = asyncio.current_task()
+            if worker is None or worker.cancelling():
+                # The drain timeout ran out (or a hard stop): give it back now.
+                self._settle(lease, release_ms=0)
+                raise
+            # Raised by the handler itself (it awaited something that was cancelled),
+            # not a stop: a failure like any other, and the worker goes on.
+            self._handler_failed(lease)
         except Exception:
-            self.stats.failed += 1
-            delay_s = self._retry_delay_for(message.receive_count)
-            log.exception(
-                "consumer.handler_failed",
-                queue=self.queue.name,
-                message_id=message.id,
-                receive_count=message.receive_count,
-                retry_in_s=delay_s,
-            )
-            self._settle(lease, release_ms=round(delay_s * 1000))
+            self._handler_failed(lease)
         else:
             self.stats.handled += 1
             self._settle(lease, ack=True)
+
+    def _handler_failed(self, lease: _Lease) -> None:
+        """Log the handler's exception (being handled) and retry the message later."""
+        message = lease.message
+        self.stats.failed += 1
+        delay_s = self._retry_delay_for(message.receive_count)
+        log.exception(
+            "consumer.handler_failed",
+            queue=self.queue.name,
+            message_id=message.id,
+            receive_count=message.receive_count,
+            retry_in_s=delay_s,
+        )
+        self._settle(lease, release_ms=round(delay_s * 1000))
 
     def _retry_delay_for(self, receive_count: int) -> float:
         exponent = min(max(receive_count - 1, 0), _RETRY_EXPONENT_MAX)
