@@ -264,6 +264,33 @@ async def test_consume_waits_for_new_messages_by_push(client):
     await stream.aclose()
 
 
+async def test_a_stream_holds_its_request_slot_so_a_full_connection_still_grants(
+    server_factory, tmp_path
+):
+    # The server counts an open subscription as an outstanding request; a client that
+    # did not would send one request too many at a full connection, and a GRANT refused
+    # that way left the stream waiting for ever for messages that were there.
+    config = tmp_path / "few.toml"
+    config.write_text("[limits]\nrequests_in_flight_max = 8\n")
+    server = server_factory("few", config=config)
+    async with await mqd.client.connect(server.address) as client:
+        queue = await client.create_queue("full", visibility_timeout=30)
+        idle = await client.create_queue("idle")
+        await queue.send_batch([b"%d" % i for i in range(10)])
+        stream = queue.consume(prefetch=1, wait=20)
+        first = await asyncio.wait_for(stream.__anext__(), 5)
+        await queue.ack(first)
+        # Every slot the client thinks free, taken by a long poll; then the next message.
+        polls = [asyncio.create_task(idle.receive(wait=1)) for _ in range(8)]
+        second = await asyncio.wait_for(stream.__anext__(), 10)
+        assert second.body == b"1"
+        assert [await poll for poll in polls] == [[]] * 8  # none refused
+        await queue.ack(second)
+        await stream.aclose()
+        # Closed, the subscription gives its slot back: 8 at once go through again.
+        assert await asyncio.gather(*(idle.receive(wait=0) for _ in range(8))) == [[]] * 8
+
+
 async def test_run_consumer_on_push_handles_everything(client):
     queue = await client.create_queue("handled", visibility_timeout=30)
     await queue.send_batch([b"%d" % i for i in range(100)])

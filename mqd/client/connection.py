@@ -187,6 +187,8 @@ class Connection:
         msg: Any,
         timeout_s: float | None = None,
         on_abandoned: Callable[[Any], None] | None = None,
+        *,
+        keep_slot: bool = False,
     ) -> Any:
         """Send one request and return its response dataclass.
 
@@ -200,8 +202,13 @@ class Connection:
         comes before the timeout) is handed to `on_abandoned(response)`
         instead of being dropped. RECEIVE uses this to give back messages a
         cancelled long poll was sent (protocol.md §4.10).
+
+        With `keep_slot`, a successful request keeps its in-flight slot until
+        `release_slot()`: the server counts an open subscription as an
+        outstanding request (protocol.md §4.18), and so must the client, or
+        its next request beyond the limit is refused (TOO_MANY_REQUESTS).
         """
-        abandoned = False
+        abandoned = kept = False
         if self._closed_reason is not None:
             raise self._closed_error()
         if self._in_flight < self._in_flight_max:
@@ -240,7 +247,7 @@ class Connection:
                 else loop.call_later(seconds, self._expire, cid, msg.OPCODE, timeout_s)
             )
             try:
-                return await future
+                response = await future
             except asyncio.CancelledError:
                 if on_abandoned is not None:
                     abandoned = self._abandon(cid, future, timer, on_abandoned)
@@ -250,9 +257,15 @@ class Connection:
                     if timer is not None:
                         timer.cancel()
                     pending.pop(cid, None)
+            kept = keep_slot
+            return response
         finally:
-            if not abandoned:
+            if not abandoned and not kept:
                 self._release_slot()
+
+    def release_slot(self) -> None:
+        """Give back a slot a request kept (`keep_slot`): once per such request."""
+        self._release_slot()
 
     def _abandon(
         self,

@@ -13,6 +13,8 @@ keeps the client's side of that bargain:
   its end frame anyway.
 - `close()` sends UNSUBSCRIBE and returns what was pushed and not yet taken,
   for the caller to release. The server pushes nothing after its answer.
+- While open, a subscription holds one of the connection's in-flight slots,
+  as the server counts it as an outstanding request.
 
 A subscription lives and dies with its connection: when the connection is
 lost, the next `take` / `next_batch` raises ConnectionClosed, and the caller
@@ -28,7 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mqd.errors import ConnectionClosed, MqdError, ServerError
+from mqd.errors import (
+    ConnectionClosed,
+    MqdError,
+    RequestTimeout,
+    ServerError,
+    Throttled,
+    TooManyRequests,
+    Unavailable,
+)
 from mqd.protocol.messages import (
     VISIBILITY_DEFAULT,
     DeliverPush,
@@ -49,6 +59,16 @@ log = structlog.get_logger("mqd.client.subscription")
 
 # Assumed when the server's HELLO names no subscription_credits_max (protocol.md §5.1).
 CREDITS_MAX_DEFAULT = 1000
+# A GRANT refused for now is sent again after this long, doubling up to the max.
+GRANT_RETRY_MIN_S = 0.05
+GRANT_RETRY_MAX_S = 2.0
+# What a GRANT may meet and still be worth sending again (the subscription runs).
+GRANT_RETRY_ERRORS: tuple[type[MqdError], ...] = (
+    TooManyRequests,
+    Throttled,
+    RequestTimeout,
+    Unavailable,
+)
 
 
 class Subscription:
@@ -73,6 +93,7 @@ class Subscription:
         self._wakeup = asyncio.Event()
         self._on_event = on_event
         self._grants: set[asyncio.Task[None]] = set()
+        self._holds_slot = False  # the SUBSCRIBE's in-flight slot, until the server ends it
 
     @classmethod
     async def open(
@@ -99,15 +120,24 @@ class Subscription:
         self.outstanding = credits
         request = SubscribeRequest(self.subscription_id, queue.name, credits, visibility_ms)
         try:
-            response = await conn.request(request, on_abandoned=self._abandoned)
+            response = await conn.request(request, on_abandoned=self._abandoned, keep_slot=True)
         except asyncio.CancelledError:
             # Sent, and maybe opened: `_abandoned` closes it if the answer says so.
             raise
         except BaseException:
             conn.remove_push_listener(self.subscription_id)
             raise
+        self._holds_slot = True
+        if self._end is not None:  # ended (or the connection lost) before the answer
+            self._release_slot()
         self.visibility_timeout = response.visibility_timeout_ms / 1000
         return self
+
+    def _release_slot(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            assert self._conn is not None
+            self._conn.release_slot()
 
     def _abandoned(self, response: Any) -> None:
         """SUBSCRIBE succeeded after its caller gave up: end it, release what came."""
@@ -126,9 +156,11 @@ class Subscription:
             self._batches.append(messages)
         elif isinstance(body, ErrorBody):
             self._end = ServerError.from_code(body.code, body.message, body.details)
+            self._release_slot()
         else:  # ConnectionClosed: the connection is gone
             assert isinstance(body, BaseException)
             self._end = body
+            self._release_slot()
         self._wakeup.set()
         if self._on_event is not None:
             self._on_event()
@@ -178,22 +210,53 @@ class Subscription:
         task.add_done_callback(self._grants.discard)
 
     async def _grant(self, credits: int) -> None:
+        """GRANT until the server has the credits or the subscription ends: `outstanding`
+        already counts them, so one lost would leave a stream waiting for pushes that
+        never come."""
         conn = self._conn
         assert conn is not None
-        try:
-            await conn.request(GrantRequest(self.subscription_id, credits))
-        except MqdError as exc:
-            if not self.ended:
-                # The end frame, if one is coming, is in the same stream after the
-                # answer: look again once the loop has read it.
-                await asyncio.sleep(0)
-            if not self.ended:
+        delay_s = GRANT_RETRY_MIN_S
+        while True:
+            try:
+                await conn.request(GrantRequest(self.subscription_id, credits))
+                return
+            except MqdError as exc:
+                if not self.ended:
+                    # The end frame, if one is coming, is in the same stream after the
+                    # answer: look again once the loop has read it.
+                    await asyncio.sleep(0)
+                if self.ended:
+                    return
+                retry = isinstance(exc, GRANT_RETRY_ERRORS)
                 log.warning(
                     "subscription.grant_failed",
                     queue=self.queue.name,
                     subscription_id=self.subscription_id,
                     error=str(exc),
+                    retry_in_s=delay_s if retry else None,
                 )
+                if not retry:
+                    # Not the server's to give: end it here, so the stream subscribes
+                    # again (or raises), and give back what it holds.
+                    self.outstanding = max(0, self.outstanding - credits)
+                    self._end = exc
+                    self._wakeup.set()
+                    if self._on_event is not None:
+                        self._on_event()
+                    self.queue.client._spawn(self._unsubscribe_ended())
+                    return
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, GRANT_RETRY_MAX_S)
+
+    async def _unsubscribe_ended(self) -> None:
+        """UNSUBSCRIBE a subscription this client ended (the server's side may run)."""
+        conn = self._conn
+        if conn is not None and not conn.closed and self._holds_slot:
+            try:
+                await conn.request(UnsubscribeRequest(self.subscription_id))
+            except MqdError as exc:
+                log.debug("subscription.unsubscribe_failed", queue=self.queue.name, error=str(exc))
+        self._release_slot()
 
     # --- the end -----------------------------------------------------------------------
 
@@ -213,6 +276,7 @@ class Subscription:
                     log.debug(
                         "subscription.unsubscribe_failed", queue=self.queue.name, error=str(exc)
                     )
+            self._release_slot()
             if conn is not None:
                 conn.remove_push_listener(self.subscription_id)
             for task in list(self._grants):
