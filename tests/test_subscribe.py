@@ -291,6 +291,39 @@ async def test_a_stream_holds_its_request_slot_so_a_full_connection_still_grants
         assert await asyncio.gather(*(idle.receive(wait=0) for _ in range(8))) == [[]] * 8
 
 
+async def test_streams_past_the_connection_s_subscription_limit_poll_instead(
+    server_factory, tmp_path
+):
+    config = tmp_path / "one.toml"
+    config.write_text("[limits]\nsubscriptions_per_connection_max = 1\n")
+    server = server_factory("one", config=config)
+    async with await mqd.client.connect(server.address) as client:
+        queues = [await client.create_queue(f"q{i}", visibility_timeout=30) for i in range(2)]
+        for queue in queues:
+            await queue.send(queue.name.encode())
+        streams = [queue.consume(prefetch=1, wait=1) for queue in queues]
+        got = [await asyncio.wait_for(stream.__anext__(), 10) for stream in streams]
+        assert [m.body for m in got] == [b"q0", b"q1"]
+        assert (await client.stats())["subscriptions"] == 1  # the second one polled
+        for stream in streams:
+            await stream.aclose()
+
+        handled: list[bytes] = []
+
+        async def handler(message) -> None:
+            handled.append(message.body)
+
+        for queue in queues:
+            await queue.send(b"again " + queue.name.encode())
+        consumers = [await queue.consumer(handler, wait=0.5).start() for queue in queues]
+        deadline = time.monotonic() + 10
+        while len(handled) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for consumer in consumers:
+            await consumer.stop()
+        assert sorted(handled) == [b"again q0", b"again q1"]
+
+
 async def test_run_consumer_on_push_handles_everything(client):
     queue = await client.create_queue("handled", visibility_timeout=30)
     await queue.send_batch([b"%d" % i for i in range(100)])

@@ -375,6 +375,11 @@ class Client:
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.closed
 
+    def _subscription_room(self) -> bool:
+        """Whether a stream may subscribe on this client's connection (else it polls)."""
+        conn = self._conn
+        return conn is None or conn.closed or conn.subscription_room()
+
     def _hello_field(self, name: str) -> Any:
         return None if self._hello is None else getattr(self._hello, name)
 

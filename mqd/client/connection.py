@@ -349,6 +349,12 @@ class Connection:
         listeners[sid] = listener
         return sid
 
+    def subscription_room(self) -> bool:
+        """Whether one more subscription fits the server's subscriptions_per_connection_max
+        (past it, SUBSCRIBE is refused with TOO_MANY_REQUESTS, protocol.md §4.18)."""
+        limit = self.limits.get("subscriptions_per_connection_max")
+        return type(limit) is not int or len(self._push_listeners) < limit
+
     def remove_push_listener(self, subscription_id: int) -> None:
         self._push_listeners.pop(subscription_id, None)
 

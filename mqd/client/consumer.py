@@ -246,9 +246,14 @@ async def _stream_messages(
             if buffer:
                 yield buffer.popleft()
                 continue
-            if not client._push_unsupported:
-                if subscription is None or subscription.ended:
-                    subscription = None
+            if subscription is not None and subscription.ended:
+                subscription = None
+            # Push, unless the server has none, or this client's connection holds all the
+            # subscriptions it may (then poll, and look again next time round).
+            if not client._push_unsupported and (
+                subscription is not None or client._subscription_room()
+            ):
+                if subscription is None:
                     window = min(prefetch, credits_max(queue))
                     try:
                         subscription = await Subscription.open(queue, window, visibility_timeout)
@@ -625,6 +630,11 @@ class Consumer:
         try:
             while not self._stopping:
                 if subscription is None:
+                    if not queue.client._subscription_room():
+                        # Its connection holds all the subscriptions it may: poll instead.
+                        log.info("consumer.polling", queue=queue.name,
+                                 reason="subscriptions_per_connection_max")  # fmt: skip
+                        return False
                     window = self._window()
                     try:
                         subscription = await Subscription.open(
