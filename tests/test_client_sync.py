@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -144,3 +149,42 @@ def test_sync_consume_is_a_plain_iterator_that_releases_on_break(server):
         rest = queue.receive(max_messages=10, wait=0)
         assert sorted(m.body for m in rest) == [b"%d" % i for i in range(3, 10)]
         queue.ack(rest)
+
+
+CTRL_C_SCRIPT = """
+import sys
+from mqd.client.sync import connect
+
+with connect(sys.argv[1]) as client:
+    queue = client.create_queue("interrupted", exist_ok=True)
+    print("waiting", flush=True)
+    try:
+        for message in queue.consume(prefetch=5, wait=20):
+            print("unexpected", message.body, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", client.stats()["subscriptions"], flush=True)
+"""
+
+
+def test_ctrl_c_in_a_sync_consume_loop_is_a_keyboard_interrupt(server):
+    # The interrupted wait for the next message unwinds the stream (its subscription
+    # closed on the server) before the loop's cleanup closes it: the caller gets
+    # KeyboardInterrupt, not "asynchronous generator is already running".
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT, server.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)  # blocked in the stream's next message
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out.strip() == "interrupted 0", err
+    assert proc.returncode == 0, err

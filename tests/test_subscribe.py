@@ -11,6 +11,7 @@ Run as a script to render a push vector block for protocol.md:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import statistics
 import struct
@@ -309,16 +310,18 @@ async def test_streams_past_the_connection_s_subscription_limit_poll_instead(
             await stream.aclose()
 
         handled: list[bytes] = []
+        both = asyncio.Event()
 
         async def handler(message) -> None:
             handled.append(message.body)
+            if len(handled) == 2:
+                both.set()
 
         for queue in queues:
             await queue.send(b"again " + queue.name.encode())
         consumers = [await queue.consumer(handler, wait=0.5).start() for queue in queues]
-        deadline = time.monotonic() + 10
-        while len(handled) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(both.wait(), 10)
         for consumer in consumers:
             await consumer.stop()
         assert sorted(handled) == [b"again q0", b"again q1"]

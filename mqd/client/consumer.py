@@ -85,6 +85,9 @@ RECONNECT_DELAY_MIN_S = 0.05
 # While stopping, acks and releases are retried for at least this long
 # (or drain_timeout, if longer) before they are given up.
 SETTLE_AT_STOP_MIN_S = 5.0
+# How long `MessageStream.aclose` waits for a cancelled next() to unwind (5 s in all).
+ACLOSE_WAIT_TURN_S = 0.01
+ACLOSE_WAIT_TURNS = 500
 # The longest retry delay: the default visibility_timeout_ms_max (protocol.md §5.1).
 RETRY_DELAY_MAX_S = 43200.0
 # An empty RECEIVE answered sooner than this (wait 0, or a server that cuts
@@ -201,7 +204,16 @@ class MessageStream:
 
     async def aclose(self) -> None:
         """End the stream and release the messages it fetched but did not yield."""
-        await self._messages.aclose()
+        messages = self._messages
+        # A next message asked for by another task that was then cancelled (a sync
+        # client's caller interrupted by Ctrl-C) may still be unwinding the stream, which
+        # closes its subscription as it goes: let it finish rather than fail with
+        # "asynchronous generator is already running".
+        waited = 0
+        while messages.ag_running and waited < ACLOSE_WAIT_TURNS:
+            await asyncio.sleep(ACLOSE_WAIT_TURN_S)
+            waited += 1
+        await messages.aclose()
 
     async def __aenter__(self) -> MessageStream:
         return self
