@@ -188,3 +188,59 @@ def test_ctrl_c_in_a_sync_consume_loop_is_a_keyboard_interrupt(server):
             proc.wait()
     assert out.strip() == "interrupted 0", err
     assert proc.returncode == 0, err
+
+
+RUN_CONSUMER_CTRL_C_SCRIPT = """
+import asyncio, sys
+import structlog
+from mqd.client.sync import connect
+
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+with connect(sys.argv[1]) as client:
+    queue = client.create_queue("graceful", visibility_timeout=60, exist_ok=True)
+    queue.send_batch([b"%d" % i for i in range(20)])
+    started = []
+    finished = []
+
+    async def handler(message):
+        started.append(message.body)
+        if len(started) == 2:
+            print("running", flush=True)
+        await asyncio.sleep(1.0)
+        finished.append(message.body)
+
+    try:
+        queue.run_consumer(handler, concurrency=2, prefetch=2, wait=1)
+    except KeyboardInterrupt:
+        stats = queue.stats()
+        print("stopped", len(started), len(finished), stats["in_flight"], stats["visible"],
+              flush=True)
+"""
+
+
+def test_ctrl_c_stops_a_sync_run_consumer_gracefully(server):
+    # Ctrl-C cancels run_consumer, whose stop lets the running handlers finish and their
+    # messages be acked, and releases the prefetched ones; the caller gets
+    # KeyboardInterrupt once that is done, so nothing is left in flight.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_CONSUMER_CTRL_C_SCRIPT, server.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "running"
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    words = out.split()
+    assert words[0] == "stopped", (out, err)
+    started, finished, in_flight, visible = map(int, words[1:])
+    assert started == finished == 2  # the two running handlers finished
+    assert in_flight == 0 and visible == 18  # acked; the prefetched two released

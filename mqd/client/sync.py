@@ -47,6 +47,10 @@ T = TypeVar("T")
 _CALL_GRACE_S = 5.0
 # Closing waits this long for the loop thread to end.
 _THREAD_JOIN_S = 10.0
+# How long a call interrupted in the calling thread (Ctrl-C) may take to unwind on the
+# loop before the interrupt is raised: a consumer's graceful stop (its drain_timeout,
+# 30 s by default, and the acks after), a stream closing its subscription.
+_UNWIND_WAIT_S = 120.0
 
 # The coroutine methods offered blocking, by class. Anything else is still
 # reached through __getattr__; these are spelled out so that they show up in
@@ -110,7 +114,8 @@ class _LoopThread:
             if self._stopped:
                 coro.close()
                 raise ConnectionClosed("the client is closed")
-            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            running: list[asyncio.Task[Any]] = []  # the call's task, once it starts
+            future = asyncio.run_coroutine_threadsafe(_noting_task(coro, running), self.loop)
         try:
             return future.result(timeout_s)
         except TimeoutError:
@@ -123,7 +128,24 @@ class _LoopThread:
             ) from None
         except BaseException:
             future.cancel()  # e.g. KeyboardInterrupt in the calling thread
+            self._wait_unwound(running)
             raise
+
+    def _wait_unwound(self, running: list[asyncio.Task[Any]]) -> None:
+        """Let a call cancelled from the calling thread finish on the loop (a consumer's
+        graceful stop: running handlers finish, the rest released; a stream closing its
+        subscription) before the caller goes on, as an async caller would by awaiting
+        it. A second Ctrl-C ends the wait."""
+
+        async def unwound() -> None:
+            # Scheduled after the cancellation: a call not started by then never will.
+            if running and not running[0].done():
+                await asyncio.wait(running, timeout=_UNWIND_WAIT_S)
+
+        if self._stopped or not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(unwound(), self.loop).result(_UNWIND_WAIT_S + 1)
 
     def stop(self) -> None:
         """Cancel what still runs on the loop, stop it, end the thread, close the loop."""
@@ -149,6 +171,13 @@ class _LoopThread:
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+
+async def _noting_task(coro: Coroutine[Any, Any, T], running: list[asyncio.Task[Any]]) -> T:
+    task = asyncio.current_task()
+    assert task is not None
+    running.append(task)
+    return await coro
 
 
 def _blocking(name: str) -> Any:
