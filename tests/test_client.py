@@ -290,6 +290,9 @@ async def test_client_side_type_checks_raise_invalid_argument(client):
     for call in bad_calls:
         with pytest.raises(InvalidArgument):
             await call
+    for keepalive in (-1, "30", True):
+        with pytest.raises(InvalidArgument, match="keepalive"):
+            mqd.client.Client(keepalive=keepalive)  # type: ignore[arg-type]
     assert issubclass(InvalidArgument, MqdError)
     assert await queue.send(bytearray(b"bytes-like is fine"))
 

@@ -17,6 +17,7 @@ import statistics
 import struct
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,9 @@ from mqd.protocol.messages import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from tcp_proxy import TcpProxy
 
 if __name__ != "__main__":
     from tests.test_protocol_vectors import (
@@ -325,6 +329,38 @@ async def test_streams_past_the_connection_s_subscription_limit_poll_instead(
         for consumer in consumers:
             await consumer.stop()
         assert sorted(handled) == [b"again q0", b"again q1"]
+
+
+async def test_a_stream_whose_link_goes_silent_gives_it_up_and_subscribes_again(server):
+    # A link that dies with no FIN or reset (the proxy's blackhole: connections stay
+    # open, nothing passes) raises nothing; without the keepalive PING the stream
+    # would wait on it for ever.
+    proxy = TcpProxy("127.0.0.1", int(server.address.rsplit(":", 1)[1]), name="client")
+    proxy_port = await proxy.start()
+    try:
+        async with await mqd.client.connect(
+            f"127.0.0.1:{proxy_port}", keepalive=0.5, connect_timeout=1
+        ) as client:
+            queue = await client.create_queue("silent", visibility_timeout=2)
+            stream = queue.consume(prefetch=1, wait=1)
+            waiting = asyncio.create_task(stream.__anext__())
+            await asyncio.sleep(0.3)  # subscribed, waiting for a push
+            assert client.connected
+            proxy.set_mode("blackhole")
+            for _ in range(100):  # 0.5 s quiet, then 0.5 s for the PING's answer
+                if not client.connected:
+                    break
+                await asyncio.sleep(0.05)
+            assert not client.connected
+            proxy.set_mode("pass")
+            async with await mqd.client.connect(server.address) as direct:
+                await direct.queue("silent").send(b"after")
+            message = await asyncio.wait_for(waiting, 20)
+            assert message.body == b"after"
+            await queue.ack(message)
+            await stream.aclose()
+    finally:
+        await proxy.close()
 
 
 async def test_run_consumer_on_push_handles_everything(client):

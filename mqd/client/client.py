@@ -53,7 +53,7 @@ from mqd.protocol.messages import (
 )
 
 from .batching import U32_MAX, make_entries, make_entry, plan_chunks, seconds_to_ms, utf8_len
-from .connection import Connection
+from .connection import KEEPALIVE_S, Connection
 from .consumer import Consumer, Handler, MessageStream
 from .message import Message, messages_from_delivered
 from .subscription import Subscription
@@ -224,6 +224,7 @@ class Client:
         client_name: str | None = None,
         connect_timeout: float = 10.0,
         request_timeout: float = 30.0,
+        keepalive: float = KEEPALIVE_S,
     ) -> None:
         if isinstance(tls, str | os.PathLike):
             # A CA file to trust (a cluster's `client_ca`): verify the server against it.
@@ -242,6 +243,9 @@ class Client:
         self._client_name = client_name or f"mqd-python pid={os.getpid()}"
         self._connect_timeout_s = float(connect_timeout)
         self._request_timeout_s = float(request_timeout)
+        if isinstance(keepalive, bool) or not isinstance(keepalive, int | float) or keepalive < 0:
+            raise InvalidArgument(f"keepalive must be seconds >= 0 (0: off), got {keepalive!r}")
+        self._keepalive_s = float(keepalive)
         self._conn: Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._closed = False
@@ -272,6 +276,7 @@ class Client:
                     client_name=self._client_name,
                     connect_timeout_s=self._connect_timeout_s,
                     request_timeout_s=self._request_timeout_s,
+                    keepalive_s=self._keepalive_s,
                 )
             except ConnectionClosed as exc:
                 errors.append(exc)
@@ -921,13 +926,17 @@ async def connect(
     client_name: str | None = None,
     connect_timeout: float = 10.0,
     request_timeout: float = 30.0,
+    keepalive: float = KEEPALIVE_S,
 ) -> Client:
     """Connect to an mqd server and say HELLO; returns a ready Client.
 
     `address` is "host:port" (or several, comma-separated or in a list, tried
     in turn). `tls` is an ssl.SSLContext (the server's name is checked
     against `host`). Raises ConnectionClosed if no address answers and the
-    server's error (e.g. Unauthenticated) if HELLO is refused.
+    server's error (e.g. Unauthenticated) if HELLO is refused. While
+    subscriptions (`consume`, consumers) are open, a connection that has heard
+    nothing for `keepalive` seconds sends PING and is given up (its streams
+    subscribe again) if no answer comes within as long again; 0 turns it off.
     """
     client = Client(
         address,
@@ -936,5 +945,6 @@ async def connect(
         client_name=client_name,
         connect_timeout=connect_timeout,
         request_timeout=request_timeout,
+        keepalive=keepalive,
     )
     return await client.connect()

@@ -23,6 +23,7 @@ from typing import Any
 from mqd.errors import (
     ConnectionClosed,
     FrameTooLarge,
+    MqdError,
     ProtocolError,
     RequestTimeout,
     ServerError,
@@ -37,7 +38,7 @@ from mqd.protocol.frame import (
     PROTOCOL_VERSION_MIN,
     Frame,
 )
-from mqd.protocol.messages import ErrorBody, HelloRequest, HelloResponse, Opcode
+from mqd.protocol.messages import ErrorBody, HelloRequest, HelloResponse, Opcode, PingRequest
 from mqd.protocol.push import decode_push
 
 from .transport import FrameProtocol, open_frame_connection
@@ -57,6 +58,9 @@ RESPONSE_FRAME_BYTES_MAX = 256 * 1024 * 1024
 # costs about 2 µs (measured); back-to-back requests come sooner than this and
 # skip it. A server restart takes far longer (about 0.2 s measured).
 IDLE_CHECK_S = 0.005
+# While a connection has subscriptions open and nothing has come in for this long, it
+# sends PING; no answer within as long again closes it (`Client(keepalive=...)`).
+KEEPALIVE_S = 30.0
 _CORRELATION_ID_MAX = 0xFFFFFFFF
 
 # What a subscription's listener is handed: the DeliverPush or ErrorBody of one push
@@ -82,9 +86,13 @@ def _next_free_id(previous: int, taken: Container[int]) -> int:
 class Connection:
     """A multiplexed request/response channel to one server, after HELLO."""
 
-    def __init__(self, address: str, request_timeout_s: float) -> None:
+    def __init__(
+        self, address: str, request_timeout_s: float, keepalive_s: float = KEEPALIVE_S
+    ) -> None:
         self.address = address
         self.request_timeout_s = request_timeout_s
+        self.keepalive_s = keepalive_s  # 0: off
+        self._keepalive_task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._protocol: FrameProtocol | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -116,9 +124,10 @@ class Connection:
         client_name: str = "mqd-python",
         connect_timeout_s: float = 10.0,
         request_timeout_s: float = 30.0,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> Connection:
         """Connect, send HELLO (protocol.md §4 HELLO) and keep the server's limits."""
-        conn = cls(f"{host}:{port}", request_timeout_s)
+        conn = cls(f"{host}:{port}", request_timeout_s, keepalive_s)
         conn._protocol = await open_frame_connection(
             host,
             port,
@@ -347,7 +356,35 @@ class Connection:
         listeners = self._push_listeners
         sid = self._next_subscription_id = _next_free_id(self._next_subscription_id, listeners)
         listeners[sid] = listener
+        if self.keepalive_s > 0 and self._keepalive_task is None:
+            self._keepalive_task = self._loop.create_task(self._keep_alive())
         return sid
+
+    async def _keep_alive(self) -> None:
+        """While subscriptions are open, make sure the link still carries answers.
+
+        A link that died with no FIN or reset (a network partition, a NAT or firewall
+        that forgot the flow) raises no error, and a stream waiting for pushes would
+        wait on it for ever. When nothing has come in for `keepalive_s`, PING; no
+        answer within `keepalive_s` closes the connection, which ends its
+        subscriptions (ConnectionClosed), so their streams subscribe again elsewhere
+        or once the link is back."""
+        period = self.keepalive_s
+        try:
+            while self._push_listeners and self._closed_reason is None:
+                quiet_s = self._loop.time() - self._last_alive
+                if quiet_s < period:
+                    await asyncio.sleep(period - quiet_s)
+                    continue
+                try:
+                    await self.request(PingRequest(b""), timeout_s=period)
+                except RequestTimeout:
+                    self.abort(f"no answer to a keepalive PING within {period:g} s")
+                    return
+                except MqdError:
+                    return  # closed meanwhile: nothing left to keep alive
+        finally:
+            self._keepalive_task = None
 
     def subscription_room(self) -> bool:
         """Whether one more subscription fits the server's subscriptions_per_connection_max
@@ -438,6 +475,9 @@ class Connection:
         listeners, self._push_listeners = self._push_listeners, {}
         for listener in listeners.values():
             listener(self._closed_error())
+        keepalive = self._keepalive_task
+        if keepalive is not None and keepalive is not asyncio.current_task():
+            keepalive.cancel()
 
     # --- closing -----------------------------------------------------------------
 
