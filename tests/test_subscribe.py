@@ -363,6 +363,33 @@ async def test_a_stream_whose_link_goes_silent_gives_it_up_and_subscribes_again(
         await proxy.close()
 
 
+async def test_a_push_after_an_unanswered_unsubscribe_leaves_the_connection_up(server):
+    # UNSUBSCRIBE that times out: the server may still push to the subscription until
+    # it sees the request. Such a push is dropped (its lease runs out), not taken for a
+    # broken server, which would end every other request on the shared connection.
+    proxy = TcpProxy("127.0.0.1", int(server.address.rsplit(":", 1)[1]), name="client")
+    proxy_port = await proxy.start()
+    try:
+        async with await mqd.client.connect(
+            f"127.0.0.1:{proxy_port}", request_timeout=0.5
+        ) as client:
+            queue = await client.create_queue("late", visibility_timeout=2)
+            subscription = await queue.subscribe(5)
+            proxy.set_mode("delay", delay_s=1.0)
+            async with await mqd.client.connect(server.address) as direct:
+                await direct.queue("late").send(b"late push")
+            assert await subscription.close() == []  # UNSUBSCRIBE unanswered in 0.5 s
+            proxy.set_mode("pass")
+            await asyncio.sleep(2.5)  # the push (1 s late), then the answer, come in
+            assert client.connected
+            await client.ping()
+            [again] = await queue.receive(wait=5)  # its lease ran out
+            assert again.body == b"late push" and again.receive_count == 2
+            await queue.ack(again)
+    finally:
+        await proxy.close()
+
+
 async def test_run_consumer_on_push_handles_everything(client):
     queue = await client.create_queue("handled", visibility_timeout=30)
     await queue.send_batch([b"%d" % i for i in range(100)])

@@ -106,6 +106,9 @@ class Connection:
         self._last_alive = self._loop.time()
         # Push subscriptions by id (protocol.md §4.18); the client picks the ids.
         self._push_listeners: dict[int, PushListener] = {}
+        # Subscriptions given up without the server's word that they ended (UNSUBSCRIBE
+        # unanswered): their pushes may still come, and are dropped, not a broken stream.
+        self._retired: set[int] = set()
         self._next_subscription_id = 0
         # Set from the HELLO response.
         self.hello: HelloResponse | None = None
@@ -354,7 +357,11 @@ class Connection:
         if self._closed_reason is not None:
             raise self._closed_error()
         listeners = self._push_listeners
-        sid = self._next_subscription_id = _next_free_id(self._next_subscription_id, listeners)
+        retired = self._retired
+        sid = _next_free_id(self._next_subscription_id, listeners)
+        while sid in retired:
+            sid = _next_free_id(sid, listeners)
+        self._next_subscription_id = sid
         listeners[sid] = listener
         if self.keepalive_s > 0 and self._keepalive_task is None:
             self._keepalive_task = self._loop.create_task(self._keep_alive())
@@ -392,8 +399,12 @@ class Connection:
         limit = self.limits.get("subscriptions_per_connection_max")
         return type(limit) is not int or len(self._push_listeners) < limit
 
-    def remove_push_listener(self, subscription_id: int) -> None:
-        self._push_listeners.pop(subscription_id, None)
+    def remove_push_listener(self, subscription_id: int, *, ended: bool = True) -> None:
+        """Free a subscription id; `ended=False` when the server has not said the
+        subscription ended (its UNSUBSCRIBE failed): pushes for it are then dropped
+        until its end frame, instead of breaking the connection."""
+        if self._push_listeners.pop(subscription_id, None) is not None and not ended:
+            self._retired.add(subscription_id)
 
     def _on_push(self, frame: Frame) -> None:
         try:
@@ -403,6 +414,10 @@ class Connection:
                 f"undecodable push frame for subscription {frame.correlation_id}: {exc}"
             ) from exc  # the transport aborts the connection
         listener = self._push_listeners.get(frame.correlation_id)
+        if listener is None and frame.correlation_id in self._retired:
+            if isinstance(body, ErrorBody):
+                self._retired.discard(frame.correlation_id)  # its end: the id is free
+            return  # pushed before the server saw our UNSUBSCRIBE: its lease runs out
         if listener is None:
             # The server pushes only between SUBSCRIBE and the end of the subscription,
             # and we drop a listener only after that: a broken server.

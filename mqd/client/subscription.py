@@ -251,12 +251,16 @@ class Subscription:
     async def _unsubscribe_ended(self) -> None:
         """UNSUBSCRIBE a subscription this client ended (the server's side may run)."""
         conn = self._conn
+        ended = True
         if conn is not None and not conn.closed and self._holds_slot:
             try:
                 await conn.request(UnsubscribeRequest(self.subscription_id))
             except MqdError as exc:
+                ended = conn.closed
                 log.debug("subscription.unsubscribe_failed", queue=self.queue.name, error=str(exc))
         self._release_slot()
+        if conn is not None:
+            conn.remove_push_listener(self.subscription_id, ended=ended)
 
     # --- the end -----------------------------------------------------------------------
 
@@ -269,16 +273,18 @@ class Subscription:
         conn = self._conn
         if not self._closed:
             self._closed = True
+            ended = True
             if self._end is None and conn is not None and not conn.closed:
                 try:
                     await conn.request(UnsubscribeRequest(self.subscription_id))
                 except MqdError as exc:
+                    ended = conn.closed  # else the server may still push to it
                     log.debug(
                         "subscription.unsubscribe_failed", queue=self.queue.name, error=str(exc)
                     )
             self._release_slot()
             if conn is not None:
-                conn.remove_push_listener(self.subscription_id)
+                conn.remove_push_listener(self.subscription_id, ended=ended)
             for task in list(self._grants):
                 task.cancel()
         left = [m for batch in self._batches for m in batch]
