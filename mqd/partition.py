@@ -204,9 +204,9 @@ class Partition:
             woke = True
         return woke
 
-    def _take_ready(self, count: int) -> list[MessageMeta]:
+    def _take_ready(self, count: int, skip_groups: set[str] | None = None) -> list[MessageMeta]:
         if self.fifo:
-            return self._take_ready_fifo(count)
+            return self._take_ready_fifo(count, skip_groups)
         taken: list[MessageMeta] = []
         seen: set[int] = set()
         metas = self._metas
@@ -223,14 +223,18 @@ class Partition:
                 break
         return taken
 
-    def _take_ready_fifo(self, count: int) -> list[MessageMeta]:
+    def _take_ready_fifo(self, count: int, skip_groups: set[str] | None) -> list[MessageMeta]:
         taken: list[MessageMeta] = []
         taken_groups: set[str] = set()
+        skipped: list[str] = []
         metas = self._metas
         ready_groups = self._ready_groups
         while ready_groups and len(taken) < count:
             group = ready_groups.popleft()
             if group in taken_groups or self._group_busy.get(group):
+                continue
+            if skip_groups and group in skip_groups:
+                skipped.append(group)  # ready for other receivers: back in line below
                 continue
             members = self._groups.get(group)
             while members and members[0] not in metas:
@@ -251,6 +255,7 @@ class Partition:
                 taken.append(meta)
                 if len(taken) >= count:
                     break
+        ready_groups.extendleft(reversed(skipped))
         return taken
 
     def _give_back(self, metas: list[MessageMeta]) -> None:
@@ -602,22 +607,28 @@ class Partition:
         self, max_messages: int, wait_ms: int, visibility_timeout_ms: int, *, bytes_max: int
     ) -> list[DeliveredMessage]:
         deadline_ms = self._now_ms() + wait_ms
+        # FIFO groups whose head this RECEIVE moved to the dead-letter queue: their later
+        # messages are not delivered by it (protocol.md §4.0).
+        moved_groups: set[str] = set()
         for _ in range(_DEAD_LETTER_ROUNDS_MAX):
             await self._pull_if_due(self._now_ms())
             self._advance(self._now_ms())
-            taken = self._take_ready(max_messages)
+            taken = self._take_ready(max_messages, moved_groups)
             if not taken and wait_ms > 0:
-                taken = await self._wait_for_messages(max_messages, deadline_ms)
+                taken = await self._wait_for_messages(max_messages, deadline_ms, moved_groups)
             if not taken:
                 return []
-            if self.max_receive_count:
-                taken = await self._divert_dead_letters(taken)
-                if not taken:
-                    continue
+            if self.max_receive_count and any(
+                meta.receive_count >= self.max_receive_count for meta in taken
+            ):
+                await self._divert_dead_letters(taken, moved_groups)
+                continue  # take again: the rest went back in line while the move ran
             return await self._deliver(taken, visibility_timeout_ms, bytes_max)
         return []
 
-    async def _wait_for_messages(self, max_messages: int, deadline_ms: int) -> list[MessageMeta]:
+    async def _wait_for_messages(
+        self, max_messages: int, deadline_ms: int, skip_groups: set[str] | None = None
+    ) -> list[MessageMeta]:
         loop = asyncio.get_running_loop()
         while not self._closed:
             remaining_ms = deadline_ms - self._now_ms()
@@ -633,7 +644,7 @@ class Partition:
             finally:
                 self._waiters.discard(waiter)
             self._advance(self._now_ms())
-            taken = self._take_ready(max_messages)
+            taken = self._take_ready(max_messages, skip_groups)
             if taken:
                 return taken
         return []
@@ -710,26 +721,24 @@ class Partition:
 
     # --- dead letters ---------------------------------------------------------
 
-    async def _divert_dead_letters(self, taken: list[MessageMeta]) -> list[MessageMeta]:
-        """Move messages whose next delivery would exceed max_receive_count; keep the rest."""
+    async def _divert_dead_letters(self, taken: list[MessageMeta], moved_groups: set[str]) -> None:
+        """Move the taken messages whose next delivery would exceed max_receive_count;
+        give the rest back to the ready lines first.
+
+        Nothing taken may wait outside those lines across the move's awaits: a send to
+        its FIFO group would list the group as ready again, and a second RECEIVE take
+        the same messages (delivered twice, two of a group in flight)."""
         limit = self.max_receive_count
         doomed = [meta for meta in taken if meta.receive_count >= limit]
-        if not doomed:
-            return taken
-        keep = [meta for meta in taken if meta.receive_count < limit]
-        if self.fifo and keep:
+        self._give_back([meta for meta in taken if meta.receive_count < limit])
+        if self.fifo:
             # A group's later messages wait until its head has left for the DLQ.
-            doomed_groups = {meta.group_id for meta in doomed}
-            held = [meta for meta in keep if meta.group_id in doomed_groups]
-            keep = [meta for meta in keep if meta.group_id not in doomed_groups]
-            self._give_back(held)
+            moved_groups.update(meta.group_id for meta in doomed)
         try:
             await self._dead_letter(doomed)
         except Exception:
             log.exception("dead_letter.failed", queue=self.name, count=len(doomed))
-            self._give_back(keep)
             raise
-        return keep
 
     async def _dead_letter(self, doomed: list[MessageMeta]) -> None:
         sink = self.dead_letter_sink

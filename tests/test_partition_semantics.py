@@ -208,6 +208,54 @@ async def test_message_moves_to_dlq_after_max_receives(opened):
     assert dead.receive_count == 3  # the DLQ's first delivery counts on from the source's
 
 
+async def test_a_fifo_message_taken_while_a_move_runs_is_not_delivered_twice(opened):
+    # RECEIVE A takes [d, x1]; d goes to the DLQ, and while that move runs a send to
+    # x1's group lists the group again. RECEIVE B must not get x1 if A does too: A
+    # gives x1 back before the move and takes again after it.
+    source = await opened("race.fifo", fifo=True)
+    dlq = await opened("dlq.fifo", queue_id=b"\x02" * 8, fifo=True)
+    wire_dead_letters(source, dlq, 1)
+    gate = asyncio.Event()
+    move = source.dead_letter_sink
+
+    async def gated_sink(name: str, messages) -> None:
+        await gate.wait()
+        await move(name, messages)
+
+    source.dead_letter_sink = gated_sink
+    await source.send([SendEntry(b"d", group_id="D")], 0)
+    (d,) = await receive(source, 1)
+    await source.change_visibility([(d.receipt, 0)])
+    await source.send([SendEntry(b"x1", group_id="X")], 0)
+    a = asyncio.create_task(receive(source, 10))
+    for _ in range(50):  # until A waits in the move
+        if source.stats()["in_flight"]:
+            break
+        await asyncio.sleep(0.01)
+    await source.send([SendEntry(b"x2", group_id="X")], 0)
+    b = await receive(source, 10)
+    gate.set()
+    a_got = await asyncio.wait_for(a, 10)
+    assert [m.body for m in b] == [b"x1", b"x2"]
+    assert a_got == []  # X is in flight with B; D's head moved and D is empty
+    (dead,) = await receive(dlq, 10)
+    assert dead.body == b"d"
+
+
+async def test_a_fifo_receive_that_moves_a_head_leaves_the_rest_of_its_group(opened):
+    # protocol.md §4.0: the other messages of the moved message's group are not
+    # delivered by that RECEIVE (the next one gets them, in order).
+    source = await opened("rest.fifo", fifo=True)
+    dlq = await opened("dlq2.fifo", queue_id=b"\x02" * 8, fifo=True)
+    wire_dead_letters(source, dlq, 1)
+    await source.send([SendEntry(b"m1", group_id="g")], 0)
+    (m1,) = await receive(source, 1)
+    await source.change_visibility([(m1.receipt, 0)])
+    await source.send([SendEntry(b"m2", group_id="g"), SendEntry(b"m3", group_id="g")], 0)
+    assert await receive(source, 10) == []
+    assert [m.body for m in await receive(source, 10)] == [b"m2", b"m3"]
+
+
 async def test_interrupted_move_is_finished_on_restart(tmp_path, clock):
     """Crash after the mark, before the DLQ append: the restart moves it exactly once."""
     source = await open_partition(tmp_path / "src", clock, name="src")
