@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from mqd.errors import QueueNotFound, Unavailable
 from mqd.metadata import QueueRecord
 from mqd.partition import Partition
 from mqd.receipts import ReceiptSigner
+from mqd.router import group_partition
 from mqd.storage import NewMessage, PartitionStore, StorageConfig
 from mqd.storage.fs import LoopSyncBudget
 from mqd.storage.syncer import SyncProcess
@@ -50,6 +52,7 @@ class BackendRole:
         # Where dead letters and redriven messages go; a cluster backend routes them
         # to whichever node leads the target partition.
         self.moved_sink: Callable[[str, list[NewMessage]], Awaitable[None]] = self.append_moved
+        self._moved_cursor = itertools.count()
         # Set by the node: observes each commit group of every store (mqd.metrics).
         self.commit_observer: Callable[[int, float], None] | None = None
         # Set by a node without replication: its stores may fsync small groups on the
@@ -149,8 +152,21 @@ class BackendRole:
         """Append messages moved from another queue (dead letters, redrive) to `queue_name`."""
         if self._lookup is None:
             raise QueueNotFound(f"queue {queue_name!r} cannot be resolved on this node")
-        target = self.partition(self._lookup(queue_name))
-        await target.accept_dead_letters(messages)
+        record = self._lookup(queue_name)
+        if record.partitions == 1:
+            await self.partition(record).accept_dead_letters(messages)
+            return
+        by_index: dict[int, list[NewMessage]] = {}
+        for message in messages:
+            # A FIFO message joins its group's partition, or the group's order and its
+            # one-in-flight rule would not hold there (as a send's routing).
+            if record.attributes.get("fifo"):
+                index = group_partition(message.group_id, record.partitions)
+            else:
+                index = next(self._moved_cursor) % record.partitions
+            by_index.setdefault(index, []).append(message)
+        for index, batch in by_index.items():
+            await self.partition(record, index).accept_dead_letters(batch)
 
     async def recover_moves(self) -> None:
         """Finish dead-letter moves interrupted by a crash (all partitions are open now)."""

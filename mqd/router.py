@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import itertools
 import zlib
 from collections.abc import Awaitable, Iterable, Sequence
@@ -88,6 +89,24 @@ class Catalog(Protocol):
     async def decommission(self, node_id: str) -> DecommissionResponse: ...
 
 
+def group_partition(group_id: str, partitions: int) -> int:
+    """The partition that holds a FIFO group, on every node (sends and moves alike)."""
+    return zlib.crc32(group_id.encode()) % partitions
+
+
+def dedup_key(dedup_id: str, body: bytes, content_based: bool) -> str | None:
+    """A standard message's deduplication key, as its partition will compute it."""
+    if dedup_id:
+        return dedup_id
+    if content_based:
+        return hashlib.sha256(body).hexdigest()
+    return None
+
+
+def key_partition(key: str, partitions: int) -> int:
+    return zlib.crc32(key.encode()) % partitions
+
+
 def receipt_partition(receipt: str) -> int | None:
     """The partition a receipt names, read without checking its MAC (routing only:
     the partition's owner verifies it, protocol.md §5.4)."""
@@ -136,16 +155,22 @@ class Router:
         endpoints = self.catalog.endpoints(queue)
         if len(endpoints) == 1:
             return await endpoints[0].send(queue, entries)
+        by_partition: dict[int, list[int]] = {}
         if queue.attributes.get("fifo"):
             # A group always lands in one partition, so its order holds (protocol.md §4 FIFO).
-            by_partition: dict[int, list[int]] = {}
             for position, entry in enumerate(entries):
-                index = zlib.crc32(entry.group_id.encode()) % len(endpoints)
+                index = group_partition(entry.group_id, len(endpoints))
                 by_partition.setdefault(index, []).append(position)
         else:
-            # Round robin per batch: a batch stays together, batches spread.
+            # Round robin per batch: a batch stays together, batches spread. But a message
+            # with a deduplication key goes where that key always goes, so a repeat meets
+            # the first in the same partition's dedup index (protocol.md §4.0).
             index = next(self._send_cursor) % len(endpoints)
-            by_partition = {index: list(range(len(entries)))}
+            content = bool(queue.attributes.get("content_based_dedup"))
+            for position, entry in enumerate(entries):
+                key = dedup_key(entry.dedup_id, entry.body, content)
+                target = index if key is None else key_partition(key, len(endpoints))
+                by_partition.setdefault(target, []).append(position)
         ids: list[str] = [""] * len(entries)
 
         async def send_part(index: int, positions: list[int]) -> None:

@@ -71,3 +71,47 @@ async def test_fifo_groups_stay_in_one_partition(server):
             await queue.ack(*batch)
         for group in ("a", "b", "c"):
             assert order[group] == [b"%s-%d" % (group.encode(), i) for i in range(5)]
+
+
+async def test_dedup_keys_are_caught_across_a_standard_queue_s_partitions(server):
+    # A message with a key goes to its key's partition, so a repeat meets the first
+    # whichever batch it comes in (protocol.md §4.0 "Deduplication").
+    async with await mqd.client.connect(server.address) as client:
+        queue = await client.create_queue("wide-dedup", partitions=4)
+        ids = [await queue.send(b"order", dedup_id="k1") for _ in range(3)]
+        assert len(set(ids)) == 1
+        batch = await queue.send_batch([{"body": b"b", "dedup_id": "k2"}, b"no key"])
+        again = await queue.send_batch([b"other", {"body": b"b2", "dedup_id": "k2"}])
+        assert again[1] == batch[0]
+        content = await client.create_queue("wide-content", partitions=3, content_based_dedup=True)
+        assert len({await content.send(b"same body") for _ in range(4)}) == 1
+        stats = await queue.stats()
+        assert stats["visible"] == 4 and stats["deduplicated_total"] == 3
+        assert (await content.stats())["deduplicated_total"] == 3
+
+
+async def test_a_redriven_fifo_message_rejoins_its_group_s_partition(server):
+    # Moves (dead letters, redrive) into a FIFO queue with several partitions go to the
+    # group's partition: the group keeps one message in flight at a time.
+    async with await mqd.client.connect(server.address) as client:
+        await client.create_queue("back-dlq.fifo")
+        source = await client.create_queue(
+            "back.fifo",
+            partitions=4,
+            redrive_policy={"dead_letter_queue": "back-dlq.fifo", "max_receive_count": 1},
+        )
+        await source.send(b"m1", group_id="g1")
+        (m1,) = await source.receive(max_messages=1)
+        await source.change_visibility(m1, 0)
+        assert await source.receive(max_messages=10) == []  # m1 moved to the DLQ
+        await source.send_batch(
+            [{"body": b"m2", "group_id": "g1"}, {"body": b"m3", "group_id": "g1"}]
+        )
+        moved = await client.queue("back-dlq.fifo").redrive(to="back.fifo")
+        assert moved == 1
+        first = await source.receive(max_messages=1)
+        assert [m.body for m in first] == [b"m2"]
+        assert await source.receive(max_messages=10) == []  # g1 has one in flight
+        await source.ack(*first)
+        rest = await source.receive(max_messages=10)
+        assert [m.body for m in rest] == [b"m3", b"m1"]

@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from mqd.limits import Limits
 from mqd.metadata import MetadataRole, QueueRecord
 from mqd.protocol import codec, messages
 from mqd.protocol.messages import Opcode
-from mqd.router import LocalEndpoint
+from mqd.router import LocalEndpoint, group_partition
 from mqd.storage import NewMessage
 
 log = structlog.get_logger("mqd.cluster")
@@ -713,7 +712,7 @@ class BackendService:
         by_index: dict[int, list[NewMessage]] = {}
         for message in moved:
             if record.attributes.get("fifo"):
-                index = zlib.crc32(message.group_id.encode()) % len(placements)
+                index = group_partition(message.group_id, len(placements))
             else:
                 index = next(self._cursor) % len(placements)
             by_index.setdefault(index, []).append(message)
