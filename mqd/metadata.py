@@ -20,6 +20,7 @@ import structlog
 
 from mqd import auth
 from mqd.attributes import (
+    REDRIVE_POLICY,
     default_attributes,
     resolve_replication,
     validate_attributes,
@@ -189,7 +190,9 @@ class MetadataRole:
         changes = validate_attributes(name, attributes, self._limits, creating=True)
         existing = self._queues.get(name)
         if existing is not None:
-            differing = {k: v for k, v in changes.items() if existing.attributes.get(k) != v}
+            differing = {
+                k: v for k, v in changes.items() if not _same_attribute(existing.attributes, k, v)
+            }
             if exist_ok and not differing:
                 return existing, False
             detail = f" with different attributes: {sorted(differing)}" if differing else ""
@@ -299,3 +302,11 @@ class MetadataRole:
 
     async def close(self) -> None:
         await self._catalog.close()
+
+
+def _same_attribute(attributes: dict[str, Any], key: str, value: Any) -> bool:
+    """Whether a queue's attribute already has `value` (an empty redrive_policy is the
+    same as none, as in SET_QUEUE_ATTRIBUTES where it removes the policy)."""
+    if key == REDRIVE_POLICY and not value:
+        return not attributes.get(key)
+    return attributes.get(key) == value

@@ -79,6 +79,10 @@ async def test_queue_administration_round_trips(client):
     queue = await client.create_queue("orders", visibility_timeout=30, retention=3600)
     assert queue.name == "orders"
     assert (await client.create_queue("orders", exist_ok=True)).name == "orders"
+    # An empty redrive_policy means none (as when it removes a policy): no difference.
+    assert await client.create_queue("orders", redrive_policy={}, exist_ok=True)
+    with pytest.raises(QueueExists):
+        await client.create_queue("orders", visibility_timeout=31, exist_ok=True)
     with pytest.raises(QueueExists) as caught:
         await client.create_queue("orders")
     assert caught.value.code is ErrorCode.QUEUE_EXISTS
