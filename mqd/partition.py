@@ -137,6 +137,10 @@ class Partition:
             if self.fifo:
                 self._groups.setdefault(meta.group_id, deque()).append(meta.offset)
             if meta.visible_at_ms:
+                # Leased, so delivered, so due: a delay it was sent with is over. (Left set,
+                # the message was never taken again once its lease ran out, and a FIFO
+                # group stopped behind it.)
+                meta.due_ms = 0
                 self._on_leased(meta)
                 if meta.visible_at_ms == MOVING_MS:
                     self.pending_moves.append(meta)

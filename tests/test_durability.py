@@ -171,6 +171,27 @@ async def test_visibility_expiry_redelivers(server):
         await queue.ack(second)
 
 
+@pytest.mark.parametrize("hard", [False, True])
+async def test_a_delayed_message_received_before_a_restart_is_delivered_after(server, hard):
+    # Its lease outlives the restart; once that runs out it is delivered again, and a
+    # FIFO group behind it moves on (before, both stayed visible and were never taken).
+    async with await mqd.client.connect(server.address) as client:
+        plain = await client.create_queue("late", visibility_timeout=2)
+        fifo = await client.create_queue("late.fifo", visibility_timeout=2)
+        await plain.send(b"delayed", delay=1)
+        await fifo.send(b"head", group_id="g", delay=1)
+        await fifo.send(b"next", group_id="g")
+        (first,) = await plain.receive(wait=5)
+        head = await fifo.receive(max_messages=1, wait=5)
+        assert [m.body for m in head] == [b"head"]
+    await asyncio.to_thread(server.restart, hard=hard)
+    async with await mqd.client.connect(server.address) as client:
+        (again,) = await client.queue("late").receive(wait=10)
+        assert again.id == first.id and again.receive_count == 2
+        group = await client.queue("late.fifo").receive(max_messages=10, wait=10)
+        assert [(m.body, m.receive_count) for m in group] == [(b"head", 2), (b"next", 1)]
+
+
 async def test_long_poll_wakes_on_send(server):
     async with await mqd.client.connect(server.address) as client:
         queue = await client.create_queue("lp")
