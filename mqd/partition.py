@@ -133,28 +133,32 @@ class Partition:
     def _rebuild(self) -> None:
         now = self._now_ms()
         for meta in self.store.live_messages():
-            self._metas[meta.offset] = meta
-            if self.fifo:
-                self._groups.setdefault(meta.group_id, deque()).append(meta.offset)
-            if meta.visible_at_ms:
-                # Leased, so delivered, so due: a delay it was sent with is over. (Left set,
-                # the message was never taken again once its lease ran out, and a FIFO
-                # group stopped behind it.)
-                meta.due_ms = 0
-                self._on_leased(meta)
-                if meta.visible_at_ms == MOVING_MS:
-                    self.pending_moves.append(meta)
-                else:
-                    heapq.heappush(self._leases, (meta.visible_at_ms, meta.offset))
-            elif meta.due_ms > now:
-                self._delayed_count += 1
-                heapq.heappush(self._delayed, (meta.due_ms, meta.offset))
-            else:
-                meta.due_ms = 0
-                self._make_ready(meta)
+            self._index_meta(meta, now)
         if self.fifo:
             self._cold_heads.update(self.store.recovered_cold_group_heads())
         self._advance(now)
+
+    def _index_meta(self, meta: MessageMeta, now: int) -> None:
+        """Take a stored message into memory, in whatever state it is (in offset order)."""
+        self._metas[meta.offset] = meta
+        if self.fifo:
+            self._groups.setdefault(meta.group_id, deque()).append(meta.offset)
+        if meta.visible_at_ms:
+            # Leased, so delivered, so due: a delay it was sent with is over. (Left set,
+            # the message was never taken again once its lease ran out, and a FIFO
+            # group stopped behind it.)
+            meta.due_ms = 0
+            self._on_leased(meta)
+            if meta.visible_at_ms == MOVING_MS:
+                self.pending_moves.append(meta)
+            else:
+                heapq.heappush(self._leases, (meta.visible_at_ms, meta.offset))
+        elif meta.due_ms > now:
+            self._delayed_count += 1
+            heapq.heappush(self._delayed, (meta.due_ms, meta.offset))
+        else:
+            meta.due_ms = 0
+            self._make_ready(meta)
 
     def _make_ready(self, meta: MessageMeta) -> None:
         """Index a message that just became ready (it may sit behind its group)."""
@@ -1059,8 +1063,16 @@ class Partition:
         ]
 
     async def purge(self) -> int:
-        purged = await self.store.purge(self.store.next_offset)
-        count = len(self._metas)
+        up_to = self.store.next_offset
+        purged = await self.store.purge(up_to)
+        # Sends committed while the purge was written come after it in the log and
+        # stay: keep them in memory too (dropped here, they were hidden until a restart
+        # brought them back).
+        later = sorted(
+            (meta for offset, meta in self._metas.items() if offset >= up_to),
+            key=lambda meta: meta.offset,
+        )
+        count = len(self._metas) - len(later)
         self._metas.clear()
         for ready in self._ready:
             ready.clear()
@@ -1073,6 +1085,9 @@ class Partition:
         self._in_flight_count = 0
         self._cold_heads.clear()
         self._loaded.clear()
+        now = self._now_ms()
+        for meta in later:
+            self._index_meta(meta, now)
         return max(purged, count)
 
     async def expire(self) -> int:

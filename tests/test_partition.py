@@ -181,3 +181,26 @@ async def test_retention_drops_old_messages_in_any_state(partition, clock):
     assert (stats["visible"], stats["in_flight"]) == (1, 0)
     got = await partition.receive(10, 0, 30_000, bytes_max=BYTES_MAX)
     assert [m.body for m in got] == [b"young"]
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+async def test_sends_committed_while_a_purge_is_written_stay_visible(tmp_path, clock, turns):
+    # A purge removes what was stored before it. Sends that reach the log after its
+    # boundary stay there, and must stay in memory too: dropped, they were hidden
+    # until a restart brought them back.
+    part = await open_partition(tmp_path / "p", clock)
+    await send(part, b"old1", b"old2")
+    sends = [asyncio.create_task(send(part, b"new%d" % i)) for i in range(20)]
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    purging = asyncio.create_task(part.purge())
+    await asyncio.gather(*sends)
+    purged = await purging
+    visible = part.stats()["visible"]
+    assert purged + visible == 22
+    await part.close()
+    reopened = await open_partition(tmp_path / "p", clock)
+    try:
+        assert reopened.stats()["visible"] == visible  # memory agreed with the log
+    finally:
+        await reopened.close()
