@@ -23,6 +23,7 @@ process, `mqd.metadata.MetadataRole`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -30,7 +31,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -405,6 +406,9 @@ class Authenticator:
         self._refreshing: asyncio.Future[AuthState] | None = None
         self._limiters: dict[str, RateLimiter] = {}
         self.connections: dict[str, int] = {}
+        # Per principal: a lock held from the queue-quota check to the creator grant,
+        # and how many creates use it (the entry goes when none does).
+        self._creating: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     # --- the catalog snapshot ----------------------------------------------------------
 
@@ -548,6 +552,25 @@ class Authenticator:
                 f"queues_per_principal_max={limit}",
                 details={"limit": "queues_per_principal_max"},
             )
+
+    @contextlib.asynccontextmanager
+    async def creating_queue(self, session: Session) -> AsyncIterator[None]:
+        """Held by a CREATE_QUEUE from `check_queue_quota` until `queue_created` has
+        recorded its grant: one principal's creates on this frontend take turns, so
+        creates in flight together (pipelined, or on several connections) cannot all
+        pass the check before any of them is counted."""
+        entry = self._creating.get(session.name)
+        if entry is None:
+            entry = self._creating[session.name] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._creating[session.name]
 
     async def queue_created(self, session: Session, queue: str) -> None:
         """The creator of a queue gets `admin` on it (an owner grant)."""

@@ -223,6 +223,9 @@ class ClientConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._closing = False
         self._last_activity = time.monotonic()
+        # When the last outstanding request or subscription ended: the idle clock of
+        # §1.7 runs from this or `_last_activity` (the last data received), the later.
+        self._last_busy = self._last_activity
         # The connection's one timer (`_on_timer`) checks every deadline of §1.7; `_timer_due`
         # is when it fires, on the time.monotonic() clock.
         self._opened_at = self._last_activity
@@ -331,7 +334,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         else:
             idle_s = limits.idle_timeout_ms / 1000
-            quiet_s = now - self._last_activity
+            quiet_s = now - max(self._last_activity, self._last_busy)
             if not self.tasks and quiet_s >= idle_s:
                 self._send_fatal(0, 0, ErrorCode.TIMEOUT, "connection idle for idle_timeout_ms")
                 return
@@ -407,8 +410,18 @@ class ClientConnection(asyncio.Protocol):
         task = self._loop.create_task(
             self._run(handler, request, opcode, correlation_id, frame_bytes, time.perf_counter())
         )
+        self.track(task)
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Count a request's (or subscription's) task as outstanding until it ends."""
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not self.tasks:
+            # Nothing outstanding from now: the idle clock starts here (§1.7).
+            self._last_busy = time.monotonic()
 
     async def _run(
         self,
@@ -624,8 +637,7 @@ class Subscription:
             self._run(), name=f"mqd-subscription {self.request.queue} {self.subscription_id}"
         )
         self._task = task
-        conn.tasks.add(task)
-        task.add_done_callback(conn.tasks.discard)
+        conn.track(task)
 
     def grant(self, credits: int) -> int:
         limit = self.conn.limits.subscription_credits_max
@@ -764,17 +776,26 @@ async def handle_create_queue(
     session = conn.session
     assert session is not None
     _require_dead_letter_send(conn, request.attributes)
-    existed = True
-    if not session.anonymous:
+    if session.anonymous:
+        record = await router.catalog.create_queue(
+            request.name, request.attributes, request.exist_ok
+        )
+        return messages.CreateQueueResponse(queue=await router.queue_info(record))
+    # Check the quota, create, and record the creator grant as one step per principal:
+    # else creates in flight together all pass the check (protocol.md §8.3).
+    async with auth.creating_queue(session):
+        existed = True
         try:
             await router.catalog.lookup(request.name)
         except QueueNotFound:
             existed = False
             auth.check_queue_quota(session)
-    record = await router.catalog.create_queue(request.name, request.attributes, request.exist_ok)
-    if not existed:
-        # The creator gets `admin` on its queue (protocol.md §8.2).
-        await auth.queue_created(session, record.name)
+        record = await router.catalog.create_queue(
+            request.name, request.attributes, request.exist_ok
+        )
+        if not existed:
+            # The creator gets `admin` on its queue (protocol.md §8.2).
+            await auth.queue_created(session, record.name)
     return messages.CreateQueueResponse(queue=await router.queue_info(record))
 
 
@@ -853,7 +874,7 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
                     raise InvalidArgument(
                         f"entry {position}: attribute name {key!r} must be 1-64 characters of A-Z a-z 0-9 _ . -"
                     )
-                size += len(key.encode()) + len(value.encode())
+                size += _utf8_bytes(key) + _utf8_bytes(value)
         if size > message_bytes_max:
             raise MessageTooLarge(
                 f"entry {position}: {size} bytes (body + attributes); the queue's max_message_bytes is {message_bytes_max}"
@@ -896,8 +917,16 @@ async def handle_send(
     )
 
 
+def _utf8_bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def _entry_bytes(entry: messages.SendEntry | messages.DeliveredMessage) -> int:
-    return len(entry.body) + sum(len(k) + len(v) for k, v in entry.attributes.items())
+    """A message's size as protocol.md §4.9 defines it (and `validate_send` checks it):
+    the body plus the UTF-8 lengths of its attribute names and values."""
+    return len(entry.body) + sum(
+        _utf8_bytes(k) + _utf8_bytes(v) for k, v in entry.attributes.items()
+    )
 
 
 def _charge_delivered(conn: ClientConnection, delivered: list[messages.DeliveredMessage]) -> None:

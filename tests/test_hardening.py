@@ -116,6 +116,26 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(server_factory, tmp
     assert 1.0 <= elapsed < 4
 
 
+def test_the_idle_clock_starts_when_a_long_poll_ends(server_factory, tmp_path, connect):
+    # A 3 s long poll on a connection with a 1.5 s idle timeout: it keeps the connection
+    # alive while it waits, and the idle clock starts only when it is answered (§1.7).
+    limits = "[limits]\nhandshake_timeout_ms = 500\nidle_timeout_ms = 1500\n"
+    server = server_factory(config=_config(tmp_path, limits))
+    raw = connect(server.address)
+    raw.hello()
+    raw.send(codec.encode_request(2, messages.CreateQueueRequest("jobs")))
+    assert isinstance(codec.decode_response(raw.read_frame()), messages.CreateQueueResponse)
+    started = time.monotonic()
+    raw.send(codec.encode_request(3, messages.ReceiveRequest("jobs", 1, 3000)))
+    answer = raw.read_frame()
+    assert answer.correlation_id == 3
+    assert isinstance(codec.decode_response(answer), messages.ReceiveResponse)
+    assert time.monotonic() - started >= 2.9
+    raw.opened = time.monotonic()  # the connection has had nothing outstanding since
+    elapsed = raw.expect_timeout_then_close("idle_timeout_ms")
+    assert 1.45 <= elapsed < 4
+
+
 @pytest.mark.parametrize("after_hello", [False, True], ids=["before-hello", "after-hello"])
 def test_slowloris_a_partial_frame_gets_timeout_and_close(
     server_factory, tmp_path, connect, after_hello

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 import mqd.client
 from mqd import auth
 from mqd.errors import ErrorCode, Forbidden, Throttled, Unavailable
-from mqd.protocol import messages
+from mqd.protocol import codec, messages
+from mqd.protocol.messages import ErrorBody
 from tests.test_auth import AUTH_REQUIRED, add_user, admin, connect, write_config
 from tests.test_server_protocol import RawConnection, expect_error
 
@@ -175,3 +177,78 @@ def test_authenticator_throttles_receives_by_what_they_delivered():
     assert caught.value.details["retry_after_ms"] == 1600
     now[0] = 1.6
     authenticator.admit(session, 1, 1, take=False)
+
+
+def test_pipelined_and_concurrent_creates_cannot_exceed_the_queue_quota(server_factory, tmp_path):
+    # Each create checks the count, then records its creator grant: without
+    # serializing the two, requests in flight together all pass the check.
+    config = AUTH_REQUIRED + "[quotas]\nqueues_per_principal_max = 1\n"
+    server = server_factory(config=write_config(tmp_path, config))
+    token = add_user(server, "alice")
+    admin(server, "grant", "alice", "admin", "t-*")
+
+    def owned() -> list[str]:
+        grants = json.loads(admin(server, "acl", "alice", "--json"))
+        return sorted(g["pattern"] for g in grants if g["owner"])
+
+    # Six CREATE_QUEUE back to back on one connection, before reading any answer.
+    raw = RawConnection(server.address)
+    raw.request(messages.HelloRequest(token=token))
+    names = [f"t-{n}" for n in range(6)]
+    raw.send_bytes(
+        b"".join(
+            codec.encode_request(10 + n, messages.CreateQueueRequest(name))
+            for n, name in enumerate(names)
+        )
+    )
+    answers = [codec.decode_response(raw.read_frame()) for _ in names]
+    created = [a for a in answers if isinstance(a, messages.CreateQueueResponse)]
+    refused = [a for a in answers if isinstance(a, ErrorBody)]
+    assert len(created) == 1, answers
+    assert len(refused) == 5
+    for error in refused:
+        expect_error(error, ErrorCode.FORBIDDEN)
+        assert error.details["limit"] == "queues_per_principal_max"
+    assert owned() == [created[0].queue.name]
+    raw.request(messages.DeleteQueueRequest(created[0].queue.name))
+    raw.close()
+
+    # The same on several connections of the node at once.
+    async def main() -> None:
+        clients = [await connect(server, token) for _ in range(4)]
+        try:
+            results = await asyncio.gather(
+                *(c.create_queue(f"t-c{n}") for n, c in enumerate(clients)),
+                return_exceptions=True,
+            )
+        finally:
+            for c in clients:
+                await c.close()
+        assert sum(not isinstance(r, BaseException) for r in results) == 1, results
+        assert all(isinstance(r, Forbidden) for r in results if isinstance(r, BaseException))
+
+    asyncio.run(main())
+    assert len(owned()) == 1
+
+
+def test_bytes_per_s_counts_utf8_bytes_of_attributes(server_factory, tmp_path):
+    # A bucket of 100 bytes. Each message below is 1 + 80 UTF-8 bytes (81 characters
+    # in ASCII, 41 in "é"): the second must wait either way (protocol.md §4.9, §8.3).
+    server = server_factory(
+        config=write_config(tmp_path, "[quotas]\nbytes_per_s = 100\nburst_ms = 1000\n")
+    )
+    for text in ("a" * 80, "é" * 40):
+        assert len(text.encode()) == 80
+        raw = RawConnection(server.address)
+        raw.hello()
+        queue = f"q{len(text)}"
+        raw.request(messages.CreateQueueRequest(queue))
+        time.sleep(1.1)  # a full bucket
+        entry = messages.SendEntry(b"", attributes={"k": text})
+        first = raw.request(messages.SendRequest(queue, [entry]))
+        assert isinstance(first, messages.SendResponse), first
+        error = expect_error(raw.request(messages.SendRequest(queue, [entry])), ErrorCode.THROTTLED)
+        assert "bytes_per_s=100" in error.message
+        # Debt is what the bucket lacks for the next 81 bytes: about 620 ms either way.
+        assert 500 <= error.details["retry_after_ms"] <= 700, (text[:1], error.details)
+        raw.close()
