@@ -142,6 +142,18 @@ class Config:
         host, _ = parse_address(self.frontend.listen, key="frontend.listen")
         if bool(self.tls.cert) != bool(self.tls.key):
             raise ConfigError("tls.cert and tls.key: give both or neither")
+        # Client certificates exist only on a TLS client port, checked against `ca`
+        # (protocol.md §8.1): a setting that cannot take effect is an error, not a no-op.
+        if self.tls.require_client_cert and not self.tls.ca:
+            raise ConfigError(
+                "tls.require_client_cert needs tls.ca (the CA that signs client certificates)"
+                + ("" if self.tls.cert else " and a TLS client port (tls.cert, tls.key)")
+            )
+        if self.tls.ca and not self.tls.cert:
+            raise ConfigError(
+                "tls.ca needs tls.cert and tls.key: client certificates are checked only "
+                "on a TLS client port"
+            )
         for key in ("cert", "key", "ca"):
             path = getattr(self.tls, key)
             if path and not Path(path).is_file():

@@ -91,17 +91,80 @@ def _node_id(config: Config, data_dir: Path) -> str:
 
 
 def _server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The client port's TLS context, or None for plaintext. Every `[tls]` file is
+    loaded here, so one that cannot be read or is not PEM stops the start with a
+    ConfigError naming its key (a cluster node's contexts load the same files)."""
     if not config.tls.cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.tls.cert, config.tls.key)
+    _load_tls_chain(context, config.tls.cert, config.tls.key)
     if config.tls.ca:
-        context.load_verify_locations(config.tls.ca)
+        _load_tls_ca(context, config.tls.ca)
         context.verify_mode = (
             ssl.CERT_REQUIRED if config.tls.require_client_cert else ssl.CERT_OPTIONAL
         )
     return context
+
+
+def _load_tls_chain(context: ssl.SSLContext, cert: str, key: str) -> None:
+    for name, path in (("tls.cert", cert), ("tls.key", key)):
+        _check_readable(name, path)
+
+    def encrypted() -> str:
+        # Without a callback OpenSSL would prompt on the terminal; a server starts unattended.
+        raise ConfigError(f"tls.key: {key!r} is an encrypted private key; mqd needs it unencrypted")
+
+    try:
+        context.load_cert_chain(cert, key, password=encrypted)
+    except ssl.SSLError as exc:
+        if not _holds_certificate(cert):
+            raise ConfigError(f"tls.cert: {cert!r} holds no PEM certificate") from None
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"tls.key: {key!r} is not the private key of tls.cert {cert!r}"
+            ) from None
+        if exc.reason is None:  # "PEM lib": the certificate loaded, the key did not
+            raise ConfigError(f"tls.key: {key!r} holds no PEM private key") from None
+        raise ConfigError(
+            f"tls.cert: cannot use {cert!r} with tls.key {key!r}: {_ssl_reason(exc)}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"tls.cert/tls.key: cannot read {exc.filename or cert!r}: {exc.strerror}"
+        ) from None
+
+
+def _load_tls_ca(context: ssl.SSLContext, ca: str) -> None:
+    _check_readable("tls.ca", ca)
+    try:
+        context.load_verify_locations(cafile=ca)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"tls.ca: {ca!r} holds no usable PEM CA certificate ({_ssl_reason(exc)})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"tls.ca: cannot read {ca!r}: {exc.strerror}") from None
+
+
+def _check_readable(name: str, path: str) -> None:
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path!r}: {exc.strerror}") from None
+
+
+def _holds_certificate(path: str) -> bool:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError):
+        return False
+    return True
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return (exc.reason or "not valid PEM").lower().replace("_", " ")
 
 
 def _raise_open_files_limit() -> None:
@@ -122,10 +185,17 @@ def _raise_open_files_limit() -> None:
 
 
 async def run_node(config: Config, *, stop: asyncio.Event | None = None) -> int:
+    # Every [tls] file is read before anything is written: a bad one names its key.
+    ssl_context = _server_ssl_context(config)
     data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _make_data_dir(data_dir)
     lock = DataDirLock(data_dir)
-    lock.acquire()
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise ConfigError(
+            f"node.data_dir (--data-dir): cannot write {str(lock.path)!r}: {exc.strerror}"
+        ) from None
     try:
         node_id = _node_id(config, data_dir)
         configure_logging(
@@ -133,17 +203,30 @@ async def run_node(config: Config, *, stop: asyncio.Event | None = None) -> int:
         )
         _raise_open_files_limit()
         if config.clustered:
-            return await _serve_cluster(config, node_id, stop or asyncio.Event())
-        return await _serve(config, node_id, stop or asyncio.Event())
+            return await _serve_cluster(config, node_id, stop or asyncio.Event(), ssl_context)
+        return await _serve(config, node_id, stop or asyncio.Event(), ssl_context)
     finally:
         lock.release()
 
 
-async def _serve(config: Config, node_id: str, stop: asyncio.Event) -> int:
+def _make_data_dir(data_dir: Path) -> None:
+    """DATA_DIR and its parents; one that cannot be made names `node.data_dir`."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"node.data_dir (--data-dir): {str(data_dir)!r} is not a directory")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"node.data_dir (--data-dir): cannot create {str(data_dir)!r}: {exc.strerror}"
+        ) from None
+
+
+async def _serve(
+    config: Config, node_id: str, stop: asyncio.Event, ssl_context: ssl.SSLContext | None
+) -> int:
     data_dir = config.data_dir
     clock = SystemClock()
     host, port = parse_address(config.frontend.listen, key="frontend.listen")
-    ssl_context = _server_ssl_context(config)
     signer = ReceiptSigner(load_or_create_secret(data_dir / "receipt.key"))
     catalog = await Catalog.open(data_dir / "catalog.db")
     backend = BackendRole(data_dir / "partitions", config.storage, signer)
@@ -268,7 +351,9 @@ async def _listen(
         raise ConfigError(f"{key}: cannot listen on {address_text}: {exc.strerror}") from None
 
 
-async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> int:
+async def _serve_cluster(
+    config: Config, node_id: str, stop: asyncio.Event, ssl_context: ssl.SSLContext | None
+) -> int:
     """One node of a cluster: the roles its config names, each in its own process.
 
     Every node listens on the cluster port (mutual TLS), registers with metadata
@@ -390,7 +475,7 @@ async def _serve_cluster(config: Config, node_id: str, stop: asyncio.Event) -> i
                 metrics,
             )  # fmt: skip
             client_address = await _listen(
-                frontend, config.frontend.listen, "frontend.listen", _server_ssl_context(config)
+                frontend, config.frontend.listen, "frontend.listen", ssl_context
             )
             log.info(
                 "server.listening",

@@ -46,6 +46,8 @@ def test_single_toml_lists_every_key_with_its_default():
         ("[bogus]\nx = 1\n", "[bogus]"),
         ("[log]\nformat = 'xml'\n", "log.format"),
         ("[tls]\ncert = '/nonexistent.pem'\nkey = '/nonexistent.key'\n", "tls.cert"),
+        ("[tls]\nrequire_client_cert = true\n", "tls.require_client_cert needs tls.ca"),
+        ("[tls]\nca = '/nonexistent.pem'\n", "tls.ca needs tls.cert and tls.key"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, named):
