@@ -318,8 +318,15 @@ class Router:
 
 
 def _delivered_bytes(message: DeliveredMessage) -> int:
-    attributes = sum(len(k) + len(v) for k, v in message.attributes.items())
+    """About what the message takes in a RECEIVE answer: attributes in UTF-8 bytes."""
+    attributes = sum(utf8_bytes(k) + utf8_bytes(v) for k, v in message.attributes.items())
     return len(message.body) + attributes + MESSAGE_OVERHEAD_BYTES
+
+
+def utf8_bytes(text: str) -> int:
+    """len(text.encode()), without the copy for ASCII (every size check of the protocol
+    counts attribute names and values in UTF-8 bytes)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
