@@ -163,6 +163,11 @@ class Index:
                 "SELECT dedup_id, off, sent_at FROM dedup WHERE sent_at >= ?", (dedup_since_ms,)
             ) as cur:
                 dedups = await cur.fetchall()
+            # The cold rows are counted later, through the partial indexes on due and
+            # grp that the queries above do not read: read them now, while a damaged
+            # page still means "rebuild from the log" rather than a failed open.
+            await self.cold_by_segment(hot_until_ms)
+            await self.cold_group_heads(hot_until_ms)
         except sqlite3.DatabaseError as exc:
             raise IndexUnusable(str(exc)) from None
         return checkpoint, rows, dedups
