@@ -1409,7 +1409,7 @@ _ROWS: tuple[Command, ...] = (
             (Option("delay", "seconds", "seconds before it becomes visible"),
              Option("group", "text", "FIFO group id", "G"),
              Option("dedup", "text", "deduplication id", "D"),
-             Option("priority", "count", "priority 0-255", "P")),
+             Option("priority", "count", "priority 0-9 (standard queues)", "P")),
             extra="attr.", op="SEND",
             details="BODY: a word, a \"quoted string\", @file, hex:0a0b…, or text:… (literal)\n"
             "attr.K=V adds the string attribute K"),
