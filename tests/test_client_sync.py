@@ -166,28 +166,35 @@ with connect(sys.argv[1]) as client:
 """
 
 
-def test_ctrl_c_in_a_sync_consume_loop_is_a_keyboard_interrupt(server):
-    # The interrupted wait for the next message unwinds the stream (its subscription
-    # closed on the server) before the loop's cleanup closes it: the caller gets
-    # KeyboardInterrupt, not "asynchronous generator is already running".
+def interrupt_script(script: str, address: str, ready: str, settle_s: float = 0.0):
+    """Run `script` against `address`; once it prints `ready` (and `settle_s` later),
+    SIGINT it as Ctrl-C would. Returns (exit status, stdout after `ready`, stderr)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_SCRIPT, server.address],
+        [sys.executable, "-c", script, address],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "waiting"
-        time.sleep(0.5)  # blocked in the stream's next message
+        assert proc.stdout.readline().strip() == ready
+        time.sleep(settle_s)
         os.kill(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_in_a_sync_consume_loop_is_a_keyboard_interrupt(server):
+    # The interrupted wait for the next message unwinds the stream (its subscription
+    # closed on the server) before the loop's cleanup closes it: the caller gets
+    # KeyboardInterrupt, not "asynchronous generator is already running".
+    status, out, err = interrupt_script(CTRL_C_SCRIPT, server.address, "waiting", settle_s=0.5)
     assert out.strip() == "interrupted 0", err
-    assert proc.returncode == 0, err
+    assert status == 0, err
 
 
 RUN_CONSUMER_CTRL_C_SCRIPT = """
@@ -223,22 +230,8 @@ def test_ctrl_c_stops_a_sync_run_consumer_gracefully(server):
     # Ctrl-C cancels run_consumer, whose stop lets the running handlers finish and their
     # messages be acked, and releases the prefetched ones; the caller gets
     # KeyboardInterrupt once that is done, so nothing is left in flight.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RUN_CONSUMER_CTRL_C_SCRIPT, server.address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "running"
-        os.kill(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    status, out, err = interrupt_script(RUN_CONSUMER_CTRL_C_SCRIPT, server.address, "running")
+    assert status == 0, err
     words = out.split()
     assert words[0] == "stopped", (out, err)
     started, finished, in_flight, visible = map(int, words[1:])

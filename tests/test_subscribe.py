@@ -269,15 +269,20 @@ async def test_consume_waits_for_new_messages_by_push(client):
     await stream.aclose()
 
 
+def server_with_limits(server_factory, tmp_path, **limits: int):
+    """A server of its own with some [limits] changed."""
+    config = tmp_path / "limits.toml"
+    config.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()))
+    return server_factory("limited", config=config)
+
+
 async def test_a_stream_holds_its_request_slot_so_a_full_connection_still_grants(
     server_factory, tmp_path
 ):
     # The server counts an open subscription as an outstanding request; a client that
     # did not would send one request too many at a full connection, and a GRANT refused
     # that way left the stream waiting for ever for messages that were there.
-    config = tmp_path / "few.toml"
-    config.write_text("[limits]\nrequests_in_flight_max = 8\n")
-    server = server_factory("few", config=config)
+    server = server_with_limits(server_factory, tmp_path, requests_in_flight_max=8)
     async with await mqd.client.connect(server.address) as client:
         queue = await client.create_queue("full", visibility_timeout=30)
         idle = await client.create_queue("idle")
@@ -299,9 +304,7 @@ async def test_a_stream_holds_its_request_slot_so_a_full_connection_still_grants
 async def test_streams_past_the_connection_s_subscription_limit_poll_instead(
     server_factory, tmp_path
 ):
-    config = tmp_path / "one.toml"
-    config.write_text("[limits]\nsubscriptions_per_connection_max = 1\n")
-    server = server_factory("one", config=config)
+    server = server_with_limits(server_factory, tmp_path, subscriptions_per_connection_max=1)
     async with await mqd.client.connect(server.address) as client:
         queues = [await client.create_queue(f"q{i}", visibility_timeout=30) for i in range(2)]
         for queue in queues:
