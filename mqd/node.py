@@ -75,7 +75,15 @@ class DataDirLock:
 def _node_id(config: Config, data_dir: Path) -> str:
     path = data_dir / "node.json"
     if path.exists():
-        stored = json.loads(path.read_text())["node_id"]
+        try:
+            stored = json.loads(path.read_text())["node_id"]
+            if not isinstance(stored, str) or not stored:
+                raise ValueError("no node id")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"node.data_dir (--data-dir): {str(path)!r} is damaged ({exc}); it holds "
+                "this node's id: restore it, or remove it to start as a new node"
+            ) from None
         if config.node.id and config.node.id != stored:
             raise ConfigError(
                 f"node.id: {config.node.id!r} but {data_dir} belongs to node {stored!r}"

@@ -182,3 +182,13 @@ def test_a_data_dir_that_is_a_regular_file_names_the_option(tmp_path):
     line = serve_refused(config, tmp_path / "afile")
     assert "node.data_dir (--data-dir)" in line and str(tmp_path / "afile") in line
     assert "not a directory" in line
+
+
+def test_a_damaged_node_file_names_it(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "node.json").write_text("{not json")
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    line = serve_refused(config, data_dir)
+    assert "node.data_dir (--data-dir)" in line and "node.json" in line and "damaged" in line
