@@ -1045,8 +1045,10 @@ class Partition:
     # --- inspection and housekeeping ----------------------------------------------
 
     async def peek(self, max_messages: int, after_offset: int) -> list[DeliveredMessage]:
-        """Messages in offset order. Cold messages (due past the horizon) are not shown."""
+        """Messages in offset order, in every state: cold ones (due past the horizon) are
+        read from the log where the index says, and stay cold."""
         self._advance(self._now_ms())
+        cold = await self.store.peek_cold(after_offset, max_messages)
         metas = []
         if self._loaded:  # `_metas` is out of offset order
             offsets = heapq.nsmallest(max_messages, (o for o in self._metas if o > after_offset))
@@ -1058,8 +1060,12 @@ class Partition:
                     if len(metas) >= max_messages:
                         break
         stored = await self.store.read([meta.offset for meta in metas])
+        shown = {meta.offset: (meta, record) for meta, record in zip(metas, stored, strict=True)}
+        for meta, record in cold:
+            shown.setdefault(meta.offset, (meta, record))  # (pulled in meanwhile: once)
         return [
-            self._delivered(meta, record, "") for meta, record in zip(metas, stored, strict=True)
+            self._delivered(meta, record, "")
+            for _offset, (meta, record) in sorted(shown.items())[:max_messages]
         ]
 
     async def purge(self) -> int:

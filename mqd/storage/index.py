@@ -215,6 +215,12 @@ class Index:
         async with self._db.execute(sql, (sent_before_ms, after_ms)) as cur:
             return list(await cur.fetchall())
 
+    async def cold_after(self, after_ms: int, after_offset: int, limit: int) -> list[Row]:
+        """Up to `limit` rows due after `after_ms` (cold) past `after_offset`, in offset order."""
+        sql = "SELECT * FROM messages WHERE due != 0 AND due > ? AND off > ? ORDER BY off LIMIT ?"
+        async with self._db.execute(sql, (after_ms, after_offset, limit)) as cur:
+            return list(await cur.fetchall())
+
     async def cold_group_heads(self, after_ms: int) -> list[tuple[str, int]]:
         """(group, lowest offset) of the rows due after `after_ms`, per non-empty group."""
         sql = (

@@ -738,6 +738,41 @@ class PartitionStore:
             done = await self._submit(_DELETE_COLD, doomed) or []
             return [MessageMeta(o, *found[o][4:]) for o in done]
 
+    async def peek_cold(
+        self, after_offset: int, limit: int
+    ) -> list[tuple[MessageMeta, StoredMessage]]:
+        """Up to `limit` cold messages past `after_offset`, in offset order, with their
+        bodies, read where their index rows say; they stay cold (PEEK shows them)."""
+        async with self._cold_lock:
+            if not self._cold_count:
+                return []
+            until = self._cold_until
+            rows = [r for r in self._unwritten_rows() if r[5] > until and r[0] > after_offset]
+            gone = self._unwritten_deletes()
+            rows += await self._index.cold_after(until, after_offset, limit)
+            found = {
+                row[0]: row
+                for row in rows
+                if row[0] not in gone and row[0] not in self._live and row[0] >= self._purged_below
+            }
+            by_base = {seg.base: seg for seg in self._segments}
+            runs = []
+            for off in sorted(found)[:limit]:
+                _off, base, pos, size = found[off][:4]
+                seg = by_base.get(base)
+                if seg is not None:
+                    runs.append((seg, pos, size, [(off, pos, size)]))
+            if not runs:
+                return []
+            try:
+                blobs = await self._read_segments([r[0] for r in runs], self._pread_runs, runs)
+            except OSError as exc:
+                raise _io_error(exc, "read") from None
+        return [
+            (MessageMeta(off, *found[off][4:]), self._decode_read(seg, blob, 0, size, off))
+            for (seg, _pos, size, [(off, _p, _s)]), blob in zip(runs, blobs, strict=True)
+        ]
+
     def recovered_cold_group_heads(self) -> dict[str, int]:
         """Per message group, the lowest offset of a cold message in it, as of open."""
         return self._recovered_cold_heads
