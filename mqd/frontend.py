@@ -10,6 +10,7 @@ Requests are dispatched by the op table `HANDLERS`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from mqd.errors import (
     ErrorCode,
     InvalidArgument,
     MessageTooLarge,
+    MqdError,
     ProtocolError,
     QueueNotFound,
     ServerError,
@@ -672,6 +674,7 @@ class Subscription:
             # On a single node a receive cancelled mid-way gives its messages back;
             # through a cluster frontend they may wait out their lease instead.
             task.cancel()
+            self._granted.set()  # (and `_run` looks at `_ended` whatever the cancel did)
 
     async def _run(self) -> None:
         conn = self.conn
@@ -680,7 +683,7 @@ class Subscription:
         request = self.request
         loop = conn._loop
         try:
-            while True:
+            while not self._ended:
                 if frontend.draining:
                     raise Unavailable("the server is shutting down")
                 if self.credits <= 0:
@@ -712,6 +715,14 @@ class Subscription:
                     if loop.time() - started < PUSH_EMPTY_FAST_S:
                         await asyncio.sleep(PUSH_EMPTY_FAST_S)
                     continue
+                if self._ended:
+                    # Ended while this receive answered (a cancel that did not land):
+                    # nothing is pushed after UNSUBSCRIBE, so give them back at once.
+                    with contextlib.suppress(MqdError):
+                        await frontend.router.change_visibility(
+                            record, [(m.receipt, 0) for m in delivered]
+                        )
+                    return
                 assert len(delivered) <= self.credits
                 _charge_delivered(conn, delivered)
                 self.credits -= len(delivered)

@@ -646,7 +646,11 @@ class Partition:
             self._waiters.add(waiter)
             self._arm_timer()
             try:
-                await asyncio.wait_for(waiter, remaining_ms / 1000)
+                # Not asyncio.wait_for: on Python 3.11 it drops a cancel that comes in the
+                # turn the waiter is woken, and a cancelled receive (an UNSUBSCRIBE) then
+                # took and delivered messages nobody would get (their lease ran out).
+                async with asyncio.timeout(remaining_ms / 1000):
+                    await waiter
             except TimeoutError:
                 pass
             finally:
@@ -1215,7 +1219,8 @@ class Partition:
             self._waiters.add(waiter)
             self._arm_timer()
             try:
-                await asyncio.wait_for(waiter, remaining)
+                async with asyncio.timeout(remaining):  # (not wait_for: see _wait_for_messages)
+                    await waiter
             except TimeoutError:
                 pass
             finally:
