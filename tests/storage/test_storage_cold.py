@@ -63,10 +63,15 @@ async def test_reopen_counts_cold_rows_without_loading_them(part):
         (part / "index.sqlite").unlink()
 
 
-async def test_cold_expiry_writes_deletes_and_frees_segments(part):
+async def open_small_segments(part) -> tuple[PartitionStore, ManualClock, int]:
+    """A store of 4 KiB segments on a manual clock, and the clock's start time."""
     clock = ManualClock()
-    now = clock.now_ms()
     store = await PartitionStore.open(part, StorageConfig(segment_bytes_max=4096), clock=clock)
+    return store, clock, clock.now_ms()
+
+
+async def test_cold_expiry_writes_deletes_and_frees_segments(part):
+    store, clock, now = await open_small_segments(part)
     try:
         await store.append_messages(
             [NewMessage(b"x" * 100, due_ms=now + DAY_MS) for _ in range(100)]
@@ -126,9 +131,7 @@ async def test_a_damaged_index_page_means_a_rebuild_not_a_failed_open(part, dama
 
 
 async def test_peek_cold_reads_cold_messages_where_the_index_says_and_leaves_them_cold(part):
-    clock = ManualClock()
-    now = clock.now_ms()
-    store = await PartitionStore.open(part, StorageConfig(segment_bytes_max=4096), clock=clock)
+    store, _clock, now = await open_small_segments(part)
     try:
         await store.append_messages(
             [NewMessage(b"hot")]
