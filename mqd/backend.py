@@ -20,7 +20,7 @@ from mqd.errors import QueueNotFound, Unavailable
 from mqd.metadata import QueueRecord
 from mqd.partition import Partition
 from mqd.receipts import ReceiptSigner
-from mqd.router import group_partition
+from mqd.router import split_moved
 from mqd.storage import NewMessage, PartitionStore, StorageConfig
 from mqd.storage.fs import LoopSyncBudget
 from mqd.storage.syncer import SyncProcess
@@ -153,18 +153,8 @@ class BackendRole:
         if self._lookup is None:
             raise QueueNotFound(f"queue {queue_name!r} cannot be resolved on this node")
         record = self._lookup(queue_name)
-        if record.partitions == 1:
-            await self.partition(record).accept_dead_letters(messages)
-            return
-        by_index: dict[int, list[NewMessage]] = {}
-        for message in messages:
-            # A FIFO message joins its group's partition, or the group's order and its
-            # one-in-flight rule would not hold there (as a send's routing).
-            if record.attributes.get("fifo"):
-                index = group_partition(message.group_id, record.partitions)
-            else:
-                index = next(self._moved_cursor) % record.partitions
-            by_index.setdefault(index, []).append(message)
+        fifo = bool(record.attributes.get("fifo"))
+        by_index = split_moved(messages, record.partitions, fifo, self._moved_cursor)
         for index, batch in by_index.items():
             await self.partition(record, index).accept_dead_letters(batch)
 

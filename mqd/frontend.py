@@ -37,6 +37,7 @@ from mqd.errors import (
 from mqd.limits import Limits
 from mqd.metadata import QueueRecord
 from mqd.protocol import codec, messages
+from mqd.protocol.codec import utf8_len
 from mqd.protocol.frame import (
     FLAG_RESPONSE,
     HEADER_BYTES,
@@ -47,7 +48,7 @@ from mqd.protocol.frame import (
 )
 from mqd.protocol.messages import VISIBILITY_DEFAULT, Opcode
 from mqd.protocol.push import encode_push, encode_push_end
-from mqd.router import Router, utf8_bytes
+from mqd.router import Router
 
 log = structlog.get_logger("mqd.frontend")
 
@@ -885,7 +886,7 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
                     raise InvalidArgument(
                         f"entry {position}: attribute name {key!r} must be 1-64 characters of A-Z a-z 0-9 _ . -"
                     )
-                size += utf8_bytes(key) + utf8_bytes(value)
+                size += utf8_len(key) + utf8_len(value)
         if size > message_bytes_max:
             raise MessageTooLarge(
                 f"entry {position}: {size} bytes (body + attributes); the queue's max_message_bytes is {message_bytes_max}"
@@ -931,7 +932,7 @@ async def handle_send(
 def _entry_bytes(entry: messages.SendEntry | messages.DeliveredMessage) -> int:
     """A message's size as protocol.md §4.9 defines it (and `validate_send` checks it):
     the body plus the UTF-8 lengths of its attribute names and values."""
-    return len(entry.body) + sum(utf8_bytes(k) + utf8_bytes(v) for k, v in entry.attributes.items())
+    return len(entry.body) + sum(utf8_len(k) + utf8_len(v) for k, v in entry.attributes.items())
 
 
 def _charge_delivered(conn: ClientConnection, delivered: list[messages.DeliveredMessage]) -> None:

@@ -626,10 +626,7 @@ class Partition:
                 taken = await self._wait_for_messages(max_messages, deadline_ms, moved_groups)
             if not taken:
                 return []
-            if self.max_receive_count and any(
-                meta.receive_count >= self.max_receive_count for meta in taken
-            ):
-                await self._divert_dead_letters(taken, moved_groups)
+            if self.max_receive_count and await self._divert_dead_letters(taken, moved_groups):
                 continue  # take again: the rest went back in line while the move ran
             return await self._deliver(taken, visibility_timeout_ms, bytes_max)
         return []
@@ -637,24 +634,11 @@ class Partition:
     async def _wait_for_messages(
         self, max_messages: int, deadline_ms: int, skip_groups: set[str] | None = None
     ) -> list[MessageMeta]:
-        loop = asyncio.get_running_loop()
         while not self._closed:
             remaining_ms = deadline_ms - self._now_ms()
             if remaining_ms <= 0:
                 return []
-            waiter = loop.create_future()
-            self._waiters.add(waiter)
-            self._arm_timer()
-            try:
-                # Not asyncio.wait_for: on Python 3.11 it drops a cancel that comes in the
-                # turn the waiter is woken, and a cancelled receive (an UNSUBSCRIBE) then
-                # took and delivered messages nobody would get (their lease ran out).
-                async with asyncio.timeout(remaining_ms / 1000):
-                    await waiter
-            except TimeoutError:
-                pass
-            finally:
-                self._waiters.discard(waiter)
+            await self._wait_woken(remaining_ms / 1000)
             self._advance(self._now_ms())
             taken = self._take_ready(max_messages, skip_groups)
             if taken:
@@ -733,15 +717,17 @@ class Partition:
 
     # --- dead letters ---------------------------------------------------------
 
-    async def _divert_dead_letters(self, taken: list[MessageMeta], moved_groups: set[str]) -> None:
-        """Move the taken messages whose next delivery would exceed max_receive_count;
-        give the rest back to the ready lines first.
+    async def _divert_dead_letters(self, taken: list[MessageMeta], moved_groups: set[str]) -> bool:
+        """Move the taken messages whose next delivery would exceed max_receive_count,
+        giving the rest back to the ready lines first; False if there were none.
 
         Nothing taken may wait outside those lines across the move's awaits: a send to
         its FIFO group would list the group as ready again, and a second RECEIVE take
         the same messages (delivered twice, two of a group in flight)."""
         limit = self.max_receive_count
         doomed = [meta for meta in taken if meta.receive_count >= limit]
+        if not doomed:
+            return False
         self._give_back([meta for meta in taken if meta.receive_count < limit])
         if self.fifo:
             # A group's later messages wait until its head has left for the DLQ.
@@ -751,6 +737,7 @@ class Partition:
         except Exception:
             log.exception("dead_letter.failed", queue=self.name, count=len(doomed))
             raise
+        return True
 
     async def _dead_letter(self, doomed: list[MessageMeta]) -> None:
         sink = self.dead_letter_sink
@@ -1215,17 +1202,24 @@ class Partition:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return 0
-            waiter = loop.create_future()
-            self._waiters.add(waiter)
-            self._arm_timer()
-            try:
-                async with asyncio.timeout(remaining):  # (not wait_for: see _wait_for_messages)
-                    await waiter
-            except TimeoutError:
-                pass
-            finally:
-                self._waiters.discard(waiter)
+            await self._wait_woken(remaining)
         return 0
+
+    async def _wait_woken(self, seconds: float) -> None:
+        """Wait until `_wake_waiters` says a message may be ready, or `seconds` pass."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        self._arm_timer()
+        try:
+            # Not asyncio.wait_for: on Python 3.11 it drops a cancel that comes in the
+            # turn the waiter is woken, and a cancelled receive (an UNSUBSCRIBE) then
+            # took and delivered messages nobody would get (their lease ran out).
+            async with asyncio.timeout(seconds):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
 
     def _ready_estimate(self) -> int:
         if self.fifo:

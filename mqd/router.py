@@ -18,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import itertools
 import zlib
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from mqd.errors import ErrorCode, InvalidArgument, QueueNotFound
 from mqd.metadata import QueueRecord
+from mqd.protocol.codec import utf8_len
 from mqd.protocol.messages import (
     DecommissionResponse,
     DeliveredMessage,
@@ -107,6 +109,22 @@ def key_partition(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
+def split_moved(
+    messages: list[Any], partitions: int, fifo: bool, cursor: Iterator[int]
+) -> dict[int, list[Any]]:
+    """Messages moved into a queue (dead letters, redrive) by target partition: a FIFO
+    message to its group's (so the group keeps its order and one-in-flight rule), the
+    others round robin, message by message (protocol.md §7.7 ACCEPT_MOVED)."""
+    by_index: dict[int, list[Any]] = {}
+    for message in messages:
+        if fifo:
+            index = group_partition(message.group_id, partitions)
+        else:
+            index = next(cursor) % partitions
+        by_index.setdefault(index, []).append(message)
+    return by_index
+
+
 def receipt_partition(receipt: str) -> int | None:
     """The partition a receipt names, read without checking its MAC (routing only:
     the partition's owner verifies it, protocol.md §5.4)."""
@@ -167,10 +185,18 @@ class Router:
             # the first in the same partition's dedup index (protocol.md §4.0).
             index = next(self._send_cursor) % len(endpoints)
             content = bool(queue.attributes.get("content_based_dedup"))
+            if content:
+                entries = list(entries)
+            elif not any(entry.dedup_id for entry in entries):
+                return await endpoints[index].send(queue, entries)  # no keys: as one batch
             for position, entry in enumerate(entries):
                 key = dedup_key(entry.dedup_id, entry.body, content)
                 target = index if key is None else key_partition(key, len(endpoints))
                 by_partition.setdefault(target, []).append(position)
+                if key is not None and not entry.dedup_id:
+                    # The body's hash is the key: hand it over, or the partition hashes
+                    # the body again (it stores the same key either way, §4.0).
+                    entries[position] = dataclasses.replace(entry, dedup_id=key)
         ids: list[str] = [""] * len(entries)
 
         async def send_part(index: int, positions: list[int]) -> None:
@@ -319,14 +345,8 @@ class Router:
 
 def _delivered_bytes(message: DeliveredMessage) -> int:
     """About what the message takes in a RECEIVE answer: attributes in UTF-8 bytes."""
-    attributes = sum(utf8_bytes(k) + utf8_bytes(v) for k, v in message.attributes.items())
+    attributes = sum(utf8_len(k) + utf8_len(v) for k, v in message.attributes.items())
     return len(message.body) + attributes + MESSAGE_OVERHEAD_BYTES
-
-
-def utf8_bytes(text: str) -> int:
-    """len(text.encode()), without the copy for ASCII (every size check of the protocol
-    counts attribute names and values in UTF-8 bytes)."""
-    return len(text) if text.isascii() else len(text.encode())
 
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:

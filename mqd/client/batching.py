@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mqd.errors import InvalidArgument
+from mqd.protocol.codec import utf8_len
 from mqd.protocol.messages import SendEntry
 
 U8_MAX = 0xFF
@@ -37,11 +38,6 @@ REQUEST_OVERHEAD_BYTES = 32
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _ENTRY_KEYS = frozenset({"body", "attributes", "delay", "group_id", "dedup_id", "priority"})
-
-
-def utf8_len(s: str) -> int:
-    """Bytes of `s` in UTF-8, without encoding it when it is ASCII."""
-    return len(s) if s.isascii() else len(s.encode("utf-8"))
 
 
 def seconds_to_ms(value: Any, what: str, *, allow_none: bool = False) -> int:

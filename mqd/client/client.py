@@ -31,6 +31,7 @@ from mqd.errors import (
     ServerError,
     Throttled,
 )
+from mqd.protocol.codec import utf8_len
 from mqd.protocol.messages import (
     VISIBILITY_DEFAULT,
     ChangeVisibilityRequest,
@@ -52,7 +53,7 @@ from mqd.protocol.messages import (
     VisibilityChange,
 )
 
-from .batching import U32_MAX, make_entries, make_entry, plan_chunks, seconds_to_ms, utf8_len
+from .batching import U32_MAX, make_entries, make_entry, plan_chunks, seconds_to_ms
 from .connection import KEEPALIVE_S, Connection
 from .consumer import Consumer, Handler, MessageStream
 from .message import Message, messages_from_delivered

@@ -250,9 +250,15 @@ class Subscription:
 
     async def _unsubscribe_ended(self) -> None:
         """UNSUBSCRIBE a subscription this client ended (the server's side may run)."""
+        await self._unsubscribe(ask=self._holds_slot)
+
+    async def _unsubscribe(self, *, ask: bool) -> None:
+        """UNSUBSCRIBE if `ask` (and the connection is up), give the in-flight slot back,
+        free the id: for good once the server has said the subscription ended, else
+        kept from reuse while its pushes may still come (Connection.remove_push_listener)."""
         conn = self._conn
         ended = True
-        if conn is not None and not conn.closed and self._holds_slot:
+        if ask and conn is not None and not conn.closed:
             try:
                 await conn.request(UnsubscribeRequest(self.subscription_id))
             except MqdError as exc:
@@ -270,21 +276,9 @@ class Subscription:
         They are in flight for this client: release them (CHANGE_VISIBILITY 0)
         or let their lease run out. Safe to call more than once.
         """
-        conn = self._conn
         if not self._closed:
             self._closed = True
-            ended = True
-            if self._end is None and conn is not None and not conn.closed:
-                try:
-                    await conn.request(UnsubscribeRequest(self.subscription_id))
-                except MqdError as exc:
-                    ended = conn.closed  # else the server may still push to it
-                    log.debug(
-                        "subscription.unsubscribe_failed", queue=self.queue.name, error=str(exc)
-                    )
-            self._release_slot()
-            if conn is not None:
-                conn.remove_push_listener(self.subscription_id, ended=ended)
+            await self._unsubscribe(ask=self._end is None)
             for task in list(self._grants):
                 task.cancel()
         left = [m for batch in self._batches for m in batch]

@@ -48,7 +48,7 @@ from mqd.limits import Limits
 from mqd.metadata import MetadataRole, QueueRecord
 from mqd.protocol import codec, messages
 from mqd.protocol.messages import Opcode
-from mqd.router import LocalEndpoint, group_partition
+from mqd.router import LocalEndpoint, split_moved
 from mqd.storage import NewMessage
 
 log = structlog.get_logger("mqd.cluster")
@@ -709,13 +709,8 @@ class BackendService:
         placements = self.view.partitions.get(record.queue_id, [])
         if not placements:
             raise QueueNotFound(f"queue {queue_name!r} has no partitions")
-        by_index: dict[int, list[NewMessage]] = {}
-        for message in moved:
-            if record.attributes.get("fifo"):
-                index = group_partition(message.group_id, len(placements))
-            else:
-                index = next(self._cursor) % len(placements)
-            by_index.setdefault(index, []).append(message)
+        fifo = bool(record.attributes.get("fifo"))
+        by_index = split_moved(moved, len(placements), fifo, self._cursor)
         for index, batch in by_index.items():
             placement = placements[index]
             if placement.leader == self.node_id:

@@ -61,6 +61,12 @@ STR_MAP = "STR_MAP"
 VALUE_MAP = "VALUE_MAP"
 
 
+def utf8_len(s: str) -> int:
+    """Bytes of `s` in UTF-8, without encoding it when it is ASCII (the protocol's sizes
+    count attribute names and values, names and ids in UTF-8 bytes)."""
+    return len(s) if s.isascii() else len(s.encode("utf-8"))
+
+
 def ListOf(item: type) -> tuple[str, type]:
     """A u32 count followed by that many `item` structs: `("LIST", item)` in FIELDS."""
     return ("LIST", item)

@@ -13,6 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import structlog
+
+log = structlog.get_logger("mqd.storage.fs")
+
 # A log's active segment file grows ahead of its records, by its own size within these
 # bounds: an fdatasync after a write inside the file's size has no size change (an ext4
 # journal commit) to make durable. Measured on the dev VM (pwrite 300 B + fdatasync):
@@ -34,6 +38,17 @@ def preallocation_end(written: int, end: int, size_max: int) -> int:
 # whichever thread made it: the node's metrics put them in a histogram. Process-wide,
 # as a process runs one node.
 fsync_observers: list[Callable[[float], None]] = []
+
+
+def report_fsync(seconds: float) -> None:
+    """Tell the observers of a sync a node's syncer made, from its completions, after
+    answering it: an observer that raises is logged, and must not leave the rest of
+    the completions unread (their callers would wait for ever)."""
+    try:
+        for observe in fsync_observers:
+            observe(seconds)
+    except Exception:
+        log.exception("fsync.observer_failed")
 
 
 def fdatasync_observed(fd: int) -> None:

@@ -37,7 +37,7 @@ import shutil
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -727,12 +727,11 @@ class PartitionStore:
         async with self._cold_lock:
             if not self._cold_count:
                 return []
-            until = self._cold_until
-            rows = [r for r in self._unwritten_rows() if r[5] > until and r[4] < sent_before_ms]
-            gone = self._unwritten_deletes()
-            rows += await self._index.cold_sent_before(until, sent_before_ms)
-            found = {row[0]: row for row in rows if row[0] not in gone}
-            doomed = sorted(o for o in found if o not in self._live and o >= self._purged_below)
+            found = await self._cold_rows(
+                lambda row: row[4] < sent_before_ms,
+                self._index.cold_sent_before(self._cold_until, sent_before_ms),
+            )
+            doomed = sorted(found)
             if not doomed:
                 return []
             done = await self._submit(_DELETE_COLD, doomed) or []
@@ -746,15 +745,10 @@ class PartitionStore:
         async with self._cold_lock:
             if not self._cold_count:
                 return []
-            until = self._cold_until
-            rows = [r for r in self._unwritten_rows() if r[5] > until and r[0] > after_offset]
-            gone = self._unwritten_deletes()
-            rows += await self._index.cold_after(until, after_offset, limit)
-            found = {
-                row[0]: row
-                for row in rows
-                if row[0] not in gone and row[0] not in self._live and row[0] >= self._purged_below
-            }
+            found = await self._cold_rows(
+                lambda row: row[0] > after_offset,
+                self._index.cold_after(self._cold_until, after_offset, limit),
+            )
             by_base = {seg.base: seg for seg in self._segments}
             runs = []
             for off in sorted(found)[:limit]:
@@ -772,6 +766,24 @@ class PartitionStore:
             (MessageMeta(off, *found[off][4:]), self._decode_read(seg, blob, 0, size, off))
             for (seg, _pos, size, [(off, _p, _s)]), blob in zip(runs, blobs, strict=True)
         ]
+
+    async def _cold_rows(
+        self, pending: Callable[[tuple], bool], indexed: Awaitable[list[tuple]]
+    ) -> dict[int, tuple]:
+        """Cold index rows by offset (under `_cold_lock`): those `indexed` finds in SQLite
+        and those of the batches not written yet that `pending` picks, less what those
+        batches delete, what is hot and what is purged."""
+        until = self._cold_until
+        rows = [r for r in self._unwritten_rows() if r[5] > until and pending(r)]
+        gone = self._unwritten_deletes()
+        # (The query runs from here: rows written while it runs were pending before it.)
+        rows += await indexed
+        live, purged_below = self._live, self._purged_below
+        return {
+            row[0]: row
+            for row in rows
+            if row[0] not in gone and row[0] not in live and row[0] >= purged_below
+        }
 
     def recovered_cold_group_heads(self) -> dict[str, int]:
         """Per message group, the lowest offset of a cold message in it, as of open."""

@@ -211,11 +211,7 @@ class SyncProcess:
                 future.set_exception(OSError(error, os.strerror(error)))
                 continue
             future.set_result(None)
-            try:  # after the answer: an observer that raises must not lose the rest
-                for observe in fs.fsync_observers:
-                    observe(seconds)
-            except Exception:
-                log.exception("syncer.observer_failed")
+            fs.report_fsync(seconds)
 
     def _stop_watching(self) -> None:
         self.alive = False

@@ -307,14 +307,8 @@ class UringSyncer:
             future.set_exception(OSError(-result, os.strerror(-result)))
             return
         future.set_result(None)
-        # Submission to completion as the loop saw it: the disk and the wake-up. (After
-        # the answer, and apart: an observer that raises must not leave the batch of
-        # completions half read.)
-        try:
-            for observe in fs.fsync_observers:
-                observe(now - submitted)
-        except Exception:
-            log.exception("uring.observer_failed")
+        # Submission to completion as the loop saw it: the disk and the wake-up.
+        fs.report_fsync(now - submitted)
 
     def _break(self, why: str) -> None:
         if not self.alive:
