@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -59,10 +59,17 @@ _ATTRIBUTE_NAME_CHARS = frozenset(
 _PRIORITY_MAX = 9
 # Room left in a RECEIVE response frame for everything but the messages.
 RESPONSE_HEADROOM_BYTES = 64 * 1024
-# A subscription pushes nothing more while the connection's write buffer holds more than
-# this (the client does not read): it looks again every PUSH_ROOM_POLL_S.
-PUSH_BUFFER_BYTES_MAX = 1024 * 1024
-PUSH_ROOM_POLL_S = 0.01
+# Answers and pushes wait their turn while more than this of what the connection wrote
+# is unread (protocol.md §1.7 backpressure), looking again every ANSWER_ROOM_POLL_S: a
+# client that sends without reading holds the server to about this, not to
+# requests_in_flight_max full frames.
+ANSWER_BUFFER_BYTES_MAX = 1024 * 1024
+ANSWER_ROOM_POLL_S = 0.01
+# PEEKs of one connection that read message bodies at the same time; the rest wait.
+PEEKS_RUNNING_MAX = 4
+# What the RECEIVEs (and subscriptions) running on one connection may answer between
+# them: each gets an equal share, at most a frame, and always at least one message.
+RECEIVE_ANSWERS_BYTES_MAX = 64 * 1024 * 1024
 # A subscription's receive that comes back empty sooner than this (a partition closing,
 # a draining node) is followed by a pause as long, so it never spins.
 PUSH_EMPTY_FAST_S = 0.05
@@ -223,7 +230,13 @@ class ClientConnection(asyncio.Protocol):
         # Push subscriptions by the id the client gave them (protocol.md §4.18).
         self.subscriptions: dict[int, Subscription] = {}
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
+        # Answers waiting for the client to read (`answer_room`), in turn.
+        self._answer_turn = asyncio.Lock()
+        self._drained = asyncio.Event()
+        self._peeks = asyncio.Semaphore(PEEKS_RUNNING_MAX)
+        self._receives_running = 0
         self._closing = False
         self._last_activity = time.monotonic()
         # When the last outstanding request or subscription ended: the idle clock of
@@ -268,6 +281,7 @@ class ClientConnection(asyncio.Protocol):
         # Requests already running finish (their effects are durable); answers are dropped.
         # Subscriptions end: what they pushed keeps its lease (protocol.md §4.18).
         self.end_subscriptions()
+        self._drained.set()  # answers waiting for room are dropped now
 
     def pause_writing(self) -> None:
         # The peer reads slower than we answer: stop reading its requests until it catches up.
@@ -279,6 +293,7 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self._closing:
             self.transport.resume_reading()
             self._reading_paused = False
+            self._drained.set()
             if self._frame_started is not None:
                 # While we did not read, a partial frame waited on us, not on the peer.
                 self._frame_started = time.monotonic()
@@ -468,6 +483,7 @@ class ClientConnection(asyncio.Protocol):
                 correlation_id, opcode, ErrorCode.INTERNAL, "internal error; see the server log"
             )
             return "INTERNAL"
+        await self.answer_room()
         encoding = time.perf_counter()
         frame = codec.encode_response(correlation_id, response)
         self._write(frame)
@@ -480,6 +496,7 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -488,10 +505,58 @@ class ClientConnection(asyncio.Protocol):
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []
+            self._out_bytes = 0
             data = b"".join(out) if len(out) > 1 else out[0]
             self.transport.write(data)
             if self.frontend.metrics is not None:
                 self.frontend.metrics.bytes_sent.inc(len(data))
+
+    def unread_bytes(self) -> int:
+        """What we wrote to this connection and the client has not read yet (as far as
+        we can tell: what the transport still buffers, and what waits for `_flush`)."""
+        transport = self.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self._out_bytes + buffered
+
+    async def answer_room(self) -> None:
+        """Wait, in turn, while the client leaves more than ANSWER_BUFFER_BYTES_MAX of our
+        answers unread (protocol.md §1.7 backpressure). Free when it reads: one check.
+
+        Woken by the transport's resume_writing, with a poll as well in case its
+        marks sit above ours.
+        """
+        turn = self._answer_turn
+        if not turn.locked() and self.unread_bytes() <= ANSWER_BUFFER_BYTES_MAX:
+            return
+        async with turn:
+            while not self._closing and self.unread_bytes() > ANSWER_BUFFER_BYTES_MAX:
+                if self._out:
+                    await asyncio.sleep(0)  # our own `_flush` comes first
+                    continue
+                self._drained.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ANSWER_ROOM_POLL_S):
+                        await self._drained.wait()
+
+    @contextlib.asynccontextmanager
+    async def reading_bodies(self) -> AsyncIterator[None]:
+        """A PEEK's turn to read message bodies: PEEKS_RUNNING_MAX at a time, each once
+        the client has read what came before (its answer then waits in `_answer`)."""
+        async with self._peeks:
+            await self.answer_room()
+            yield
+
+    @contextlib.asynccontextmanager
+    async def receiving(self) -> AsyncIterator[int]:
+        """A RECEIVE's (or a subscription's batch's) run: yields the answer's byte cap,
+        an equal share of RECEIVE_ANSWERS_BYTES_MAX among those running, at most a frame."""
+        await self.answer_room()
+        self._receives_running += 1
+        try:
+            share = RECEIVE_ANSWERS_BYTES_MAX // self._receives_running
+            yield min(self.limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES, share)
+        finally:
+            self._receives_running -= 1
 
     def _send_error(
         self,
@@ -598,20 +663,6 @@ class ClientConnection(asyncio.Protocol):
         for subscription in list(self.subscriptions.values()):
             subscription.end(code, message)
 
-    async def push_room(self) -> None:
-        """Wait while the client leaves our pushes unread (protocol.md §1.7 backpressure).
-
-        A poll, only while the buffer is over the mark: it keeps pushes out of the
-        transport callbacks, whose pause also stops reading requests.
-        """
-        transport = self.transport
-        while (  # noqa: ASYNC110
-            transport is not None
-            and not self._closing
-            and transport.get_write_buffer_size() > PUSH_BUFFER_BYTES_MAX
-        ):
-            await asyncio.sleep(PUSH_ROOM_POLL_S)
-
 
 class Subscription:
     """One push subscription (protocol.md §4.18): while it holds credits, a task
@@ -691,7 +742,6 @@ class Subscription:
                     self._granted.clear()
                     await self._granted.wait()
                     continue
-                await conn.push_room()
                 # Each batch is authorized like a RECEIVE: a revoked grant or a rotated
                 # token ends the subscription (FORBIDDEN, UNAUTHENTICATED).
                 await conn._authorize(Opcode.SUBSCRIBE, request)
@@ -705,13 +755,14 @@ class Subscription:
                     await asyncio.sleep(exc.details.get("retry_after_ms", 100) / 1000)
                     continue
                 started = loop.time()
-                delivered = await frontend.router.receive(
-                    record,
-                    min(self.credits, limits.batch_messages_max),
-                    limits.receive_wait_ms_max,
-                    visibility,
-                    limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES,
-                )
+                async with conn.receiving() as bytes_max:
+                    delivered = await frontend.router.receive(
+                        record,
+                        min(self.credits, limits.batch_messages_max),
+                        limits.receive_wait_ms_max,
+                        visibility,
+                        bytes_max,
+                    )
                 if not delivered:
                     if loop.time() - started < PUSH_EMPTY_FAST_S:
                         await asyncio.sleep(PUSH_EMPTY_FAST_S)
@@ -973,13 +1024,14 @@ async def handle_receive(
     # What a RECEIVE takes is known only afterwards: go if the buckets are not in debt,
     # then charge what was delivered (protocol.md §8.3).
     conn.frontend.auth.admit(conn.session, 1, 1, take=False)
-    delivered = await conn.frontend.router.receive(
-        record,
-        request.max_messages,
-        request.wait_ms,
-        visibility_ms(limits, record, request.visibility_timeout_ms),
-        limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES,
-    )
+    async with conn.receiving() as bytes_max:
+        delivered = await conn.frontend.router.receive(
+            record,
+            request.max_messages,
+            request.wait_ms,
+            visibility_ms(limits, record, request.visibility_timeout_ms),
+            bytes_max,
+        )
     _charge_delivered(conn, delivered)
     return messages.ReceiveResponse(messages=delivered)
 
@@ -1015,7 +1067,8 @@ async def handle_peek(
         raise InvalidArgument(f"max_messages must be 1-{conn.limits.batch_messages_max}")
     assert conn.session is not None
     conn.frontend.auth.admit(conn.session, 1, 1, take=False)
-    delivered = await conn.frontend.router.peek(record, request.max_messages, request.after_id)
+    async with conn.reading_bodies():
+        delivered = await conn.frontend.router.peek(record, request.max_messages, request.after_id)
     _charge_delivered(conn, delivered)
     return messages.PeekResponse(messages=delivered)
 

@@ -19,6 +19,7 @@ import pytest
 
 import mqd.client
 from mqd.certs import init_ca, issue
+from mqd.client.sync import connect as sync_connect
 from mqd.errors import ErrorCode, ProtocolError
 from mqd.frontend import HANDLERS
 from mqd.protocol import codec, messages
@@ -222,6 +223,51 @@ def test_a_tls_client_that_never_handshakes_is_dropped(server_factory, tmp_path,
             while (frame := decoder.next_frame()) is None:
                 decoder.feed(tls.recv(65536))
             assert isinstance(codec.decode_response(frame), messages.HelloResponse)
+
+
+# --- backpressure (protocol.md §1.7) ------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) // 1024
+
+
+def test_a_client_that_sends_without_reading_does_not_fill_the_servers_memory(server, connect):
+    # 60 pipelined PEEKs, each answered with 4 messages of 1000 KiB: 240 MiB of answers.
+    # Before, every one was encoded and queued at once (RSS ~2x that); now the answers
+    # wait their turn while the client leaves 1 MiB unread.
+    body = b"m" * (1000 * 1024)
+    with sync_connect(server.address) as client:
+        queue = client.create_queue("big")
+        for _ in range(4):
+            queue.send(body)
+    raw = connect(server.address)
+    raw.hello()
+    peeks = 60
+    raw.send(
+        b"".join(
+            codec.encode_request(10 + i, messages.PeekRequest(queue="big", max_messages=4))
+            for i in range(peeks)
+        )
+    )
+    assert server.proc is not None
+    baseline = _rss_mib(server.proc.pid)
+    peak = baseline
+    for _ in range(15):
+        time.sleep(0.1)
+        peak = max(peak, _rss_mib(server.proc.pid))
+    assert peak - baseline < 60, (baseline, peak)
+    # A client that then reads gets every answer, whole.
+    raw.sock.settimeout(30)
+    answered = set()
+    for _ in range(peeks):
+        frame = raw.read_frame()
+        answer = codec.decode_response(frame)
+        assert isinstance(answer, messages.PeekResponse), answer
+        assert [bytes(m.body) for m in answer.messages] == [body] * 4
+        answered.add(frame.correlation_id)
+    assert answered == {10 + i for i in range(peeks)}
 
 
 # --- the decoder fuzzer (tools/fuzz_decoder.py), CI-sized --------------------------------
