@@ -91,6 +91,25 @@ class Catalog(Protocol):
     async def decommission(self, node_id: str) -> DecommissionResponse: ...
 
 
+def peek_cursors(queue: QueueRecord, partitions: int, after_id: str) -> tuple[int, dict[int, str]]:
+    """PEEK's `after_id` (protocol.md §4.13) as the partition to start at and the id to
+    continue after in each partition. One id pages on: the partitions before its own are
+    done. Ids each followed by a comma are a cursor per partition, for following a
+    queue: the partitions they name continue after them, the rest start at the oldest."""
+    if not after_id:
+        return 0, {}
+    listed = after_id.endswith(",")
+    cursors: dict[int, str] = {}
+    for text in after_id[:-1].split(",") if listed else [after_id]:
+        parsed = parse_message_id(text)
+        if parsed is None or parsed[0] != queue.queue_id or parsed[1] >= partitions:
+            raise InvalidArgument(f"after_id {text!r} is not a message id of this queue")
+        if parsed[1] in cursors:
+            raise InvalidArgument(f"after_id names partition {parsed[1]} twice")
+        cursors[parsed[1]] = text
+    return (0, cursors) if listed else (next(iter(cursors)), cursors)
+
+
 def group_partition(group_id: str, partitions: int) -> int:
     """The partition that holds a FIFO group, on every node (sends and moves alike)."""
     return zlib.crc32(group_id.encode()) % partitions
@@ -308,15 +327,10 @@ class Router:
         self, queue: QueueRecord, max_messages: int, after_id: str
     ) -> list[DeliveredMessage]:
         endpoints = self.catalog.endpoints(queue)
-        first = 0
-        if after_id:
-            parsed = parse_message_id(after_id)
-            if parsed is None or parsed[0] != queue.queue_id or parsed[1] >= len(endpoints):
-                raise InvalidArgument(f"after_id {after_id!r} is not a message id of this queue")
-            first = parsed[1]
+        first, cursors = peek_cursors(queue, len(endpoints), after_id)
         found: list[DeliveredMessage] = []
         for index in range(first, len(endpoints)):
-            cursor = after_id if index == first else ""
+            cursor = cursors.get(index, "")
             found += await endpoints[index].peek(queue, max_messages - len(found), cursor)
             if len(found) >= max_messages:
                 break

@@ -90,6 +90,7 @@ from mqd.protocol.messages import (
     VisibilityChange,
 )
 from mqd.protocol.push import decode_push
+from mqd.receipts import parse_message_id
 
 # --- limits and defaults (STYLE.md "a limit on everything") -------------------------
 
@@ -1215,26 +1216,32 @@ def _cmd_tail(sh: Shell, call: Call) -> Answer:
     if start not in ("start", "end"):
         raise ShellError(USAGE, f"from= takes start or end, got {start!r}")
     page = TAIL_PAGE_MESSAGES_MAX
-    after = ""
+    # The last id seen in each partition: PEEK's cursor form (protocol.md §4.13), so a
+    # message stored in one partition while we read another is not skipped.
+    seen: dict[int, str] = {}
+
+    def peek() -> list[DeliveredMessage]:
+        after = "".join(f"{message_id}," for message_id in seen.values())
+        found = sh.request(PeekRequest(name, page, after)).messages
+        for m in found:
+            parsed = parse_message_id(m.id)
+            if parsed is not None:
+                seen[parsed[1]] = m.id
+        return found
+
     if start == "end":
         # Skip what is already there: page to the newest message.
-        while True:
-            messages = sh.request(PeekRequest(name, page, after)).messages
-            if messages:
-                after = messages[-1].id
-            if len(messages) < page:
-                break
+        while len(peek()) == page:
+            pass
     sh.note(f"tailing {name} (Ctrl-C to stop)")
     try:
         while True:
-            messages = sh.request(PeekRequest(name, page, after)).messages
+            messages = peek()
             for m in messages:
                 line = f"{_clock_ms(m.sent_at_ms)}  {m.id}  {show_body(m.body, None)}"
                 if m.attributes:
                     line += "  {" + ", ".join(f"{k}={v}" for k, v in m.attributes.items()) + "}"
                 sh.emit(Answer(data=dict(jsonable(m), queue=name), text=line))
-            if messages:
-                after = messages[-1].id
             if len(messages) < page:
                 time.sleep(TAIL_POLL_S)
     except KeyboardInterrupt:

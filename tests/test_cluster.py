@@ -50,6 +50,14 @@ async def test_every_op_from_every_frontend(cluster):
         ids += await q2.send_batch([b"d", b"e"])
         peeked = await q2.peek(max_messages=10)
         assert sorted(m.id for m in peeked) == sorted(ids)
+        # Followed with a cursor, page by page, through either frontend (§4.13).
+        cursor, followed = "", []
+        for q in (q1, q2, q1, q2, q1, q2):
+            page = await q.peek(max_messages=2, after_id=cursor)
+            followed += [m.id for m in page]
+            cursor = mqd.client.peek_cursor(page, cursor)
+        assert sorted(followed) == sorted(ids)
+        assert cursor.count(",") == len({message_id.split("-")[1] for message_id in ids})
         got = []
         for _ in range(10):
             got += await q2.receive(max_messages=10)

@@ -115,3 +115,34 @@ async def test_a_redriven_fifo_message_rejoins_its_group_s_partition(server):
         await source.ack(*first)
         rest = await source.receive(max_messages=10)
         assert [m.body for m in rest] == [b"m3", b"m1"]
+
+
+async def test_following_a_partitioned_queue_with_a_peek_cursor_skips_nothing(server):
+    # One id as `after_id` takes the partitions before its own as read, so a message
+    # stored there meanwhile was skipped; a cursor names the last id of every
+    # partition (protocol.md §4.13).
+    async with await mqd.client.connect(server.address) as client:
+        queue = await client.create_queue("followed", partitions=3)
+        sent: list[str] = []
+        seen: list[str] = []
+        cursor = ""
+        for round_number in range(6):
+            for i in range(round_number % 3 + 1):  # one message per partition, in turn
+                sent.append(await queue.send(b"%d-%d" % (round_number, i)))
+            for _ in range(10):
+                page = await queue.peek(2, after_id=cursor)
+                seen += [m.id for m in page]
+                cursor = mqd.client.peek_cursor(page, cursor)
+                if len(page) < 2:
+                    break
+        assert {message_id.split("-")[1] for message_id in sent} == {"0000", "0001", "0002"}
+        assert sorted(seen) == sorted(sent)
+        assert len(seen) == len(set(seen))
+        assert cursor.count(",") == 3
+        assert await queue.peek(10, after_id=cursor) == []
+        first = cursor.split(",")[0]
+        with pytest.raises(InvalidArgument, match="twice"):
+            await queue.peek(1, after_id=f"{first},{first},")
+        other = await client.create_queue("other")
+        with pytest.raises(InvalidArgument, match="not a message id of this queue"):
+            await other.peek(1, after_id=cursor)

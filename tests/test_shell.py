@@ -506,6 +506,26 @@ def test_interactive_tail_and_watch(server, pty_shell):
     assert sh.wait() == 0
 
 
+def test_tail_follows_every_partition(server, pty_shell):
+    # Before, tail continued after the last id alone, and skipped what landed meanwhile
+    # in a partition before that id's (here the 4th message, back in partition 0).
+    sh = pty_shell()
+    sh.expect(PROMPT)
+    sh.send("create wide partitions=3; send wide old-one\r")
+    sh.expect("sent ")
+    sh.expect(PROMPT)
+    sh.send("tail wide\r")
+    sh.expect("tailing wide")
+    for i in range(1, 5):
+        result = run_shell(server.address, "-c", f"send wide fresh-{i}")
+        assert result.returncode == 0, result.stderr
+        sh.expect(f"fresh-{i}")
+    sh.send("\x03")
+    sh.expect(PROMPT)
+    sh.send("quit\r")
+    assert sh.wait() == 0
+
+
 def test_cli_wiring_when_present():
     result = subprocess.run(
         [sys.executable, "-m", "mqd", "shell", "--help"],

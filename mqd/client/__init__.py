@@ -16,7 +16,15 @@ limits, timeouts) → `client` (Client, Queue, Message) and `consumer`
 (MessageStream, Consumer); `sync` is a thin blocking facade over it.
 """
 
-from .client import DEFAULT_ADDRESS, Client, Queue, RedriveResult, connect, parse_address
+from .client import (
+    DEFAULT_ADDRESS,
+    Client,
+    Queue,
+    RedriveResult,
+    connect,
+    parse_address,
+    peek_cursor,
+)
 from .consumer import Consumer, ConsumerStats, MessageStream
 from .message import Message
 
@@ -31,4 +39,5 @@ __all__ = [
     "RedriveResult",
     "connect",
     "parse_address",
+    "peek_cursor",
 ]

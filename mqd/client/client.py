@@ -14,6 +14,7 @@ whether the server acted on them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import random
@@ -668,7 +669,9 @@ class Queue:
     async def peek(self, max_messages: int = 1, *, after_id: str = "") -> list[Message]:
         """Look at messages without changing their state (receipt ""), oldest first.
 
-        `after_id` resumes after that message id, to page through a queue.
+        `after_id` resumes after that message id, to page through a queue. To follow
+        a queue as it grows, pass a cursor instead (`peek_cursor`): with one id, a
+        queue of several partitions may skip messages stored meanwhile in another.
         """
         _check_count(max_messages, "max_messages")
         response = await self._client._call(
@@ -917,6 +920,26 @@ class Queue:
     async def delete(self) -> None:
         """Delete the queue itself."""
         await self._client.delete_queue(self.name)
+
+
+def peek_cursor(messages: Iterable[Message], cursor: str = "") -> str:
+    """`cursor` moved past `messages`: the `after_id` that follows a queue with
+    `Queue.peek` without skipping messages (protocol.md §4.13). It holds the last id
+    seen in each partition (a message id's second part names its partition, §5.4).
+
+        cursor = ""
+        while following:
+            found = await queue.peek(100, after_id=cursor)
+            cursor = peek_cursor(found, cursor)
+    """
+    last: dict[str, str] = {}
+    ids = [text for text in cursor.split(",") if text]
+    for message_id in itertools.chain(ids, (m.id for m in messages)):
+        parts = message_id.split("-")
+        if len(parts) != 3:
+            raise InvalidArgument(f"{message_id!r} is not an mqd message id")
+        last[parts[1]] = message_id
+    return "".join(f"{message_id}," for message_id in last.values())
 
 
 async def connect(
