@@ -146,8 +146,8 @@ class _Segment:
     """One segment file. Positions are byte positions in the file."""
 
     __slots__ = (
-        "allocated", "bad", "base", "cold", "created_ms", "dead_at", "fd", "live", "marks", "path",
-        "scan", "size",
+        "allocated", "bad", "base", "cold", "created_ms", "dead_at", "dedup_ms", "fd", "live",
+        "marks", "path", "scan", "size",
     )  # fmt: skip
 
     def __init__(self, base: int, path: Path, size: int, created_ms: int) -> None:
@@ -161,6 +161,10 @@ class _Segment:
         self.cold = 0  # of which cold (in the index only)
         self.dead_at = -1  # offset of the record that deleted its last live message
         self.bad = False  # renamed .bad: read-only, never reclaimed
+        # When the newest message with a dedup id in it was sent (0: none): the segment
+        # outlives its messages until that id leaves `dedup_retention_ms`, so an index
+        # rebuilt from the log still knows it.
+        self.dedup_ms = 0
         self.scan: SegmentScan | None = None
         # (offset, position) of a record every RAW_MARK_BYTES, for `read_raw` from disk;
         # replaced whole (never mutated), so a reader thread always sees a sorted list.
@@ -283,6 +287,7 @@ class PartitionStore:
         self._index_task: asyncio.Task | None = None
         self._index_checkpoint = 0
         self._reclaim_wanted = False
+        self._reclaim_timer: asyncio.TimerHandle | None = None
         # Reads in flight in executor threads; fds of reclaimed segments wait for them.
         self._reads_in_flight = 0
         self._fds_to_close: list[int] = []
@@ -388,6 +393,10 @@ class PartitionStore:
         for meta in metas.values():
             seg = self._segment_of(meta.offset)
             seg.live += 1
+        for off, sent_at in self._dedup.values():
+            if self._bases and off >= self._bases[0]:
+                seg = self._segment_of(off)
+                seg.dedup_ms = max(seg.dedup_ms, sent_at)
         if self._active is None or self._active.bad:
             await loop.run_in_executor(None, self._create_segment, log_end)
         elif self._active.scan is not None and self._active.scan.key_id != self._keys.current_id:
@@ -1488,6 +1497,7 @@ class PartitionStore:
                     if m.dedup_id:
                         self._dedup[m.dedup_id] = (off, now)
                         batch.dedups.append((m.dedup_id, off, now))
+                        seg.dedup_ms = now
                     add_meta(MessageMeta(off, now, m.due_ms, m.priority, m.group_id, m.dedup_id,
                                          m.receive_count, 0, 0, msize))  # fmt: skip
                     add_row((off, base, pos, size, now, m.due_ms, m.priority, m.group_id,
@@ -1700,6 +1710,9 @@ class PartitionStore:
         for seg in self._segments:
             if seg is self._active or seg.bad or seg.live or seg.dead_at >= self._index_checkpoint:
                 break
+            if self._holds_dedup(seg):
+                self._reclaim_later(seg)
+                break
             doomed.append(seg)
         if not doomed:
             return
@@ -1716,6 +1729,22 @@ class PartitionStore:
         except OSError as exc:
             self._log.error("segment.reclaim_failed", error=str(exc))
         self._stats["segments_reclaimed"] += len(doomed)
+
+    def _holds_dedup(self, seg: _Segment) -> bool:
+        return seg.dedup_ms + self.config.dedup_retention_ms > self._clock.now_ms()
+
+    def _reclaim_later(self, seg: _Segment) -> None:
+        """Look again when `seg`'s dedup ids have left their retention (one timer)."""
+        if self._reclaim_timer is not None or self._closing:
+            return
+        delay_ms = seg.dedup_ms + self.config.dedup_retention_ms - self._clock.now_ms()
+
+        def wanted() -> None:
+            self._reclaim_timer = None
+            self._reclaim_wanted = True
+            self._wake.set()
+
+        self._reclaim_timer = self._loop.call_later(max(0, delay_ms) / 1000 + 0.01, wanted)
 
     def _unlink_segments(self, doomed: list[_Segment], fds: list[int]) -> None:
         for fd in fds:
@@ -1785,7 +1814,12 @@ class PartitionStore:
             self._stats["index_batches"] += 1
             if self._segments and self._segments[0] is not self._active:
                 first = self._segments[0]
-                if not first.live and not first.bad and first.dead_at < batch.checkpoint:
+                if (
+                    not first.live
+                    and not first.bad
+                    and first.dead_at < batch.checkpoint
+                    and not self._holds_dedup(first)
+                ):
                     self._reclaim_wanted = True
                     self._wake.set()
             if (
@@ -1819,6 +1853,8 @@ class PartitionStore:
             self._closed = True
             if self._sync_timer is not None:
                 self._sync_timer.cancel()
+            if self._reclaim_timer is not None:
+                self._reclaim_timer.cancel()
             if self._index is not None:
                 await self._index.close()
                 self._index = None

@@ -17,7 +17,7 @@ from storage_helpers import (
     wait_for,
 )
 
-from mqd.clock import ManualClock
+from mqd.clock import ManualClock, SystemClock
 from mqd.errors import ConfigError, MessageTooLarge, StorageError
 from mqd.storage import Lease, NewMessage, StorageConfig
 from mqd.storage import records as rec
@@ -323,6 +323,53 @@ async def test_one_stuck_message_blocks_reclaim(part: Path) -> None:
     await wait_for(lambda: store.stats()["segments"] == 1)
     # Only the active segment is left (the files go in a thread after the count drops).
     await wait_for(lambda: len(segment_files(part)) == 1)
+    await store.close()
+
+
+async def test_a_segment_with_dedup_ids_outlives_its_messages_until_they_expire(
+    part: Path,
+) -> None:
+    # The index remembers dedup ids, but an index rebuilt from the log knows only what
+    # the segments still hold: a segment is kept until its dedup ids leave retention.
+    clock = ManualClock()
+    config = StorageConfig(segment_bytes_max=4096, dedup_retention_ms=60_000)
+    store = await open_store(part, config=config, clock=clock)
+    metas = await store.append_messages([msg(0, 200, dedup_id="order-1")])
+    for i in range(1, 60):
+        metas += await store.append_messages([msg(i, 200)])
+    assert len(segment_files(part)) >= 3
+    first_segment = store._segment_of(metas[0].offset).base
+    doomed = [m.offset for m in metas if store._segment_of(m.offset).base == first_segment]
+    await store.delete(doomed)
+    written = store.stats()["next_offset"]
+    # Once the index covers the deletes the segment would go (it does without the id).
+    await wait_for(lambda: store._index_checkpoint >= written)
+    await store.append_messages([msg(99)])
+    await wait_for(lambda: store._index_checkpoint > written)
+    await asyncio.sleep(0.1)
+    assert store.stats()["segments_reclaimed"] == 0
+    await store.close()
+    (part / INDEX_FILE).unlink()
+    clock.advance(30_000)
+    store = await open_store(part, config=config, clock=clock)
+    assert store.find_dedup("order-1", clock.now_ms() - 60_000) == metas[0].offset
+    # Once the id has left retention the segment goes, at the next chance to reclaim.
+    clock.advance(30_001)
+    await store.append_messages([msg(100)])
+    await wait_for(lambda: store.stats()["segments_reclaimed"] == 1)
+    await store.close()
+
+
+async def test_a_segment_held_for_its_dedup_ids_is_reclaimed_by_a_timer(part: Path) -> None:
+    config = StorageConfig(segment_bytes_max=4096, dedup_retention_ms=300)
+    store = await open_store(part, config=config, clock=SystemClock())
+    metas = await store.append_messages([msg(0, 200, dedup_id="order-1")])
+    for i in range(1, 40):
+        metas += await store.append_messages([msg(i, 200)])
+    await store.delete([m.offset for m in metas])
+    await store.append_messages([msg(99)])
+    # Nothing else happens on the partition: the store looks again on its own.
+    await wait_for(lambda: store.stats()["segments_reclaimed"] >= 2, timeout_s=5)
     await store.close()
 
 
