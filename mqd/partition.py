@@ -186,7 +186,9 @@ class Partition:
                 self._ready_groups.append(group)
 
     def _advance(self, now: int) -> bool:
-        """Apply every transition due by `now`; True if any message became ready."""
+        """Apply every transition due by `now`, and wake the waiting receives if any
+        message became ready (whoever looked: a STATS that came first must not leave
+        them asleep for their whole wait); True if one did."""
         woke = False
         delayed = self._delayed
         metas = self._metas
@@ -210,6 +212,8 @@ class Partition:
             self._on_unleased(meta)
             self._make_ready(meta)
             woke = True
+        if woke:
+            self._wake_waiters()
         return woke
 
     def _take_ready(self, count: int, skip_groups: set[str] | None = None) -> list[MessageMeta]:
@@ -509,11 +513,9 @@ class Partition:
         pull_at = self._pull_at_ms()
         if pull_at and now >= pull_at:
             self._start_pull()  # re-arms the timer when done
-            if self._advance(now):
-                self._wake_waiters()
+            self._advance(now)
             return
-        if self._advance(now):
-            self._wake_waiters()
+        self._advance(now)
         self._arm_timer()
 
     # --- send -----------------------------------------------------------------

@@ -127,6 +127,22 @@ async def test_long_poll_wakes_on_release(partition):
     assert got[0].receive_count == 2
 
 
+@pytest.mark.parametrize("look", ["stats", "peek"])
+async def test_a_look_that_finds_a_message_due_wakes_the_long_poll(partition, clock, look):
+    # The look makes the delayed message ready; before, it left the waiting receive
+    # asleep (its timer then found nothing to do) until its wait ran out.
+    await send(partition, b"late", delay_ms=60_000)
+    waiter = asyncio.create_task(partition.receive(1, 120_000, 30_000, bytes_max=BYTES_MAX))
+    await asyncio.sleep(0.05)
+    clock.advance(60_000)
+    if look == "stats":
+        assert partition.stats()["visible"] == 1
+    else:
+        assert [m.body for m in await partition.peek(10, -1)] == [b"late"]
+    got = await asyncio.wait_for(waiter, 5)
+    assert [m.body for m in got] == [b"late"]
+
+
 async def test_state_survives_reopen(tmp_path, clock):
     part = await open_partition(tmp_path / "p", clock)
     await send(part, b"a", b"b", b"c")
