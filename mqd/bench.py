@@ -103,6 +103,7 @@ _WORST_OF_RUNS = {
     "ack_failures": max,
     "send_errors": max,
     "missed_slots": max,
+    "unsent_slots": max,
     "queue_left": max,
     "ids_duplicated": max,
     "queue_depth_after": min,
@@ -224,7 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--queue",
         default=None,
         metavar="NAME",
-        help="custom: queue to use (default: a fresh one, deleted at the end)",
+        help="custom: an empty queue to use, kept at the end (default: a fresh one, "
+        "deleted at the end)",
     )
     parser.add_argument(
         "--timeout",
@@ -604,6 +606,9 @@ def _tally(state: _State, messages: list[Message], now_ns: int) -> None:
     latencies = state.latencies_ns
     total = len(seen)
     for message in messages:
+        if len(message.body) < HEAD_BYTES:
+            state.foreign += 1
+            continue
         seq, sent_ns = unpack(message.body)
         if seq >= total:
             state.foreign += 1
@@ -748,6 +753,10 @@ async def _leftovers(queue: Queue, state: _State, receive_max: int) -> int:
     extra = await queue.receive(max_messages=receive_max, wait=0)
     if extra:
         _tally(state, await _ack_received(queue, state, extra), time.time_ns())
+    return await _leftovers_count(queue)
+
+
+async def _leftovers_count(queue: Queue) -> int:
     stats = await queue.stats()
     return int(stats.get("visible", 0) + stats.get("in_flight", 0) + stats.get("delayed", 0))
 
@@ -789,6 +798,15 @@ async def run_bench(
     try:
         control = await session.open()
         await control.create_queue(name, exist_ok=not own_queue)
+        if not own_queue:
+            # Bench acks whatever it receives: on a queue of the user's that would
+            # delete their messages (and count them as from elsewhere).
+            held = await _leftovers_count(control.queue(name))
+            if held:
+                raise ConfigError(
+                    f"--queue {name}: it holds {held} messages; bench needs an empty queue "
+                    "(it acks every message it receives)"
+                )
         producers = [(await session.open()).queue(name) for _ in range(cfg.producers)]
         consumers = [(await session.open()).queue(name) for _ in range(cfg.consumers)]
         receive_max = session.receive_max(cfg.batch)
@@ -1173,12 +1191,16 @@ async def _w2_phase(
     left = await _leftovers(session.clients[0].queue(name), state, W2_RECEIVE_MAX)
     sent = counts["sent"]
     checks = _checks(state, sent)
+    # Slots the schedule never reached: the run ended (--timeout) before its duration.
+    unsent = slots - sent - counts["missed_slots"]
+    timed_out = state.distinct < sent or unsent > 0
     return {
         "rate_per_s": cfg.rate_per_s,
         "duration_s": cfg.duration_s,
         "slots": slots,
         "sent": sent,
         "missed_slots": counts["missed_slots"],
+        "unsent_slots": unsent,
         "send_errors": counts["send_errors"],
         "in_flight_max": cfg.in_flight_max,
         "w2_consumer": cfg.w2_consumer,
@@ -1192,8 +1214,8 @@ async def _w2_phase(
         **_ms_percentiles("send_late_ms", late_ns, ("p50", "p99", "max")),
         **cpu,
         **fsyncs,
-        "timed_out": state.distinct < sent,
-        "ok": _clean(checks) and left == 0 and counts["send_errors"] == 0,
+        "timed_out": timed_out,
+        "ok": _clean(checks) and left == 0 and counts["send_errors"] == 0 and not timed_out,
     }
 
 

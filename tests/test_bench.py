@@ -58,6 +58,21 @@ async def test_bench_many_producers_and_consumers_on_a_named_queue(server):
         assert "bench-named" in await client.list_queues()  # a named queue is left alone
 
 
+async def test_bench_refuses_a_named_queue_that_holds_messages(server):
+    # It acks whatever it receives: the user's message was deleted, then a short body
+    # crashed the run and left bench's own messages behind.
+    async with await mqd.client.connect(server.address) as client:
+        queue = await client.create_queue("users")
+        await queue.send(b"hi")
+    done = _bench(server.address, "--messages", "100", "--queue", "users", "--json")
+    assert done.returncode == 1
+    result = json.loads(done.stdout)
+    assert result["ok"] is False and "holds 1 messages" in result["error"]
+    async with await mqd.client.connect(server.address) as client:
+        stats = await client.queue("users").stats()
+        assert stats["visible"] == 1 and stats["acked_total"] == 0 and stats["sent_total"] == 1
+
+
 def test_bench_rejects_bad_options():
     done = _bench("127.0.0.1:1", "--size", "8", timeout_s=30)
     assert done.returncode == 2

@@ -123,6 +123,15 @@ def test_w2_open_loop_counts_what_it_could_not_send(server):
     assert w2["delivered"] == w2["sent"] >= 1
 
 
+def test_w2_cut_short_by_the_timeout_is_not_ok(server):
+    done = _bench(server.address, "--workload", "w2", "--rate", "100", "--duration", "5",
+                  "--timeout", "1", "--json")  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    w2 = json.loads(done.stdout)["workloads"]["w2"]
+    assert w2["timed_out"] is True and w2["ok"] is False
+    assert w2["sent"] < 200 and w2["unsent_slots"] == 500 - w2["sent"] - w2["missed_slots"]
+
+
 FSYNC_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 
