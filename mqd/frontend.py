@@ -155,16 +155,20 @@ class FrontendRole:
     ) -> None:
         """Metrics for one request, and the slow-request line; `started`: its frame's arrival."""
         elapsed = time.perf_counter() - started
-        try:
-            op = Opcode(opcode).name
-        except ValueError:
-            op = f"0x{opcode:04x}"
+        op = _op_name(opcode)
         if self.metrics is not None:
             self.metrics.request_seconds.labels(op).observe(elapsed)
             if outcome != "ok":
                 self.metrics.request_errors.labels(op, outcome).inc()
         if self.slow_request_s and elapsed >= self.slow_request_s:
             self._log_slow(op, request, elapsed, outcome, trace)
+
+    def count_refused(self, opcode: int, code: ErrorCode) -> None:
+        """A request answered with an error before it ran (busy, unknown, malformed)."""
+        if self.metrics is not None:
+            # One label for every opcode we do not know, whatever a client sends.
+            op = _op_name(opcode) if opcode in Opcode._value2member_map_ else "unknown"
+            self.metrics.request_errors.labels(op, ErrorCode(code).name).inc()
 
     def _log_slow(
         self, op: str, request: Any, elapsed: float, outcome: str, trace: stages.Trace
@@ -175,7 +179,13 @@ class FrontendRole:
             carried_op, request, partition = trace.carried
             carried = {"carries": carried_op, "partition": partition}
         if getattr(request, "wait_ms", 0):
-            return  # a long poll is slow on purpose; everything else this slow is worth a line
+            # A long poll is slow on purpose: what counts is the time it did not spend
+            # waiting (so a RECEIVE with a wait that had messages at once still gets a
+            # line). Through a cluster frontend the wait is inside "peer": no line.
+            if "peer" in trace.spans and not trace.carried:
+                return
+            if elapsed - trace.spans.get("wait", 0.0) < self.slow_request_s:
+                return
         log.warning(
             "request.slow",
             op=op,
@@ -209,6 +219,13 @@ class FrontendRole:
 
 
 Handler = Callable[["ClientConnection", Any], Awaitable[Any]]
+
+
+def _op_name(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"0x{opcode:04x}"
 
 
 class ClientConnection(asyncio.Protocol):
@@ -377,7 +394,7 @@ class ClientConnection(asyncio.Protocol):
     def _on_frame(self, frame: Frame) -> None:
         opcode, correlation_id = frame.opcode, frame.correlation_id
         if frame.flags & FLAG_RESPONSE:
-            self._send_fatal(
+            self._refuse_fatal(
                 correlation_id,
                 opcode,
                 ErrorCode.MALFORMED_FRAME,
@@ -385,7 +402,7 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         if frame.version != PROTOCOL_VERSION:
-            self._send_error(
+            self._refuse(
                 correlation_id,
                 opcode,
                 ErrorCode.UNSUPPORTED_VERSION,
@@ -395,23 +412,23 @@ class ClientConnection(asyncio.Protocol):
             return
         handler = self.handlers.get(opcode)
         if handler is None:
-            self._send_error(
+            self._refuse(
                 correlation_id, opcode, ErrorCode.UNKNOWN_OPCODE, f"unknown opcode 0x{opcode:04x}"
             )
             return
         if not self.hello_done and opcode != Opcode.HELLO:
-            self._send_error(correlation_id, opcode, ErrorCode.HELLO_REQUIRED, "send HELLO first")
+            self._refuse(correlation_id, opcode, ErrorCode.HELLO_REQUIRED, "send HELLO first")
             return
         try:
             request = codec.decode_request(frame)
         except ProtocolError as exc:
-            self._send_fatal(correlation_id, opcode, exc.code, exc.message)
+            self._refuse_fatal(correlation_id, opcode, exc.code, exc.message)
             return
         except ServerError as exc:
-            self._send_error(correlation_id, opcode, exc.code, exc.message)
+            self._refuse(correlation_id, opcode, exc.code, exc.message)
             return
         if len(self.tasks) >= self.limits.requests_in_flight_max:
-            self._send_error(
+            self._refuse(
                 correlation_id,
                 opcode,
                 ErrorCode.TOO_MANY_REQUESTS,
@@ -419,7 +436,7 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         if self.frontend.draining:
-            self._send_error(
+            self._refuse(
                 correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down"
             )
             return
@@ -557,6 +574,24 @@ class ClientConnection(asyncio.Protocol):
             yield min(self.limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES, share)
         finally:
             self._receives_running -= 1
+
+    def _refuse(
+        self,
+        correlation_id: int,
+        opcode: int,
+        code: ErrorCode,
+        message: str,
+        details: dict | None = None,
+    ) -> None:
+        """An error for a request refused before it ran, counted like those that ran."""
+        self.frontend.count_refused(opcode, code)
+        self._send_error(correlation_id, opcode, code, message, details)
+
+    def _refuse_fatal(
+        self, correlation_id: int, opcode: int, code: ErrorCode, message: str
+    ) -> None:
+        self.frontend.count_refused(opcode, code)
+        self._send_fatal(correlation_id, opcode, code, message)
 
     def _send_error(
         self,

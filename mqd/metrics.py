@@ -106,13 +106,19 @@ class NodeMetrics:
             writer.close()
             return
         line = request[:_HTTP_REQUEST_BYTES_MAX].split(b"\r\n", 1)[0].split()
-        if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+        method = line[0] if line else b""
+        if len(line) < 2 or line[1].split(b"?")[0] != b"/metrics":
+            body = b"not found: try GET /metrics\n"
+            head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+        elif method in (b"GET", b"HEAD"):
             body = self.exposition()
             head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
         else:
-            body = b"not found: try GET /metrics\n"
-            head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
-        writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            body = b"method not allowed: try GET /metrics\n"
+            head = b"HTTP/1.0 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Type: text/plain\r\n"
+        head += b"Content-Length: %d\r\n\r\n" % len(body)
+        # HEAD: the headers GET would have, without the body (RFC 9110 §9.3.2).
+        writer.write(head if method == b"HEAD" else head + body)
         with contextlib.suppress(OSError):
             await writer.drain()
         writer.close()

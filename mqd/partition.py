@@ -1217,7 +1217,7 @@ class Partition:
             # turn the waiter is woken, and a cancelled receive (an UNSUBSCRIBE) then
             # took and delivered messages nobody would get (their lease ran out).
             async with asyncio.timeout(seconds):
-                await waiter
+                await stages.timed("wait", waiter)
         except TimeoutError:
             pass
         finally:

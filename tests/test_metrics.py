@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import mqd.client
 from mqd.launcher import allocate_ports
+from mqd.protocol import codec, messages
 
 
 async def http_get(address: str, path: str) -> tuple[int, str]:
@@ -70,3 +72,67 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
     stages_ms = big["stages_ms"]
     assert {"queued", "log", "respond"} <= set(stages_ms)
     assert sum(v for k, v in stages_ms.items() if k != "other") <= big["elapsed_ms"] + 0.1
+
+
+async def http_request(address: str, method: str, path: str) -> bytes:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return data
+
+
+async def test_refused_requests_count_and_a_receive_that_did_not_wait_is_slow(
+    server_factory, tmp_path
+):
+    (metrics_port,) = allocate_ports(1)
+    metrics_address = f"127.0.0.1:{metrics_port}"
+    config = tmp_path / "metrics.toml"
+    config.write_text(
+        f'[metrics]\nlisten = "{metrics_address}"\n\n[log]\nslow_request_ms = 4\n\n'
+        "[limits]\nrequests_in_flight_max = 2\n"
+    )
+    server = server_factory("m", config=config)
+    host, port = server.address.rsplit(":", 1)
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(codec.encode_request(1, messages.HelloRequest(client_name="raw")))
+    async with await mqd.client.connect(server.address) as client:
+        await client.create_queue("busy")
+        # Two long polls fill the connection; the third and fourth are refused at
+        # once, and an unknown opcode is refused too: before, none was counted.
+        for correlation_id in range(2, 6):
+            request = messages.ReceiveRequest(queue="busy", max_messages=1, wait_ms=1500)
+            writer.write(codec.encode_request(correlation_id, request))
+        writer.write(struct.pack(">IBBHI", 8, 1, 0, 0x7777, 9))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        body = (await http_get(metrics_address, "/metrics"))[1]
+        refused = 'mqd_request_errors_total{code="TOO_MANY_REQUESTS",op="RECEIVE"} 2.0'
+        assert refused in body
+        assert 'mqd_request_errors_total{code="UNKNOWN_OPCODE",op="unknown"} 1.0' in body
+        writer.close()
+
+        # 15 MB ready at once: a RECEIVE with a wait that did not wait is slow all the
+        # same (before, any wait_ms > 0 exempted it); one that waited for 0.3 s is not.
+        big = await client.create_queue("big")
+        await big.send_batch([bytes(1_000_000)] * 15)
+        got = await big.receive(max_messages=15, wait=5)
+        assert len(got) == 15
+        await big.ack(*got)
+        slow = await asyncio.to_thread(
+            server.wait_for_event, "request.slow", lambda event: event["op"] == "RECEIVE"
+        )
+        assert slow["queue"] == "big" and slow["response_bytes"] > 15_000_000
+        assert "wait" not in slow["stages_ms"]
+        assert await big.receive(wait=0.3) == []
+        await asyncio.sleep(0.2)
+        waited = [e for e in server.events("request.slow") if e["op"] == "RECEIVE"]
+        assert len(waited) == 1
+
+    head = await http_request(metrics_address, "HEAD", "/metrics")
+    assert head.startswith(b"HTTP/1.0 200 OK") and head.endswith(b"\r\n\r\n")
+    assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) > 1000
+    assert (await http_request(metrics_address, "POST", "/metrics")).startswith(b"HTTP/1.0 405")
