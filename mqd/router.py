@@ -370,7 +370,8 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for part in parts:
         for key, value in part.items():
             if key in _MAX_STATS:
-                merged[key] = max(merged.get(key, 0), value)
+                # The first partition's value starts it, so a float stays a float.
+                merged[key] = max(merged[key], value) if key in merged else value
             elif isinstance(value, int | float) and not isinstance(value, bool):
                 merged[key] = merged.get(key, 0) + value
             else:
