@@ -24,7 +24,8 @@ from mqd.storage.fs import LoopSyncBudget
 async def test_small_groups_sync_on_the_loop_large_ones_in_a_thread(tmp_path: Path) -> None:
     fs = ThreadNotingFS()
     store = await open_store(tmp_path / "p", fs=fs)
-    store.loop_sync = budget = LoopSyncBudget()
+    # Slow fsyncs (a busy machine) would send commits off the loop: not what is tested.
+    store.loop_sync = budget = LoopSyncBudget(burst_s=1.0, slow_sync_s=1.0)
     loop_thread = threading.get_ident()
 
     # The segment's first write allocates ahead of it (posix_fallocate): a thread's job.
@@ -86,7 +87,7 @@ async def test_a_failed_fsync_on_the_loop_fails_the_group_and_keeps_the_log(
 ) -> None:
     fs = FaultyFS()
     store = await open_store(tmp_path / "p", fs=fs)
-    store.loop_sync = budget = LoopSyncBudget()
+    store.loop_sync = budget = LoopSyncBudget(burst_s=1.0, slow_sync_s=1.0)  # as above
     await store.append_messages([msg(0, 100)])  # allocates the segment (executor)
     await store.append_messages([msg(1, 100)])
     assert budget.on_loop == 1
