@@ -182,6 +182,8 @@ class FrontendRole:
             # A long poll is slow on purpose: what counts is the time it did not spend
             # waiting (so a RECEIVE with a wait that had messages at once still gets a
             # line). Through a cluster frontend the wait is inside "peer": no line.
+            if not isinstance(request, messages.ReceiveRequest):
+                return  # a follower's FETCH, a frontend's WAIT_READY: waiting is the job
             if "peer" in trace.spans and not trace.carried:
                 return
             if elapsed - trace.spans.get("wait", 0.0) < self.slow_request_s:
