@@ -7,6 +7,7 @@ import asyncio
 import socket
 import ssl
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -314,3 +315,34 @@ def test_admin_nodes_and_placement_commands(cluster):
 async def _create(address: str, manifest: launcher.Manifest, name: str, partitions: int) -> None:
     async with await mqd.client.connect(address, tls=tls_for(manifest)) as client:
         await client.create_queue(name, partitions=partitions)
+
+
+@pytest.fixture
+def small_cluster(tmp_path: Path):
+    """One backend that takes at most 16 requests in flight per connection."""
+    manifest = launcher.create_cluster(tmp_path / "small", metadata=1, backends=1, frontends=1)
+    for node in manifest.by_role("backend"):
+        path = manifest.path(node.config)
+        path.write_text(path.read_text() + "\n[limits]\nrequests_in_flight_max = 16\n")
+    with running(manifest):
+        yield manifest
+
+
+async def test_long_polls_across_partitions_do_not_pile_up_on_the_backend(small_cluster):
+    # A receive over several partitions waits on each (PARTITION_WAIT); woken by one, it
+    # abandons the others, which the backend keeps for their whole wait. One per
+    # receive filled the frontend's connection to the backend: after 16 rounds every
+    # request through it was refused with TOO_MANY_REQUESTS. Now the receives share.
+    (address,) = frontend_addresses(small_cluster)
+    async with await mqd.client.connect(address, tls=tls_for(small_cluster)) as client:
+        queue = await client.create_queue("wide", partitions=2, replication_factor=1)
+        # Keys that all land in partition 0 (crc32(key) mod 2, protocol.md §7.10): the
+        # waits on partition 1 are the abandoned ones, never woken.
+        keys = [k for k in (f"k{i}" for i in range(200)) if zlib.crc32(k.encode()) % 2 == 0]
+        for round_number in range(30):
+            waiting = asyncio.create_task(queue.receive(wait=20))
+            await asyncio.sleep(0.2)  # (parked on both partitions by now)
+            await queue.send(b"%d" % round_number, dedup_id=keys[round_number])
+            (message,) = await asyncio.wait_for(waiting, 10)
+            await queue.ack(message)
+        assert (await queue.stats())["acked_total"] == 30

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from typing import Any
 
@@ -61,6 +62,9 @@ RETRY_MIN_S = 0.1
 RETRY_MAX_S = 1.0
 # A partition call that long-polls gets its wait plus this much before the frontend gives up.
 CALL_MARGIN_S = 10.0
+# A shared PARTITION_WAIT asks for the longest wait (the backend caps it at its
+# receive_wait_ms_max): receives that want less stop listening sooner.
+SHARED_WAIT_MS = 20_000
 _NO_TIMEOUT = float("inf")
 # STATS asks every node at once; one that is slower than this is reported, not waited for.
 NODE_STATS_TIMEOUT_S = 1.0
@@ -72,6 +76,8 @@ class RemoteEndpoint:
         self._peers = peers
         self._queue_id = queue_id
         self.index = index
+        # The PARTITION_WAIT this frontend's receives share (`wait_ready`).
+        self._wait: asyncio.Task[int] | None = None
 
     async def _call(
         self,
@@ -148,6 +154,26 @@ class RemoteEndpoint:
         return response.messages
 
     async def wait_ready(self, queue: QueueRecord, wait_ms: int) -> int:
+        """How many messages the partition has ready, once it has any or `wait_ms` is
+        over (0). Every receive of this frontend waiting on the partition shares one
+        PARTITION_WAIT: a receive woken by another partition abandons its wait, and the
+        backend keeps an abandoned one for its whole wait (there is no cancel), so one
+        per receive piled up there and filled the connection's requests_in_flight_max."""
+        shared = self._wait
+        if shared is None or shared.done():
+            # Its own context: it outlives the request that started it.
+            shared = self._wait = asyncio.get_running_loop().create_task(
+                self._wait_once(SHARED_WAIT_MS), context=contextvars.Context()
+            )
+            # Its error reaches the receives still listening; with none, it is dropped.
+            shared.add_done_callback(lambda task: task.cancelled() or task.exception())
+        try:
+            async with asyncio.timeout(wait_ms / 1000):
+                return await asyncio.shield(shared)
+        except TimeoutError:
+            return 0
+
+    async def _wait_once(self, wait_ms: int) -> int:
         placement = self._view.leader(self._queue_id, self.index)
         address = self._view.cluster_address(placement.leader)
         try:
