@@ -201,11 +201,24 @@ _BY_CODE: dict[ErrorCode, type[ServerError]] = {
 
 
 class ClientError(MqdError):
-    """The client library was misused or lost its connection (no server code)."""
+    """The client library was misused or lost its connection (no server code: `code`
+    is None). `details` as a ServerError's: e.g. `sent_message_ids` from send_batch."""
+
+    code: ErrorCode | None = None
+
+    def __init__(self, message: str = "", *, details: dict[str, Any] | None = None) -> None:
+        self.message = message
+        self.details = details or {}
+        super().__init__(message)
 
 
 class ConnectionClosed(ClientError):
     """The connection to the server closed while a request was outstanding."""
+
+
+class ClientClosed(ConnectionClosed):
+    """The client itself was closed (`close()`): its calls fail, and its streams and
+    consumers end with this instead of waiting for a connection that will not come."""
 
 
 class ConfigError(MqdError):

@@ -6,6 +6,7 @@
     proxy.set_mode("drop")              # close every connection, refuse new ones
     proxy.set_mode("blackhole")         # keep connections, forward nothing
     proxy.set_mode("pass")              # heal: forward again
+    proxy.freeze_open()                 # open connections go dead for good
     await proxy.close()
 
 It forwards bytes both ways without looking at them (TLS passes through
@@ -125,6 +126,15 @@ class TcpProxy:
             for pair in list(self._pairs):
                 pair.abort()
             self._pairs.clear()
+
+    def freeze_open(self) -> int:
+        """Stop forwarding on every connection open now, for good, without a FIN or a
+        reset (a NAT or firewall that forgot the flow); new connections go by the mode.
+        Returns how many were frozen; `close` ends them."""
+        for pair in self._pairs:
+            for writer in pair.writers:
+                writer.transport.pause_reading()
+        return len(self._pairs)
 
     @property
     def open_connections(self) -> int:

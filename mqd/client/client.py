@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from mqd.errors import (
+    ClientClosed,
     ConnectionClosed,
     ErrorCode,
     InvalidArgument,
@@ -298,7 +299,7 @@ class Client:
             return conn
         async with self._connect_lock:
             if self._closed:
-                raise ConnectionClosed("the client is closed")
+                raise ClientClosed("the client is closed")
             conn = self._conn
             if conn is not None and conn.usable():
                 return conn
@@ -310,7 +311,7 @@ class Client:
             conn = await self._open()
             if self._closed:  # closed while we were connecting
                 await conn.close()
-                raise ConnectionClosed("the client is closed")
+                raise ClientClosed("the client is closed")
             self._conn = conn
             self._hello = conn.hello
             self._limits = conn.limits
@@ -603,8 +604,8 @@ class Queue:
             try:
                 response = await client._call(SendRequest(name, entries[start:end]))
             except MqdError as exc:
-                if ids and isinstance(exc, ServerError):
-                    exc.details = {**exc.details, "sent_message_ids": ids}
+                if ids:
+                    exc.details = {**getattr(exc, "details", {}), "sent_message_ids": ids}
                 raise
             ids.extend(response.message_ids)
         return ids

@@ -61,6 +61,10 @@ IDLE_CHECK_S = 0.005
 # While a connection has subscriptions open and nothing has come in for this long, it
 # sends PING; no answer within as long again closes it (`Client(keepalive=...)`).
 KEEPALIVE_S = 30.0
+# After a request times out, a PING must come back within this (or the keepalive
+# period, if shorter), or the connection is dropped and the next call opens another:
+# a link that died with no FIN or reset would otherwise fail every call for ever.
+PROBE_TIMEOUT_S = 10.0
 _CORRELATION_ID_MAX = 0xFFFFFFFF
 
 # What a subscription's listener is handed: the DeliverPush or ErrorBody of one push
@@ -93,6 +97,7 @@ class Connection:
         self.request_timeout_s = request_timeout_s
         self.keepalive_s = keepalive_s  # 0: off
         self._keepalive_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._protocol: FrameProtocol | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -227,11 +232,18 @@ class Connection:
             self._in_flight += 1
         else:
             await self._wait_for_slot()
+        seconds = self.request_timeout_s if timeout_s is None else timeout_s
         try:
             protocol = self._protocol
             assert protocol is not None
             if protocol.write_paused:
-                await protocol.drain()
+                # The server reads nothing of ours (or the link is dead): as long as the
+                # request would wait for its answer, then RequestTimeout.
+                try:
+                    async with asyncio.timeout(None if seconds == math.inf else seconds):
+                        await protocol.drain()
+                except TimeoutError:
+                    raise self._timed_out(msg.OPCODE, seconds, "could not be sent to") from None
             if self._closed_reason is not None:
                 raise self._closed_error()
             pending = self._pending
@@ -250,7 +262,6 @@ class Connection:
             future = loop.create_future()
             pending[cid] = future
             protocol.write(frame)
-            seconds = self.request_timeout_s if timeout_s is None else timeout_s
             # An infinite timeout (REDRIVE, which may run for minutes) sets no
             # timer: only the connection's loss ends the wait.
             timer = (
@@ -338,13 +349,29 @@ class Connection:
         future = self._pending.pop(cid, None)
         if future is not None and not future.done():
             seconds = self.request_timeout_s if timeout_s is None else timeout_s
-            future.set_exception(
-                RequestTimeout(
-                    f"{Opcode(opcode).name} got no response from {self.address} "
-                    f"within {seconds:g} s",
-                    details={"timeout_s": seconds},
-                )
-            )
+            future.set_exception(self._timed_out(opcode, seconds, "got no response from"))
+
+    def _timed_out(self, opcode: int, seconds: float, what: str) -> RequestTimeout:
+        if opcode != Opcode.PING and self._probe_task is None and self._closed_reason is None:
+            self._probe_task = self._loop.create_task(self._probe())
+        return RequestTimeout(
+            f"{Opcode(opcode).name} {what} {self.address} within {seconds:g} s",
+            details={"timeout_s": seconds},
+        )
+
+    async def _probe(self) -> None:
+        """A request timed out: a slow server, or a link that died with no FIN or reset.
+        PING; no answer within PROBE_TIMEOUT_S drops the connection, so that the next
+        call connects again instead of timing out on it for ever."""
+        seconds = min(PROBE_TIMEOUT_S, self.keepalive_s or PROBE_TIMEOUT_S)
+        try:
+            await self.request(PingRequest(b""), timeout_s=seconds)
+        except RequestTimeout:
+            self.abort(f"no answer to a PING within {seconds:g} s after a request timed out")
+        except MqdError:
+            pass  # closed meanwhile
+        finally:
+            self._probe_task = None
 
     # --- push subscriptions ------------------------------------------------------
 
@@ -490,9 +517,9 @@ class Connection:
         listeners, self._push_listeners = self._push_listeners, {}
         for listener in listeners.values():
             listener(self._closed_error())
-        keepalive = self._keepalive_task
-        if keepalive is not None and keepalive is not asyncio.current_task():
-            keepalive.cancel()
+        for chore in (self._keepalive_task, self._probe_task):
+            if chore is not None and chore is not asyncio.current_task():
+                chore.cancel()
 
     # --- closing -----------------------------------------------------------------
 

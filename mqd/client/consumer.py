@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from mqd.errors import (
+    ClientClosed,
     ClientError,
     ConnectionClosed,
     ErrorCode,
@@ -130,7 +131,10 @@ class Backoff:
         self._attempt = 0
 
     async def pause(self, event: str, queue_name: str, exc: BaseException) -> None:
-        """Log why the loop backs off (`event`) and wait the next delay."""
+        """Log why the loop backs off (`event`) and wait the next delay. A closed
+        client is not a passing trouble: that ends the loop (ClientClosed)."""
+        if isinstance(exc, ClientClosed):
+            raise exc
         delay = self.next_delay()
         log.warning(event, queue=queue_name, error=str(exc), retry_in_s=round(delay, 3))
         await asyncio.sleep(delay)

@@ -35,7 +35,7 @@ import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
-from mqd.errors import ClientError, ConnectionClosed, RequestTimeout
+from mqd.errors import ClientClosed, ClientError, ConnectionClosed, RequestTimeout
 
 from .client import DEFAULT_ADDRESS, Client, Queue
 from .message import Message
@@ -113,7 +113,7 @@ class _LoopThread:
         with self._lock:
             if self._stopped:
                 coro.close()
-                raise ConnectionClosed("the client is closed")
+                raise ClientClosed("the client is closed")
             running: list[asyncio.Task[Any]] = []  # the call's task, once it starts
             future = asyncio.run_coroutine_threadsafe(_noting_task(coro, running), self.loop)
         try:
