@@ -25,7 +25,14 @@ import zlib
 from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
-from mqd.errors import ErrorCode, InvalidArgument, QueueNotFound
+from mqd.errors import (
+    ErrorCode,
+    InvalidArgument,
+    MqdError,
+    QueueNotFound,
+    RequestTimeout,
+    Unavailable,
+)
 from mqd.metadata import QueueRecord
 from mqd.protocol.codec import utf8_len
 from mqd.protocol.messages import (
@@ -42,6 +49,10 @@ from mqd.receipts import parse_message_id
 # estimate: ids, receipt, attributes are small next to the headroom kept).
 MESSAGE_OVERHEAD_BYTES = 512
 WAKE_RETRY_S = 0.01
+# A receive over partitions that all failed their waits looks again after this.
+DOWN_RETRY_S = 0.1
+# What a partition that is down answers: skipped by a receive over several partitions.
+PARTITION_DOWN = (Unavailable, RequestTimeout)
 # Stats that add up across partitions; the rest take the maximum.
 _MAX_STATS = frozenset({"oldest_message_age_s"})
 
@@ -59,6 +70,8 @@ class PartitionEndpoint(Protocol):
         wait_ms: int,
         visibility_ms: int,
         bytes_max: int,
+        *,
+        patient: bool = True,
     ) -> list[DeliveredMessage]: ...
     async def wait_ready(self, queue: QueueRecord, wait_ms: int) -> int: ...
     async def delete(self, queue: QueueRecord, receipts: list[str]) -> list[EntryFailure]: ...
@@ -249,35 +262,65 @@ class Router:
         while True:
             collected: list[DeliveredMessage] = []
             budget = bytes_max
+            down: list[PartitionEndpoint] = []
+            failure: MqdError | None = None
             for endpoint in order:
                 need = max_messages - len(collected)
                 if need <= 0 or budget <= 0:
                     break
-                got = await endpoint.receive(queue, need, 0, visibility_ms, budget)
+                try:
+                    # Not patient: a partition that is down (its leader gone, a failover
+                    # under way) is skipped at once, and the others still serve.
+                    got = await endpoint.receive(
+                        queue, need, 0, visibility_ms, budget, patient=False
+                    )
+                except PARTITION_DOWN as exc:
+                    down.append(endpoint)
+                    failure = failure or exc
+                    continue
                 collected += got
                 # The whole answer must fit one frame (protocol.md §5.1).
                 budget -= sum(_delivered_bytes(m) for m in got)
             remaining_ms = int((deadline - loop.time()) * 1000)
-            if collected or remaining_ms <= 0:
+            if collected or (remaining_ms <= 0 and len(down) < len(order)):
                 return collected
+            if len(down) == len(order):
+                # Every partition is down: ride out a failover on one, as a queue of
+                # one partition would (protocol.md §7.13), or give its error.
+                return await order[0].receive(
+                    queue, max_messages, max(0, remaining_ms), visibility_ms, bytes_max
+                )
             if woken_for_nothing:
                 # A partition said it had messages, then another consumer took them:
                 # pause a moment rather than spin on the hint.
                 await asyncio.sleep(WAKE_RETRY_S)
-            # One long poll across every partition: wake on the first with a message.
-            waits = [asyncio.ensure_future(e.wait_ready(queue, remaining_ms)) for e in order]
-            try:
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiting in waits:
-                    waiting.cancel()
-                await asyncio.gather(*waits, return_exceptions=True)
-            for finished in done:
-                if not finished.cancelled() and finished.exception() is not None:
-                    raise finished.exception()  # type: ignore[misc]
-            woken_for_nothing = any(
-                not f.cancelled() and f.exception() is None and f.result() > 0 for f in done
-            )
+            up = [endpoint for endpoint in order if endpoint not in down]
+            woken_for_nothing = await self._wait_any(queue, up, remaining_ms)
+
+    async def _wait_any(
+        self, queue: QueueRecord, endpoints: list[PartitionEndpoint], wait_ms: int
+    ) -> bool:
+        """One long poll across `endpoints`: until the first says it has a message
+        (True) or the wait is over (False). A partition whose wait fails is left out."""
+        waits = [asyncio.ensure_future(e.wait_ready(queue, wait_ms)) for e in endpoints]
+        try:
+            pending = set(waits)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                answered = [f for f in done if not f.cancelled() and f.exception() is None]
+                if answered:
+                    return any(f.result() > 0 for f in answered)
+                for failed in done:
+                    exc = failed.exception()
+                    if exc is not None and not isinstance(exc, PARTITION_DOWN):
+                        raise exc
+            # Every wait failed: look again (the receives find which are down).
+            await asyncio.sleep(DOWN_RETRY_S)
+            return False
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     # --- acks and visibility ------------------------------------------------------
 
@@ -402,6 +445,8 @@ class LocalEndpoint:
         wait_ms: int,
         visibility_ms: int,
         bytes_max: int,
+        *,
+        patient: bool = True,
     ) -> list[DeliveredMessage]:
         return await self._partition(queue).receive(
             max_messages, wait_ms, visibility_ms, bytes_max=bytes_max

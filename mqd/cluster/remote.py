@@ -146,10 +146,14 @@ class RemoteEndpoint:
         wait_ms: int,
         visibility_ms: int,
         bytes_max: int,
+        *,
+        patient: bool = True,
     ) -> list[DeliveredMessage]:
+        """`patient=False`: an unavailable leader is not waited for (a receive over
+        several partitions takes the others' messages meanwhile)."""
         request = ReceiveRequest(queue.name, max_messages, wait_ms, visibility_ms)
         response = await self._call(
-            Opcode.RECEIVE, request, timeout_s=wait_ms / 1000 + CALL_MARGIN_S
+            Opcode.RECEIVE, request, timeout_s=wait_ms / 1000 + CALL_MARGIN_S, retry=patient
         )
         return response.messages
 
