@@ -427,14 +427,31 @@ async def test_decommission_rereplicates_a_dead_backend(tmp_path: Path):
             sent = set()
             for _ in range(5):
                 sent |= set(await queue.send_batch([b"x"] * 20))
+            # A queue with one copy per partition: the dead node's copies have nowhere
+            # to go. Before, they made DECOMMISSION refuse whole (INVALID_ARGUMENT), so
+            # a node gone for good could not be retired and "retire" stayed one short.
+            solo = await client.create_queue("solo", replication_factor=1, partitions=6)
+            await solo.send_batch([b"s"] * 12)
             parts = await placement_of(client, "retire")
-            victim = next(r for part in parts for r in part["replicas"])
+            solo_leaders = {part["leader"] for part in await placement_of(client, "solo")}
+            victim = next(r for part in parts for r in part["replicas"] if r in solo_leaders)
             await asyncio.to_thread(launcher.stop_nodes, manifest, [manifest.node(victim)], 0.1)
 
             from mqd.protocol.messages import DecommissionRequest
 
+            async def seen_down() -> bool:
+                nodes = (await client.stats())["cluster"]["nodes"]
+                return not any(n["id"] == victim and n["up"] for n in nodes)
+
+            await wait_for(seen_down)
             answer = await client._call(DecommissionRequest(node_id=victim))
-            assert answer.moves and all(m.status == "moved" for m in answer.moves)
+            by_queue = {
+                name: [m.status for m in answer.moves if m.queue == name]
+                for name in ("retire", "solo")
+            }
+            assert by_queue["retire"] and set(by_queue["retire"]) == {"moved"}
+            assert by_queue["solo"]
+            assert set(by_queue["solo"]) == {"failed: no in-sync replica can take over"}
             after = await placement_of(client, "retire")
             assert all(victim not in part["replicas"] for part in after)
             assert all(len(part["replicas"]) == 2 for part in after)

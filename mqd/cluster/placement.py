@@ -493,8 +493,11 @@ class PlacementManager:
             for placement in self.placements.get(record.queue_id.hex(), [])
             if node_id in placement.replicas and not [r for r in placement.isr if r != node_id]
         ]
-        if stranded:
-            # Nothing else holds these: retiring the node would lose them. Refuse whole.
+        if stranded and node.up:
+            # Nothing else holds these, and the node is up: a rebalance can move them
+            # first, so retiring it now would throw them away. Refuse whole. A node that
+            # is down may be gone for good: its other partitions get new replicas, and
+            # these are reported failed, left as they are (offline while it is gone).
             raise InvalidArgument(
                 f"{node_id} holds the only in-sync copy of {', '.join(stranded[:10])}"
                 + (" …" if len(stranded) > 10 else "")
