@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,8 @@ class PlacementView:
         self.nodes: dict[str, NodeInfo] = {}
         self._listeners: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._notifier: asyncio.Task[None] | None = None
+        self._changed_since_notify = False
         self._refreshing: asyncio.Lock = asyncio.Lock()
         self.ready = asyncio.Event()
 
@@ -69,9 +72,10 @@ class PlacementView:
         self._task = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._notifier):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def metadata_call(self, msg: Any, *, timeout_s: float | None = None) -> Any:
         """Send `msg` to the first metadata node that answers."""
@@ -114,11 +118,25 @@ class PlacementView:
             return
         if self._cache_file is not None:
             await asyncio.to_thread(_write_cache, self._cache_file, snapshot)
-        for listener in self._listeners:
-            try:
-                await listener()
-            except Exception:
-                log.exception("placement.listener_failed")
+        # The listeners (a backend's sync_partitions) run in a task of their own, never
+        # in the caller's: a partition's replication task that refreshed would otherwise
+        # stop partitions, its own included, and wait for their tasks from inside
+        # one; such waits chained across partitions (a RecursionError when a failover
+        # cancelled them) and left leaders' in-sync maintenance stuck.
+        self._changed_since_notify = True
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(
+                self._notify(), context=contextvars.Context()
+            )
+
+    async def _notify(self) -> None:
+        while self._changed_since_notify:
+            self._changed_since_notify = False
+            for listener in self._listeners:
+                try:
+                    await listener()
+                except Exception:
+                    log.exception("placement.listener_failed")
 
     def _apply(self, snapshot: GetPlacementResponse) -> None:
         by_name: dict[str, QueueRecord] = {}
