@@ -130,3 +130,23 @@ async def test_send_batch_cut_short_by_a_lost_connection_says_what_was_stored(se
         # What the server holds is what was said, or one more request whose answer
         # the drop cut off (an unknown outcome, as any lost request).
         assert stats["visible"] in (len(stored), len(stored) + 1000)
+
+
+async def test_closing_a_stream_in_an_outage_does_not_wait_full_request_timeouts(server):
+    # UNSUBSCRIBE and the release of what it held each waited the request timeout
+    # (30 s): a stream's exit took ~60 s when the link had gone silent.
+    proxy = _proxy_for(server)
+    port = await proxy.start()
+    try:
+        async with await mqd.client.connect(f"127.0.0.1:{port}", keepalive=0) as client:
+            queue = await client.create_queue("outage")
+            await queue.send_batch([b"a", b"b", b"c"])
+            stream = queue.consume(prefetch=3, wait=1)
+            first = await asyncio.wait_for(stream.__anext__(), 10)
+            assert first.body == b"a"
+            proxy.freeze_open()
+            started = time.monotonic()
+            await stream.aclose()
+            assert time.monotonic() - started < 15
+    finally:
+        await proxy.close()

@@ -59,7 +59,7 @@ from .batching import U32_MAX, make_entries, make_entry, plan_chunks, seconds_to
 from .connection import KEEPALIVE_S, Connection
 from .consumer import Consumer, Handler, MessageStream
 from .message import Message, messages_from_delivered
-from .subscription import Subscription
+from .subscription import RELEASE_TIMEOUT_S, Subscription
 
 log = structlog.get_logger("mqd.client")
 
@@ -658,7 +658,16 @@ class Queue:
         if not receipts:
             return
         try:
-            failures = await self._change_visibility(receipts, [0] * len(receipts))
+            # A courtesy (else their leases run out): a close in an outage does not
+            # wait a full request timeout for it.
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                failures = await self._change_visibility(receipts, [0] * len(receipts))
+        except TimeoutError:
+            log.warning(
+                "queue.release_failed", queue=self.name, messages=len(receipts),
+                error=f"no answer within {RELEASE_TIMEOUT_S:g} s",
+            )  # fmt: skip
+            return
         except MqdError as exc:
             log.warning(
                 "queue.release_failed", queue=self.name, messages=len(receipts), error=str(exc)

@@ -51,6 +51,10 @@ from mqd.protocol.messages import (
 from .batching import seconds_to_ms
 from .message import Message, messages_from_delivered
 
+# How long closing a stream or subscription waits to give back what it holds
+# (UNSUBSCRIBE, then CHANGE_VISIBILITY 0): past it, the messages wait out their lease.
+RELEASE_TIMEOUT_S = 5.0
+
 if TYPE_CHECKING:
     from .client import Queue
     from .connection import Connection
@@ -260,7 +264,10 @@ class Subscription:
         ended = True
         if ask and conn is not None and not conn.closed:
             try:
-                await conn.request(UnsubscribeRequest(self.subscription_id))
+                await conn.request(
+                    UnsubscribeRequest(self.subscription_id),
+                    timeout_s=min(conn.request_timeout_s, RELEASE_TIMEOUT_S),
+                )
             except MqdError as exc:
                 ended = conn.closed
                 log.debug("subscription.unsubscribe_failed", queue=self.queue.name, error=str(exc))
