@@ -504,7 +504,17 @@ class BackendService:
                 await self.view.metadata_call(
                     messages.UpdateIsrRequest(queue_id, index, epoch, self.node_id, isr)
                 )
-            except NotLeader:
+            except NotLeader as exc:
+                # Metadata says this leader's epoch is gone: the set stays as it was
+                # until placement catches up here (worth seeing if it lasts).
+                log.warning(
+                    "isr.change_refused",
+                    queue_id=queue_id.hex(),
+                    partition=index,
+                    epoch=epoch,
+                    isr=isr,
+                    reason=exc.message,
+                )
                 return False
             with contextlib.suppress(MqdError):
                 await self.view.refresh()
