@@ -166,8 +166,8 @@ class FrontendRole:
     def count_refused(self, opcode: int, code: ErrorCode) -> None:
         """A request answered with an error before it ran (busy, unknown, malformed)."""
         if self.metrics is not None:
-            # One label for every opcode we do not know, whatever a client sends.
-            op = _op_name(opcode) if opcode in Opcode._value2member_map_ else "unknown"
+            # One label for every opcode we do not serve, whatever a client sends.
+            op = _op_name(opcode) if opcode in self.handlers else "unknown"
             self.metrics.request_errors.labels(op, ErrorCode(code).name).inc()
 
     def _log_slow(
@@ -396,11 +396,12 @@ class ClientConnection(asyncio.Protocol):
     def _on_frame(self, frame: Frame) -> None:
         opcode, correlation_id = frame.opcode, frame.correlation_id
         if frame.flags & FLAG_RESPONSE:
-            self._refuse_fatal(
+            self._refuse(
                 correlation_id,
                 opcode,
                 ErrorCode.MALFORMED_FRAME,
                 "clients send requests, not responses",
+                fatal=True,
             )
             return
         if frame.version != PROTOCOL_VERSION:
@@ -424,7 +425,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             request = codec.decode_request(frame)
         except ProtocolError as exc:
-            self._refuse_fatal(correlation_id, opcode, exc.code, exc.message)
+            self._refuse(correlation_id, opcode, exc.code, exc.message, fatal=True)
             return
         except ServerError as exc:
             self._refuse(correlation_id, opcode, exc.code, exc.message)
@@ -502,7 +503,8 @@ class ClientConnection(asyncio.Protocol):
                 correlation_id, opcode, ErrorCode.INTERNAL, "internal error; see the server log"
             )
             return "INTERNAL"
-        await self.answer_room()
+        if self.answers_backed_up():  # (checked here: no coroutine per answer)
+            await self.answer_room()
         encoding = time.perf_counter()
         frame = codec.encode_response(correlation_id, response)
         self._write(frame)
@@ -537,6 +539,10 @@ class ClientConnection(asyncio.Protocol):
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         return self._out_bytes + buffered
 
+    def answers_backed_up(self) -> bool:
+        """Whether an answer must wait for the client to read (or behind one that does)."""
+        return self._answer_turn.locked() or self.unread_bytes() > ANSWER_BUFFER_BYTES_MAX
+
     async def answer_room(self) -> None:
         """Wait, in turn, while the client leaves more than ANSWER_BUFFER_BYTES_MAX of our
         answers unread (protocol.md §1.7 backpressure). Free when it reads: one check.
@@ -544,10 +550,9 @@ class ClientConnection(asyncio.Protocol):
         Woken by the transport's resume_writing, with a poll as well in case its
         marks sit above ours.
         """
-        turn = self._answer_turn
-        if not turn.locked() and self.unread_bytes() <= ANSWER_BUFFER_BYTES_MAX:
+        if not self.answers_backed_up():
             return
-        async with turn:
+        async with self._answer_turn:
             while not self._closing and self.unread_bytes() > ANSWER_BUFFER_BYTES_MAX:
                 if self._out:
                     await asyncio.sleep(0)  # our own `_flush` comes first
@@ -584,16 +589,13 @@ class ClientConnection(asyncio.Protocol):
         code: ErrorCode,
         message: str,
         details: dict | None = None,
+        *,
+        fatal: bool = False,
     ) -> None:
         """An error for a request refused before it ran, counted like those that ran."""
         self.frontend.count_refused(opcode, code)
-        self._send_error(correlation_id, opcode, code, message, details)
-
-    def _refuse_fatal(
-        self, correlation_id: int, opcode: int, code: ErrorCode, message: str
-    ) -> None:
-        self.frontend.count_refused(opcode, code)
-        self._send_fatal(correlation_id, opcode, code, message)
+        send = self._send_fatal if fatal else self._send_error
+        send(correlation_id, opcode, code, message, details)
 
     def _send_error(
         self,

@@ -28,7 +28,6 @@ from typing import Any, Protocol
 from mqd.errors import (
     ErrorCode,
     InvalidArgument,
-    MqdError,
     QueueNotFound,
     RequestTimeout,
     Unavailable,
@@ -123,11 +122,6 @@ def peek_cursors(queue: QueueRecord, partitions: int, after_id: str) -> tuple[in
     return (0, cursors) if listed else (next(iter(cursors)), cursors)
 
 
-def group_partition(group_id: str, partitions: int) -> int:
-    """The partition that holds a FIFO group, on every node (sends and moves alike)."""
-    return zlib.crc32(group_id.encode()) % partitions
-
-
 def dedup_key(dedup_id: str, body: bytes, content_based: bool) -> str | None:
     """A standard message's deduplication key, as its partition will compute it."""
     if dedup_id:
@@ -138,6 +132,8 @@ def dedup_key(dedup_id: str, body: bytes, content_based: bool) -> str | None:
 
 
 def key_partition(key: str, partitions: int) -> int:
+    """The partition a FIFO group or a deduplication key always goes to, on every node
+    (sends and moves alike)."""
     return zlib.crc32(key.encode()) % partitions
 
 
@@ -150,7 +146,7 @@ def split_moved(
     by_index: dict[int, list[Any]] = {}
     for message in messages:
         if fifo:
-            index = group_partition(message.group_id, partitions)
+            index = key_partition(message.group_id, partitions)
         else:
             index = next(cursor) % partitions
         by_index.setdefault(index, []).append(message)
@@ -209,7 +205,7 @@ class Router:
         if queue.attributes.get("fifo"):
             # A group always lands in one partition, so its order holds (protocol.md §4 FIFO).
             for position, entry in enumerate(entries):
-                index = group_partition(entry.group_id, len(endpoints))
+                index = key_partition(entry.group_id, len(endpoints))
                 by_partition.setdefault(index, []).append(position)
         else:
             # Round robin per batch: a batch stays together, batches spread. But a message
@@ -263,7 +259,6 @@ class Router:
             collected: list[DeliveredMessage] = []
             budget = bytes_max
             down: list[PartitionEndpoint] = []
-            failure: MqdError | None = None
             for endpoint in order:
                 need = max_messages - len(collected)
                 if need <= 0 or budget <= 0:
@@ -274,9 +269,8 @@ class Router:
                     got = await endpoint.receive(
                         queue, need, 0, visibility_ms, budget, patient=False
                     )
-                except PARTITION_DOWN as exc:
+                except PARTITION_DOWN:
                     down.append(endpoint)
-                    failure = failure or exc
                     continue
                 collected += got
                 # The whole answer must fit one frame (protocol.md §5.1).

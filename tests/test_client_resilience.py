@@ -20,63 +20,57 @@ from tcp_proxy import TcpProxy
 pytestmark = pytest.mark.timeout(120)
 
 
-def _proxy_for(server) -> TcpProxy:
-    return TcpProxy("127.0.0.1", int(server.address.rsplit(":", 1)[1]), name="client")
+@pytest.fixture
+async def proxy(server):
+    """tools/tcp_proxy.py between the client and `server`, started; `.address` to dial."""
+    between = TcpProxy("127.0.0.1", int(server.address.rsplit(":", 1)[1]), name="client")
+    await between.start()
+    try:
+        yield between
+    finally:
+        await between.close()
 
 
-async def test_a_connection_that_died_silently_is_replaced_after_a_timeout(server):
+async def _given_up(client) -> bool:
+    """Whether the client drops its connection within 3 s (its PING went unanswered)."""
+    for _ in range(60):
+        if not client.connected:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_connection_that_died_silently_is_replaced_after_a_timeout(proxy):
     # The link dies with no FIN or reset (a NAT that forgot the flow); new connections
     # still get through. Before, every call timed out on the dead connection for ever.
-    proxy = _proxy_for(server)
-    port = await proxy.start()
-    try:
-        async with await mqd.client.connect(
-            f"127.0.0.1:{port}", request_timeout=1, keepalive=1
-        ) as client:
-            queue = await client.create_queue("stale")
-            await queue.send(b"before")
-            assert proxy.freeze_open() == 1
-            with pytest.raises(RequestTimeout):
-                await queue.send(b"lost?")
-            # A PING after the timeout: no answer within 1 s drops the connection.
-            for _ in range(60):
-                if not client.connected:
-                    break
-                await asyncio.sleep(0.05)
-            assert not client.connected
-            await queue.send(b"after")  # on a new connection
-            bodies = [m.body for m in await queue.receive(max_messages=10)]
-            assert b"before" in bodies and b"after" in bodies
-    finally:
-        await proxy.close()
+    async with await mqd.client.connect(proxy.address, request_timeout=1, keepalive=1) as client:
+        queue = await client.create_queue("stale")
+        await queue.send(b"before")
+        assert proxy.freeze_open() == 1
+        with pytest.raises(RequestTimeout):
+            await queue.send(b"lost?")
+        # A PING after the timeout: no answer within 1 s drops the connection.
+        assert await _given_up(client)
+        await queue.send(b"after")  # on a new connection
+        bodies = [m.body for m in await queue.receive(max_messages=10)]
+        assert b"before" in bodies and b"after" in bodies
 
 
-async def test_a_request_waiting_for_a_full_write_buffer_times_out(server):
+async def test_a_request_waiting_for_a_full_write_buffer_times_out(proxy):
     # The server reads nothing more of ours (the link froze mid-stream): a request
     # that waits for room to send is bounded by its timeout too, and the PING after
     # it gives the connection up. Before, it waited for ever, keepalive included.
-    proxy = _proxy_for(server)
-    port = await proxy.start()
-    try:
-        async with await mqd.client.connect(
-            f"127.0.0.1:{port}", request_timeout=1, keepalive=1
-        ) as client:
-            queue = await client.create_queue("frozen")
-            proxy.freeze_open()
-            started = time.monotonic()
-            sends = [asyncio.create_task(queue.send(bytes(256 * 1024))) for _ in range(64)]
-            done, pending = await asyncio.wait(sends, timeout=10)
-            assert not pending
-            assert all(isinstance(task.exception(), RequestTimeout) for task in done)
-            assert time.monotonic() - started < 5
-            for _ in range(60):
-                if not client.connected:
-                    break
-                await asyncio.sleep(0.05)
-            assert not client.connected
-            await queue.send(b"small")  # a new connection
-    finally:
-        await proxy.close()
+    async with await mqd.client.connect(proxy.address, request_timeout=1, keepalive=1) as client:
+        queue = await client.create_queue("frozen")
+        proxy.freeze_open()
+        started = time.monotonic()
+        sends = [asyncio.create_task(queue.send(bytes(256 * 1024))) for _ in range(64)]
+        done, pending = await asyncio.wait(sends, timeout=10)
+        assert not pending
+        assert all(isinstance(task.exception(), RequestTimeout) for task in done)
+        assert time.monotonic() - started < 5
+        assert await _given_up(client)
+        await queue.send(b"small")  # a new connection
 
 
 async def test_streams_and_consumers_end_when_their_client_is_closed(server):
@@ -103,28 +97,23 @@ async def test_streams_and_consumers_end_when_their_client_is_closed(server):
     assert issubclass(ClientClosed, ConnectionClosed)
 
 
-async def test_send_batch_cut_short_by_a_lost_connection_says_what_was_stored(server):
+async def test_send_batch_cut_short_by_a_lost_connection_says_what_was_stored(server, proxy):
     async with await mqd.client.connect(server.address) as control:
         await control.create_queue("cut")
-    proxy = _proxy_for(server)
-    port = await proxy.start()
-    try:
-        async with await mqd.client.connect(f"127.0.0.1:{port}") as client:
-            # 3 requests of 1000 (batch_messages_max); the link drops during the second.
-            proxy.set_mode("delay", delay_s=0.5)
-            sending = asyncio.create_task(
-                client.queue("cut").send_batch([b"%d" % i for i in range(3000)])
-            )
-            await asyncio.sleep(1.6)
-            proxy.set_mode("drop")
-            with pytest.raises(MqdError) as caught:
-                await sending
-        error = caught.value
-        assert isinstance(error, ConnectionClosed) and error.code is None
-        stored = error.details["sent_message_ids"]
-        assert len(stored) in (1000, 2000)
-    finally:
-        await proxy.close()
+    async with await mqd.client.connect(proxy.address) as client:
+        # 3 requests of 1000 (batch_messages_max); the link drops during the second.
+        proxy.set_mode("delay", delay_s=0.5)
+        sending = asyncio.create_task(
+            client.queue("cut").send_batch([b"%d" % i for i in range(3000)])
+        )
+        await asyncio.sleep(1.6)
+        proxy.set_mode("drop")
+        with pytest.raises(MqdError) as caught:
+            await sending
+    error = caught.value
+    assert isinstance(error, ConnectionClosed) and error.code is None
+    stored = error.details["sent_message_ids"]
+    assert len(stored) in (1000, 2000)
     async with await mqd.client.connect(server.address) as control:
         stats = await control.queue("cut").stats()
         # What the server holds is what was said, or one more request whose answer
@@ -132,21 +121,16 @@ async def test_send_batch_cut_short_by_a_lost_connection_says_what_was_stored(se
         assert stats["visible"] in (len(stored), len(stored) + 1000)
 
 
-async def test_closing_a_stream_in_an_outage_does_not_wait_full_request_timeouts(server):
+async def test_closing_a_stream_in_an_outage_does_not_wait_full_request_timeouts(proxy):
     # UNSUBSCRIBE and the release of what it held each waited the request timeout
     # (30 s): a stream's exit took ~60 s when the link had gone silent.
-    proxy = _proxy_for(server)
-    port = await proxy.start()
-    try:
-        async with await mqd.client.connect(f"127.0.0.1:{port}", keepalive=0) as client:
-            queue = await client.create_queue("outage")
-            await queue.send_batch([b"a", b"b", b"c"])
-            stream = queue.consume(prefetch=3, wait=1)
-            first = await asyncio.wait_for(stream.__anext__(), 10)
-            assert first.body == b"a"
-            proxy.freeze_open()
-            started = time.monotonic()
-            await stream.aclose()
-            assert time.monotonic() - started < 15
-    finally:
-        await proxy.close()
+    async with await mqd.client.connect(proxy.address, keepalive=0) as client:
+        queue = await client.create_queue("outage")
+        await queue.send_batch([b"a", b"b", b"c"])
+        stream = queue.consume(prefetch=3, wait=1)
+        first = await asyncio.wait_for(stream.__anext__(), 10)
+        assert first.body == b"a"
+        proxy.freeze_open()
+        started = time.monotonic()
+        await stream.aclose()
+        assert time.monotonic() - started < 15

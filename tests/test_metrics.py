@@ -10,15 +10,20 @@ from mqd.launcher import allocate_ports
 from mqd.protocol import codec, messages
 
 
-async def http_get(address: str, path: str) -> tuple[int, str]:
+async def http_request(address: str, method: str, path: str) -> bytes:
+    """The whole raw answer to one HTTP/1.0 request."""
     host, port = address.rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     await writer.wait_closed()
-    head, _, body = data.decode().partition("\r\n\r\n")
+    return data
+
+
+async def http_get(address: str, path: str) -> tuple[int, str]:
+    head, _, body = (await http_request(address, "GET", path)).decode().partition("\r\n\r\n")
     return int(head.split()[1]), body
 
 
@@ -72,17 +77,6 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
     stages_ms = big["stages_ms"]
     assert {"queued", "log", "respond"} <= set(stages_ms)
     assert sum(v for k, v in stages_ms.items() if k != "other") <= big["elapsed_ms"] + 0.1
-
-
-async def http_request(address: str, method: str, path: str) -> bytes:
-    host, port = address.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    await writer.wait_closed()
-    return data
 
 
 async def test_refused_requests_count_and_a_receive_that_did_not_wait_is_slow(

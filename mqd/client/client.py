@@ -662,15 +662,10 @@ class Queue:
             # wait a full request timeout for it.
             async with asyncio.timeout(RELEASE_TIMEOUT_S):
                 failures = await self._change_visibility(receipts, [0] * len(receipts))
-        except TimeoutError:
+        except (TimeoutError, MqdError) as exc:
+            error = str(exc) or f"no answer within {RELEASE_TIMEOUT_S:g} s"
             log.warning(
-                "queue.release_failed", queue=self.name, messages=len(receipts),
-                error=f"no answer within {RELEASE_TIMEOUT_S:g} s",
-            )  # fmt: skip
-            return
-        except MqdError as exc:
-            log.warning(
-                "queue.release_failed", queue=self.name, messages=len(receipts), error=str(exc)
+                "queue.release_failed", queue=self.name, messages=len(receipts), error=error
             )
             return
         if failures:

@@ -352,6 +352,7 @@ class Connection:
             future.set_exception(self._timed_out(opcode, seconds, "got no response from"))
 
     def _timed_out(self, opcode: int, seconds: float, what: str) -> RequestTimeout:
+        """The error for a request that timed out; the first also starts `_probe`."""
         if opcode != Opcode.PING and self._probe_task is None and self._closed_reason is None:
             self._probe_task = self._loop.create_task(self._probe())
         return RequestTimeout(
