@@ -322,6 +322,11 @@ class LeaderReplication:
                 except MqdError as exc:
                     log.warning("isr.change_failed", error=str(exc))
                     continue
+                except Exception:
+                    # Whatever it was, the next check tries again: a maintainer that
+                    # ended here left the set as it was for good, with nothing logged.
+                    log.exception("isr.change_failed")
+                    continue
                 if accepted:
                     log.info("isr.changed", isr=isr, epoch=self.epoch)
                     self._set_isr(isr)

@@ -52,6 +52,10 @@ class PlacementView:
         self._notifier: asyncio.Task[None] | None = None
         self._changed_since_notify = False
         self._refreshing: asyncio.Lock = asyncio.Lock()
+        # The watch and every refresh (a leader's ISR change, a lookup miss) accept
+        # snapshots concurrently; their cache writes go one at a time, newest only.
+        self._cache_writing = asyncio.Lock()
+        self._cache_version = -1
         self.ready = asyncio.Event()
 
     def on_change(self, listener: Callable[[], Awaitable[None]]) -> None:
@@ -63,6 +67,7 @@ class PlacementView:
         try:
             raw = json.loads(self._cache_file.read_text())
             self._apply(_decode_snapshot(raw))
+            self._cache_version = self.version
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("placement.cache_unreadable", error=str(exc))
             return False
@@ -117,7 +122,7 @@ class PlacementView:
         if not changed:
             return
         if self._cache_file is not None:
-            await asyncio.to_thread(_write_cache, self._cache_file, snapshot)
+            await self._write_cache(snapshot)
         # The listeners (a backend's sync_partitions) run in a task of their own, never
         # in the caller's: a partition's replication task that refreshed would otherwise
         # stop partitions, its own included, and wait for their tasks from inside
@@ -128,6 +133,25 @@ class PlacementView:
             self._notifier = asyncio.get_running_loop().create_task(
                 self._notify(), context=contextvars.Context()
             )
+
+    async def _write_cache(self, snapshot: GetPlacementResponse) -> None:
+        """Keep the newest snapshot on disk, for a restart without metadata.
+
+        Never fails the caller: the cache only serves a restart, and a caller may be a
+        leader's in-sync maintenance, which must outlive a full disk (a write that
+        raised out of a refresh once ended it for good, and the partition's restarted
+        replica never rejoined the set). Two writers shared one temporary file and
+        renamed it from under each other."""
+        assert self._cache_file is not None
+        async with self._cache_writing:
+            if snapshot.version <= self._cache_version:
+                return
+            try:
+                await asyncio.to_thread(_write_cache, self._cache_file, snapshot)
+            except OSError as exc:
+                log.warning("placement.cache_write_failed", error=str(exc))
+                return
+            self._cache_version = snapshot.version
 
     async def _notify(self) -> None:
         while self._changed_since_notify:

@@ -273,6 +273,37 @@ async def test_a_follower_asking_from_below_what_it_acknowledged_leaves_the_set_
     await store.close()
 
 
+async def test_the_in_sync_set_is_kept_after_a_change_that_raised(part: Path) -> None:
+    # A change that raised anything (it was a FileNotFoundError from the placement
+    # cache) ended the maintenance for good: a replica that came back never rejoined.
+    store = await open_store(part)
+    proposals: list[list[str]] = []
+
+    async def flaky(isr: list[str]) -> bool:
+        proposals.append(sorted(isr))
+        if len(proposals) == 1:
+            raise FileNotFoundError("placement.tmp")
+        return True
+
+    leader = LeaderReplication(
+        store, node_id="b1", replicas=["b1", "b2"], isr=["b1", "b2"], epoch=1,
+        min_insync=1, change_isr=flaky, lag_max_s=60,
+    )  # fmt: skip
+    leader.start()
+    await store.append_messages([msg(0)])
+    end = store.next_offset
+    await leader.fetch(fetch_request(end))
+    await leader.fetch(fetch_request(0))  # lost what it acknowledged: out at once
+    await wait_for(lambda: len(proposals) >= 2, timeout_s=3)
+    assert proposals[:2] == [["b1"], ["b1"]] and leader.isr == ["b1"]
+
+    await leader.fetch(fetch_request(end))  # caught up: back in
+    await wait_for(lambda: leader.isr == ["b1", "b2"], timeout_s=3)
+    assert proposals[-1] == ["b1", "b2"]
+    await leader.close()
+    await store.close()
+
+
 async def test_a_follower_restarted_at_the_same_epoch_keeps_its_log(tmp_path: Path) -> None:
     # Its high watermark on disk may be a second old; the epoch beside it says the
     # leader did not change, so nothing above it is divergent: no cut, no refetch.
