@@ -411,6 +411,39 @@ async def test_writes_refused_below_min_insync(cluster):
         await queue.send(b"three again")
 
 
+async def test_calls_in_flight_to_a_stopped_leader_end_once_a_new_leader_is_elected(cluster):
+    """A SIGSTOPped leader neither answers nor closes its connections: the frontend's
+    calls to it waited out their 30 s and failed TIMEOUT, though a new leader was
+    elected within seconds. Now they are given up once placement names the new leader
+    (protocol.md §7.10): a send safe to repeat goes there, one that is not fails
+    UNAVAILABLE (its outcome unknown)."""
+    (frontend,) = cluster.by_role("frontend")
+    tls = tls_for(cluster)
+    async with await mqd.client.connect(
+        frontend.client_address, tls=tls, request_timeout=60
+    ) as client:
+        queue = await client.create_queue("paused", replication_factor=3, min_insync=2)
+        await queue.send(b"before")
+        (part,) = await placement_of(client, "paused")
+        pid = int(cluster.path(cluster.node(part["leader"]).pid_file).read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            safe, unsafe = await asyncio.gather(
+                queue.send(b"safe", dedup_id="paused-1"),
+                queue.send(b"unsafe"),
+                return_exceptions=True,
+            )
+            (now,) = await placement_of(client, "paused")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert now["epoch"] > part["epoch"] and now["leader"] != part["leader"]
+        assert isinstance(safe, str), safe
+        assert isinstance(unsafe, Unavailable), unsafe
+        assert "outcome is unknown" in str(unsafe)
+        bodies = sorted((await drain(queue, 2)).values())
+        assert bodies[:2] == [b"before", b"safe"] and set(bodies) <= {b"before", b"safe", b"unsafe"}
+
+
 async def test_decommission_rereplicates_a_dead_backend(tmp_path: Path):
     manifest = launcher.create_cluster(tmp_path / "dec", metadata=1, backends=3, frontends=1)
     fast_failure_detection(manifest)

@@ -66,6 +66,11 @@ CALL_MARGIN_S = 10.0
 # receive_wait_ms_max): receives that want less stop listening sooner.
 SHARED_WAIT_MS = 20_000
 _NO_TIMEOUT = float("inf")
+# A call in flight to a partition's leader when placement names a new leader (a new
+# epoch) gets this long to be answered before it is given up as of unknown outcome:
+# a leader that moved on its own answers at once (NOT_LEADER, or its result); one
+# that is stopped or cut off would hold the call for its whole timeout (30 s).
+LEADER_GONE_GRACE_S = 2.0
 # STATS asks every node at once; one that is slower than this is reported, not waited for.
 NODE_STATS_TIMEOUT_S = 1.0
 
@@ -78,6 +83,8 @@ class RemoteEndpoint:
         self.index = index
         # The PARTITION_WAIT this frontend's receives share (`wait_ready`).
         self._wait: asyncio.Task[int] | None = None
+        # Calls in flight, by the epoch of the leader they went to (`leader_moved`).
+        self._calls: dict[asyncio.Timeout, int] = {}
 
     async def _call(
         self,
@@ -103,7 +110,7 @@ class RemoteEndpoint:
                 self._queue_id, self.index, placement.epoch, int(opcode), body
             )
             try:
-                response = await self._peers.call(address, request, timeout_s=timeout_s)
+                response = await self._call_leader(address, request, timeout_s)
             except QueueNotFound:
                 if stale_leader:
                     raise
@@ -128,6 +135,40 @@ class RemoteEndpoint:
                     await self._view.refresh()
                 continue
             return codec.decode_body(OPS[opcode][1], response.body)
+
+    async def _call_leader(
+        self, address: str, request: PartitionCallRequest, timeout_s: float | None
+    ) -> Any:
+        try:
+            async with asyncio.timeout(None) as abandon:
+                self._calls[abandon] = request.epoch
+                try:
+                    return await self._peers.call(address, request, timeout_s=timeout_s)
+                finally:
+                    del self._calls[abandon]
+        except TimeoutError:
+            if not abandon.expired():
+                raise
+            # Maybe applied (a paused leader acts on it when it wakes, unable to commit
+            # it: §7.13), so retried only when safe to repeat, as a lost connection.
+            raise Unavailable(
+                f"partition {self.index}'s leader changed while the call was in flight "
+                f"and the old leader did not answer; the outcome is unknown"
+            ) from None
+
+    def leader_moved(self) -> None:
+        """Placement changed: calls in flight to a leader placement no longer names get
+        LEADER_GONE_GRACE_S more to be answered, then are given up (`_call_leader`)."""
+        if not self._calls:
+            return
+        try:
+            epoch = self._view.leader(self._queue_id, self.index).epoch
+        except QueueNotFound:
+            epoch = -1
+        deadline = asyncio.get_running_loop().time() + LEADER_GONE_GRACE_S
+        for abandon, called_epoch in self._calls.items():
+            if called_epoch != epoch and abandon.when() is None:
+                abandon.reschedule(deadline)
 
     async def send(self, queue: QueueRecord, entries: list[SendEntry]) -> list[str]:
         # A send is repeated after an UNAVAILABLE of unknown outcome only when every
@@ -233,6 +274,12 @@ class RemoteCatalog:
         self.view = view
         self._peers = peers
         self._endpoints: dict[tuple[bytes, int], list[RemoteEndpoint]] = {}
+        view.on_change(self._placement_changed)
+
+    async def _placement_changed(self) -> None:
+        for endpoints in self._endpoints.values():
+            for endpoint in endpoints:
+                endpoint.leader_moved()
 
     async def lookup(self, name: str) -> QueueRecord:
         return await self.view.lookup(name)
