@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from mqd.errors import (
     ErrorCode,
     InvalidArgument,
+    MqdError,
     QueueNotFound,
     RequestTimeout,
     Unavailable,
@@ -81,7 +82,7 @@ class PartitionEndpoint(Protocol):
         self, queue: QueueRecord, max_messages: int, after_id: str
     ) -> list[DeliveredMessage]: ...
     async def purge(self, queue: QueueRecord) -> int: ...
-    async def stats(self, queue: QueueRecord) -> dict[str, Any]: ...
+    async def stats(self, queue: QueueRecord, *, patient: bool = True) -> dict[str, Any]: ...
     async def redrive(
         self, queue: QueueRecord, to: str, max_messages: int, rate_per_s: int
     ) -> tuple[int, list[str]]: ...
@@ -190,10 +191,30 @@ class Router:
 
     async def queue_info(self, queue: QueueRecord) -> QueueInfo:
         endpoints = self.catalog.endpoints(queue)
-        parts = await asyncio.gather(*(endpoint.stats(queue) for endpoint in endpoints))
-        return QueueInfo(
-            name=queue.name, attributes=dict(queue.attributes), stats=merge_stats(parts)
-        )
+        if len(endpoints) == 1:
+            stats = await endpoints[0].stats(queue)
+        else:
+            # A partition whose leader is down is named, not waited for: its figures
+            # are missing from the sums, the others' are there (protocol.md §5.3).
+            results = await asyncio.gather(
+                *(endpoint.stats(queue, patient=False) for endpoint in endpoints),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, MqdError):
+                    raise result
+            parts = [r for r in results if not isinstance(r, BaseException)]
+            if not parts:
+                raise results[0]
+            stats = merge_stats(parts)
+            missing = [
+                endpoint.index
+                for endpoint, result in zip(endpoints, results, strict=True)
+                if isinstance(result, BaseException)
+            ]
+            if missing:
+                stats["partitions_unavailable"] = missing
+        return QueueInfo(name=queue.name, attributes=dict(queue.attributes), stats=stats)
 
     # --- sends --------------------------------------------------------------
 
@@ -473,7 +494,7 @@ class LocalEndpoint:
     async def purge(self, queue: QueueRecord) -> int:
         return await self._partition(queue).purge()
 
-    async def stats(self, queue: QueueRecord) -> dict[str, Any]:
+    async def stats(self, queue: QueueRecord, *, patient: bool = True) -> dict[str, Any]:
         return self._partition(queue).stats()
 
     async def redrive(

@@ -387,3 +387,9 @@ async def test_a_receive_over_partitions_skips_one_that_is_down(two_backends):
             if got == live:
                 break
         assert got == live
+        # Its figures too: the live partitions' sums, and which are missing. Before,
+        # GET_QUEUE retried the dead one for 15 s and then failed whole.
+        down = sorted(i for i, leader in leaders.items() if leader == dead)
+        stats = await queue.stats()
+        assert stats["partitions_unavailable"] == down
+        assert stats["acked_total"] == len(live) and stats["visible"] == 0

@@ -71,6 +71,8 @@ _NO_TIMEOUT = float("inf")
 # a leader that moved on its own answers at once (NOT_LEADER, or its result); one
 # that is stopped or cut off would hold the call for its whole timeout (30 s).
 LEADER_GONE_GRACE_S = 2.0
+# GET_QUEUE of a queue with several partitions reports without one slower than this.
+PARTITION_STATS_TIMEOUT_S = 5.0
 # STATS asks every node at once; one that is slower than this is reported, not waited for.
 NODE_STATS_TIMEOUT_S = 1.0
 
@@ -254,8 +256,16 @@ class RemoteEndpoint:
         )
         return response.purged
 
-    async def stats(self, queue: QueueRecord) -> dict[str, Any]:
-        return (await self._call(Opcode.GET_QUEUE, GetQueueRequest(queue.name))).queue.stats
+    async def stats(self, queue: QueueRecord, *, patient: bool = True) -> dict[str, Any]:
+        """`patient=False`: a leader that is down is not waited for, nor one slower
+        than PARTITION_STATS_TIMEOUT_S (its queue's other partitions are reported)."""
+        response = await self._call(
+            Opcode.GET_QUEUE,
+            GetQueueRequest(queue.name),
+            retry=patient,
+            timeout_s=None if patient else PARTITION_STATS_TIMEOUT_S,
+        )
+        return response.queue.stats
 
     async def redrive(
         self, queue: QueueRecord, to: str, max_messages: int, rate_per_s: int
