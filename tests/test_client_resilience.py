@@ -134,3 +134,29 @@ async def test_closing_a_stream_in_an_outage_does_not_wait_full_request_timeouts
         started = time.monotonic()
         await stream.aclose()
         assert time.monotonic() - started < 15
+
+
+async def test_stopping_a_consumer_in_an_outage_takes_about_its_drain_timeout(proxy):
+    # The ack under way when the link went silent held stop() for its whole request
+    # timeout and a probe, and then the retries had drain_timeout again: ~70 s with
+    # the defaults. Now the settling, the DELETE in flight included, is bounded.
+    async with await mqd.client.connect(proxy.address, keepalive=0) as client:
+        queue = await client.create_queue("stop-outage")
+        await queue.send(b"held")
+        handling = asyncio.Event()
+        finish = asyncio.Event()
+
+        async def handler(message) -> None:
+            handling.set()
+            await finish.wait()
+
+        consumer = mqd.client.Consumer(queue, handler, concurrency=1, wait=1, ack_window=0)
+        await consumer.start()
+        await asyncio.wait_for(handling.wait(), 10)
+        proxy.freeze_open()
+        finish.set()  # its ack goes out into the silence
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        await consumer.stop(drain_timeout=2)
+        assert time.monotonic() - started < 10
+        assert consumer.stats.ack_failed == 1 and consumer.stats.acked == 0

@@ -83,8 +83,9 @@ TRANSIENT_ERRORS: tuple[type[MqdError], ...] = (
 # The first retry after a transient error waits about this long; each
 # further one doubles it, up to the `reconnect_delay_max` option.
 RECONNECT_DELAY_MIN_S = 0.05
-# While stopping, acks and releases are retried for at least this long
-# (or drain_timeout, if longer) before they are given up.
+# While stopping, acks and releases are retried until drain_timeout after the stop
+# began, and at least until this long after the handlers ended; then given up, a
+# DELETE in flight included (so stop() takes at most about drain_timeout + this).
 SETTLE_AT_STOP_MIN_S = 5.0
 # How long `MessageStream.aclose` waits for a cancelled next() to unwind (5 s in all).
 ACLOSE_WAIT_TURN_S = 0.01
@@ -354,7 +355,11 @@ class Consumer:
       released with delay min(retry_delay * 2**(receive_count-1), retry_delay_max).
     - `ack_window`: acks gathered this long go in one DELETE.
     - `drain_timeout`: how long `stop()` lets running handlers finish before
-      cancelling them (their messages are then released).
+      cancelling them (their messages are then released). Acks and releases
+      are retried until then too, and at least 5 s after the handlers end:
+      with the server out of reach, `stop()` returns within about
+      `drain_timeout` + 5 s, and the messages whose acks were given up are
+      delivered again when their lease ends (`stats.ack_failed`).
     - `reconnect_delay_max`: the longest backoff after a connection error.
     - `rng`: a random.Random for the backoff jitter (tests seed it).
 
@@ -439,6 +444,8 @@ class Consumer:
         self._releases: list[tuple[_Lease, int]] = []
         self._settle_wakeup: asyncio.Event | None = None
         self._settler_closing = False
+        self._settle_until = 0.0  # loop time: stopping, the settler gives up then
+        self._round_cut: asyncio.Timeout | None = None  # the settle round under way
         self._unstarted: list[_Lease] = []  # taken from the buffer after stop()
         self._settling_now = 0  # messages in the DELETE / CHANGE_VISIBILITY under way
         self._subscribed = False  # the fetcher holds a subscription (protocol.md §4.18)
@@ -553,6 +560,7 @@ class Consumer:
         tasks = [fetcher, settler, *workers]
         try:
             await self._stop_requested.wait()
+            stop_began = loop.time()
             # 1. Start no more handlers (a worker that finishes now exits), and
             # fetch no more: the fetcher ends after the RECEIVE it is in, if any.
             buffer = self._buffer
@@ -570,6 +578,7 @@ class Consumer:
                 for task in late:
                     task.cancel()
                 await asyncio.wait(late)
+            handlers_ended = loop.time()
             # 3. A long poll still waiting is cut short now. The server goes on
             # waiting: if it is sent a message after all, the client releases
             # it (Queue._release_abandoned), one delivery later. That is why
@@ -590,7 +599,15 @@ class Consumer:
             for lease in unstarted:
                 self._settle(lease, release_ms=0)
             # 5. Settle everything, then stop the settler.
+            self._settle_until = max(
+                stop_began + self._drain_timeout_s, handlers_ended + SETTLE_AT_STOP_MIN_S
+            )
             self._settler_closing = True
+            cut = self._round_cut
+            if cut is not None and cut.when() is None:
+                # A DELETE under way in an outage would hold the stop for its whole
+                # request timeout (30 s, then a probe): bounded like the retries.
+                cut.reschedule(self._settle_until)
             assert self._settle_wakeup is not None
             self._settle_wakeup.set()
             await asyncio.gather(settler, return_exceptions=True)
@@ -828,11 +845,8 @@ class Consumer:
         assert wakeup is not None
         loop = asyncio.get_running_loop()
         backoff = Backoff(RECONNECT_DELAY_MIN_S, self._reconnect_delay_max_s, self._rng)
-        give_up_at: float | None = None
         while True:
             now = loop.time()
-            if self._settler_closing and give_up_at is None:
-                give_up_at = now + max(self._drain_timeout_s, SETTLE_AT_STOP_MIN_S)
             due, next_at = self._extensions_due(now)
             if not self._acks and not self._releases and not due:
                 if self._settler_closing:
@@ -848,9 +862,19 @@ class Consumer:
                 # Let more acks arrive to share the DELETE.
                 await asyncio.sleep(self._ack_window_s)
                 due, _ = self._extensions_due(loop.time())
-            if await self._settle_round(due):
+            try:
+                async with asyncio.timeout_at(
+                    self._settle_until if self._settler_closing else None
+                ) as cut:
+                    self._round_cut = cut
+                    settled = await self._settle_round(due)
+            except TimeoutError:
+                settled = False
+            finally:
+                self._round_cut = None
+            if settled:
                 backoff.reset()
-            elif give_up_at is not None and loop.time() >= give_up_at:
+            elif self._settler_closing and loop.time() >= self._settle_until:
                 # Stopping, and the server stays out of reach: the leases run
                 # out by themselves and the messages are delivered again.
                 log.warning(
@@ -887,6 +911,9 @@ class Consumer:
         queue = self.queue
         try:
             failures = await queue._delete([lease.message.receipt for lease in acks])
+        except asyncio.CancelledError:
+            self._acks[:0] = acks  # cut short while stopping: not confirmed
+            raise
         except TRANSIENT_ERRORS as exc:
             # DELETE is safe to retry (protocol.md §1.5): try them all again.
             log.warning("consumer.ack_retry", queue=queue.name, acks=len(acks), error=str(exc))
@@ -920,6 +947,9 @@ class Consumer:
         sent_at = asyncio.get_running_loop().time()
         try:
             failures = await queue._change_visibility(receipts, timeouts_ms)
+        except asyncio.CancelledError:
+            self._releases[:0] = releases
+            raise
         except TRANSIENT_ERRORS as exc:
             # Safe to retry as well; the extensions are recomputed next round.
             log.warning(
