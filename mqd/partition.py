@@ -1144,9 +1144,11 @@ class Partition:
         self._advance(now)
         total = len(self._metas)
         oldest_age_s = 0.0
-        if total:
-            # Not counting cold messages (their sent times are on disk only).
-            oldest_ms = next(iter(self._metas.values())).sent_at_ms
+        cold_sent_ms = self.store.cold_sent_min_ms
+        if total or cold_sent_ms is not None:
+            oldest_ms = now if cold_sent_ms is None else cold_sent_ms
+            if total:
+                oldest_ms = min(oldest_ms, next(iter(self._metas.values())).sent_at_ms)
             if self._loaded:
                 oldest_ms = min(oldest_ms, self._loaded_sent_min_ms)
             oldest_age_s = max(0.0, (now - oldest_ms) / 1000)

@@ -216,3 +216,43 @@ async def test_peek_shows_cold_messages_in_send_order_and_follows_past_them(tmp_
         assert got[1].id.endswith("0000000000000001") and got[1].receipt == ""
     finally:
         await part.close()
+
+
+async def test_the_oldest_message_age_counts_cold_messages(tmp_path):
+    # Their sent times are on disk only: the figure used to leave them out, so a queue
+    # holding only messages delayed past the horizon said 0.0.
+    clock = ManualClock()
+    part = await open_partition(tmp_path / "p", clock)
+    await part.send([SendEntry(b"a day", delay_ms=DAY_MS)], 0)
+    clock.advance(5_000)
+    await part.send([SendEntry(b"two days", delay_ms=2 * DAY_MS)], 0)
+    await part.send([SendEntry(b"now")], 0)
+    clock.advance(5_000)
+    assert part.store.cold_count == 2
+    assert part.stats()["oldest_message_age_s"] == 10.0
+    (now,) = await part.receive(10, 0, 30_000, bytes_max=BYTES_MAX)
+    assert await part.delete([now.receipt]) == []
+    assert part.stats()["oldest_message_age_s"] == 10.0  # only cold ones left
+    await part.close()
+
+    part = await open_partition(tmp_path / "p", clock)  # from the index
+    try:
+        assert part.stats()["oldest_message_age_s"] == 10.0
+        clock.advance(DAY_MS)
+        (first,) = await receive_all_messages(part)
+        assert first.body == b"a day" and await part.delete([first.receipt]) == []
+        # The one left is the later one: looked up again once the first left the cold tier.
+        assert part.store.cold_count == 1
+        assert part.stats()["oldest_message_age_s"] == (DAY_MS + 5_000) / 1000
+    finally:
+        await part.close()
+
+
+async def receive_all_messages(part: Partition) -> list:
+    got = []
+    for _ in range(10):
+        batch = await part.receive(1000, 0, 30_000, bytes_max=BYTES_MAX)
+        if not batch:
+            return got
+        got += batch
+    return got

@@ -215,6 +215,13 @@ class Index:
         async with self._db.execute(sql, (sent_before_ms, after_ms)) as cur:
             return list(await cur.fetchall())
 
+    async def cold_sent_min(self, after_ms: int) -> int | None:
+        """The earliest sent time of the rows due after `after_ms` (cold), or None."""
+        sql = "SELECT min(sent_at) FROM messages WHERE due != 0 AND due > ?"
+        async with self._db.execute(sql, (after_ms,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
     async def cold_after(self, after_ms: int, after_offset: int, limit: int) -> list[Row]:
         """Up to `limit` rows due after `after_ms` (cold) past `after_offset`, in offset order."""
         sql = "SELECT * FROM messages WHERE due != 0 AND due > ? AND off > ? ORDER BY off LIMIT ?"

@@ -272,6 +272,9 @@ class PartitionStore:
         # the end of the last purge, and one lock so loads and cold expiry do not interleave.
         self._cold_until = 0
         self._cold_count = 0
+        # A lower bound of the cold messages' sent times (valid while any is cold):
+        # their sent times are on disk only, and a queue's oldest message may be one.
+        self._cold_sent_min_ms = 0
         self._purged_below = 0
         self._cold_lock = asyncio.Lock()
         self._recovered_cold_heads: dict[str, int] = {}
@@ -445,6 +448,10 @@ class PartitionStore:
             seg.live += n
             self._cold_count += n
         heads = dict(await self._index.cold_group_heads(cold_after)) if self._cold_count else {}
+        if self._cold_count:
+            sent = [m.sent_at_ms for m in not_indexed]
+            indexed = await self._index.cold_sent_min(cold_after)
+            self._cold_sent_min_ms = min(sent + ([] if indexed is None else [indexed]), default=0)
         for meta in not_indexed:
             if meta.group_id:
                 heads[meta.group_id] = min(heads.get(meta.group_id, meta.offset), meta.offset)
@@ -634,6 +641,28 @@ class PartitionStore:
         return self._cold_count
 
     @property
+    def cold_sent_min_ms(self) -> int | None:
+        """When the oldest cold message was sent, or earlier (None: nothing is cold).
+
+        Exact at open and after the cold messages that left were looked up again
+        (`load_due`, `expire_cold`); until then it may be older than the truth."""
+        return self._cold_sent_min_ms if self._cold_count else None
+
+    async def _refresh_cold_sent_min(self) -> None:
+        """Look the bound up again (under `_cold_lock`) after cold messages left."""
+        if not self._cold_count:
+            return
+        until = self._cold_until
+        gone = self._unwritten_deletes()
+        pending = [r[4] for r in self._unwritten_rows() if r[5] > until and r[0] not in gone]
+        try:
+            indexed = await self._index.cold_sent_min(until)
+        except sqlite3.Error as exc:
+            self._log.warning("index.cold_sent_min_failed", error=str(exc))
+            return  # the old bound stays: older than the truth, never younger
+        self._cold_sent_min_ms = min(pending + ([] if indexed is None else [indexed]), default=0)
+
+    @property
     def cold_until(self) -> int:
         """The cold watermark (ms): a live message due after it is cold."""
         return self._cold_until
@@ -688,7 +717,10 @@ class PartitionStore:
                 raise InternalError(f"loading delayed messages from the index: {exc}") from None
             for row in rows:
                 found.setdefault(row[0], row)
-            return self._make_hot(sorted(r for r in found.values() if r[0] not in gone))
+            metas = self._make_hot(sorted(r for r in found.values() if r[0] not in gone))
+            if metas:
+                await self._refresh_cold_sent_min()
+            return metas
 
     def _make_hot(self, rows: list[tuple]) -> list[MessageMeta]:
         live = self._live
@@ -744,6 +776,8 @@ class PartitionStore:
             if not doomed:
                 return []
             done = await self._submit(_DELETE_COLD, doomed) or []
+            if done:
+                await self._refresh_cold_sent_min()
             return [MessageMeta(o, *found[o][4:]) for o in done]
 
     async def peek_cold(
@@ -1513,6 +1547,8 @@ class PartitionStore:
                     off += 1
                 seg.live += len(msgs)
                 seg.cold += cold
+                if cold and not self._cold_count:
+                    self._cold_sent_min_ms = now  # (else an older one is cold already)
                 self._cold_count += cold
                 self._cache_bytes += cache_bytes
                 self._stats["messages_appended"] += len(msgs)
