@@ -23,6 +23,7 @@ from mqd.receipts import ReceiptSigner
 from mqd.router import split_moved
 from mqd.storage import NewMessage, PartitionStore, StorageConfig
 from mqd.storage.fs import LoopSyncBudget
+from mqd.storage.store import CUMULATIVE_STATS
 from mqd.storage.syncer import SyncProcess
 from mqd.storage.uring import UringSyncer
 
@@ -46,6 +47,8 @@ class BackendRole:
         self._signer = signer
         self._clock = clock
         self._partitions: dict[tuple[bytes, int], Partition] = {}
+        # The cumulative storage counters of partitions closed since the node started.
+        self._retired_counters: dict[str, int] = {}
         self._closing = False
         self._housekeeping: asyncio.Task[None] | None = None
         self._lookup: Callable[[str], QueueRecord] | None = None
@@ -191,6 +194,7 @@ class BackendRole:
         partition = self._partitions.pop((queue_id, index), None)
         if partition is None:
             return
+        self._retire_counters(partition)
         if destroy:
             await partition.destroy()
         else:
@@ -200,6 +204,7 @@ class BackendRole:
         for index in range(queue.partitions):
             partition = self._partitions.pop((queue.queue_id, index), None)
             if partition is not None:
+                self._retire_counters(partition)
                 await partition.destroy()
 
     def partition(self, queue: QueueRecord, index: int = 0) -> Partition:
@@ -210,8 +215,14 @@ class BackendRole:
             raise QueueNotFound(f"queue {queue.name!r} has no partition {index} on this node")
         return partition
 
+    def _retire_counters(self, partition: Partition) -> None:
+        """Keep a closing partition's counters in the node's totals (never going back)."""
+        for key, value in partition.store.stats().items():
+            if key in CUMULATIVE_STATS:
+                self._retired_counters[key] = self._retired_counters.get(key, 0) + value
+
     def storage_stats(self) -> dict[str, Any]:
-        totals: dict[str, Any] = {"partitions": len(self._partitions)}
+        totals: dict[str, Any] = {"partitions": len(self._partitions), **self._retired_counters}
         for partition in self._partitions.values():
             for key, value in partition.store.stats().items():
                 if isinstance(value, int) and not isinstance(value, bool):

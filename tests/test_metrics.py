@@ -130,3 +130,20 @@ async def test_refused_requests_count_and_a_receive_that_did_not_wait_is_slow(
     assert head.startswith(b"HTTP/1.0 200 OK") and head.endswith(b"\r\n\r\n")
     assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) > 1000
     assert (await http_request(metrics_address, "POST", "/metrics")).startswith(b"HTTP/1.0 405")
+
+
+async def test_a_nodes_storage_counters_never_go_back_when_a_queue_is_deleted(client):
+    # They were summed over the open partitions only: deleting a queue took its
+    # commits, fsyncs and bytes out of the node's totals (a counter going back).
+    kept = await client.create_queue("kept")
+    doomed = await client.create_queue("doomed")
+    await doomed.send_batch([b"x" * 100] * 10)
+    await kept.send(b"y")
+    before = (await client.stats())["storage"]
+    await client.delete_queue("doomed")
+    after = (await client.stats())["storage"]
+    assert after["partitions"] == before["partitions"] - 1
+    for counter in ("commits", "fsyncs", "messages_appended", "bytes_written"):
+        assert after[counter] >= before[counter], counter
+    assert after["messages_appended"] == 11
+    assert after["live_messages"] == 1  # a gauge: the deleted queue's are gone

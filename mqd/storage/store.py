@@ -196,6 +196,31 @@ def _io_error(exc: OSError, what: str) -> Exception:
     return InternalError(f"{what}: {exc.strerror or exc}")
 
 
+# The keys of `PartitionStore.stats()` that count since the store opened (the rest are
+# gauges): a node's totals keep them when a partition closes (a queue deleted, a
+# partition moved away), so its STATS never go back.
+CUMULATIVE_STATS = frozenset(
+    {
+        "commits",
+        "commits_synced_on_loop",
+        "fsyncs_in_sync_process",
+        "fsyncs_in_io_uring",
+        "records_written",
+        "messages_appended",
+        "bytes_written",
+        "write_errors",
+        "segments_reclaimed",
+        "index_batches",
+        "index_errors",
+        "cache_hits",
+        "cache_misses",
+        "raw_read_bytes",
+        "writes",
+        "fsyncs",
+    }
+)
+
+
 class PartitionStore:
     """The durable log of one queue partition. See the module docstring."""
 
@@ -296,7 +321,7 @@ class PartitionStore:
         self._fds_to_close: list[int] = []
         # Encryption at rest (crypto.py): the key for new records, and every key for reading.
         self._keys = config.keyring()
-        self._stats = {
+        self._stats = {  # the cumulative ones are named in CUMULATIVE_STATS
             "commits": 0,
             "commits_synced_on_loop": 0,  # fsynced on the loop's thread (LoopSyncBudget)
             "fsyncs_in_sync_process": 0,  # by the node's sync process (mqd.storage.syncer)
