@@ -1107,7 +1107,14 @@ async def handle_peek(
     assert conn.session is not None
     conn.frontend.auth.admit(conn.session, 1, 1, take=False)
     async with conn.reading_bodies():
-        delivered = await conn.frontend.router.peek(record, request.max_messages, request.after_id)
+        # One frame's worth at most, as a RECEIVE (without a cap, peek(1000) of 1 MiB
+        # messages built a 1 GB answer).
+        delivered = await conn.frontend.router.peek(
+            record,
+            request.max_messages,
+            request.after_id,
+            conn.limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES,
+        )
     _charge_delivered(conn, delivered)
     return messages.PeekResponse(messages=delivered)
 

@@ -1037,11 +1037,16 @@ class Partition:
 
     # --- inspection and housekeeping ----------------------------------------------
 
-    async def peek(self, max_messages: int, after_offset: int) -> list[DeliveredMessage]:
+    async def peek(
+        self, max_messages: int, after_offset: int, *, bytes_max: int
+    ) -> list[DeliveredMessage]:
         """Messages in offset order, in every state: cold ones (due past the horizon) are
-        read from the log where the index says, and stay cold."""
+        read from the log where the index says, and stay cold. At most about `bytes_max`
+        of them (at least one); bodies are read only for those that fit."""
         self._advance(self._now_ms())
-        cold = await self.store.peek_cold(after_offset, max_messages)
+        cold = await self.store.peek_cold(
+            after_offset, max_messages, bytes_max, _DELIVERY_OVERHEAD_BYTES
+        )
         metas = []
         if self._loaded:  # `_metas` is out of offset order
             offsets = heapq.nsmallest(max_messages, (o for o in self._metas if o > after_offset))
@@ -1052,13 +1057,24 @@ class Partition:
                     metas.append(meta)
                     if len(metas) >= max_messages:
                         break
-        stored = await self.store.read([meta.offset for meta in metas])
-        shown = {meta.offset: (meta, record) for meta, record in zip(metas, stored, strict=True)}
-        for meta, record in cold:
-            shown.setdefault(meta.offset, (meta, record))  # (pulled in meanwhile: once)
+        cold_records = {meta.offset: (meta, record) for meta, record in cold}
+        hot = {meta.offset: meta for meta in metas}
+        chosen: list[int] = []
+        total = 0
+        for offset in sorted(hot.keys() | cold_records.keys())[:max_messages]:
+            meta = hot[offset] if offset in hot else cold_records[offset][0]
+            total += meta.size + _DELIVERY_OVERHEAD_BYTES
+            if total > bytes_max and chosen:
+                break
+            chosen.append(offset)
+        to_read = [offset for offset in chosen if offset in hot]
+        stored = dict(zip(to_read, await self.store.read(to_read), strict=True))
         return [
-            self._delivered(meta, record, "")
-            for _offset, (meta, record) in sorted(shown.items())[:max_messages]
+            # (A cold one pulled in meanwhile is shown once, from memory.)
+            self._delivered(hot[offset], stored[offset], "")
+            if offset in hot
+            else self._delivered(*cold_records[offset], "")
+            for offset in chosen
         ]
 
     async def purge(self) -> int:

@@ -79,7 +79,7 @@ class PartitionEndpoint(Protocol):
         self, queue: QueueRecord, changes: list[tuple[str, int]]
     ) -> list[EntryFailure]: ...
     async def peek(
-        self, queue: QueueRecord, max_messages: int, after_id: str
+        self, queue: QueueRecord, max_messages: int, after_id: str, bytes_max: int
     ) -> list[DeliveredMessage]: ...
     async def purge(self, queue: QueueRecord) -> int: ...
     async def stats(self, queue: QueueRecord, *, patient: bool = True) -> dict[str, Any]: ...
@@ -382,15 +382,23 @@ class Router:
     # --- the rest -------------------------------------------------------------------
 
     async def peek(
-        self, queue: QueueRecord, max_messages: int, after_id: str
+        self, queue: QueueRecord, max_messages: int, after_id: str, bytes_max: int
     ) -> list[DeliveredMessage]:
+        """Up to `max_messages`, in at most about `bytes_max` (always at least one)."""
         endpoints = self.catalog.endpoints(queue)
         first, cursors = peek_cursors(queue, len(endpoints), after_id)
         found: list[DeliveredMessage] = []
+        budget = bytes_max
         for index in range(first, len(endpoints)):
             cursor = cursors.get(index, "")
-            found += await endpoints[index].peek(queue, max_messages - len(found), cursor)
-            if len(found) >= max_messages:
+            part = await endpoints[index].peek(queue, max_messages - len(found), cursor, budget)
+            for message in part:
+                size = _delivered_bytes(message)
+                if size > budget and found:
+                    return found  # full: the caller pages on from the last one
+                found.append(message)
+                budget -= size
+            if len(found) >= max_messages or budget <= 0:
                 break
         return found
 
@@ -479,7 +487,7 @@ class LocalEndpoint:
         return await self._partition(queue).change_visibility(changes)
 
     async def peek(
-        self, queue: QueueRecord, max_messages: int, after_id: str
+        self, queue: QueueRecord, max_messages: int, after_id: str, bytes_max: int
     ) -> list[DeliveredMessage]:
         after_offset = -1
         if after_id:
@@ -489,7 +497,7 @@ class LocalEndpoint:
                     f"after_id {after_id!r} is not a message id of this partition"
                 )
             after_offset = parsed[2]
-        return await self._partition(queue).peek(max_messages, after_offset)
+        return await self._partition(queue).peek(max_messages, after_offset, bytes_max=bytes_max)
 
     async def purge(self, queue: QueueRecord) -> int:
         return await self._partition(queue).purge()

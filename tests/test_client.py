@@ -374,6 +374,11 @@ async def test_send_batch_is_split_by_frame_size(client):
     ids = await queue.send_batch(bodies)
     assert len(ids) == count
     peeked = await queue.peek(max_messages=count)
+    assert 1 <= len(peeked) < count  # one frame's worth (protocol.md §4.13): page on
+    for _ in range(count):
+        if len(peeked) == count:
+            break
+        peeked += await queue.peek(max_messages=count, after_id=peeked[-1].id)
     assert [m.id for m in peeked] == ids
     assert [m.body[:1] for m in peeked] == [bytes([i]) for i in range(count)]
 

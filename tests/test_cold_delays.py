@@ -208,11 +208,16 @@ async def test_peek_shows_cold_messages_in_send_order_and_follows_past_them(tmp_
         await part.send([SendEntry(b"soon", delay_ms=10_000)], 0)
         await part.send([SendEntry(b"far2", delay_ms=2 * DAY_MS)], 0)
         assert part.stats()["delayed"] == 3 and part.store.cold_count == 2
-        assert [m.body for m in await part.peek(10, -1)] == [b"now", b"far", b"soon", b"far2"]
-        assert [m.body for m in await part.peek(2, 0)] == [b"far", b"soon"]
-        assert [m.body for m in await part.peek(10, 2)] == [b"far2"]
+        assert [m.body for m in await part.peek(10, -1, bytes_max=BYTES_MAX)] == [
+            b"now",
+            b"far",
+            b"soon",
+            b"far2",
+        ]
+        assert [m.body for m in await part.peek(2, 0, bytes_max=BYTES_MAX)] == [b"far", b"soon"]
+        assert [m.body for m in await part.peek(10, 2, bytes_max=BYTES_MAX)] == [b"far2"]
         assert part.store.cold_count == 2  # still on disk only
-        got = await part.peek(10, -1)
+        got = await part.peek(10, -1, bytes_max=BYTES_MAX)
         assert got[1].id.endswith("0000000000000001") and got[1].receipt == ""
     finally:
         await part.close()

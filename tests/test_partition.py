@@ -138,7 +138,7 @@ async def test_a_look_that_finds_a_message_due_wakes_the_long_poll(partition, cl
     if look == "stats":
         assert partition.stats()["visible"] == 1
     else:
-        assert [m.body for m in await partition.peek(10, -1)] == [b"late"]
+        assert [m.body for m in await partition.peek(10, -1, bytes_max=1 << 24)] == [b"late"]
     got = await asyncio.wait_for(waiter, 5)
     assert [m.body for m in got] == [b"late"]
 
@@ -166,7 +166,7 @@ async def test_state_survives_reopen(tmp_path, clock):
 
 async def test_purge_and_peek(partition):
     ids = await send(partition, b"1", b"2", b"3")
-    peeked = await partition.peek(2, -1)
+    peeked = await partition.peek(2, -1, bytes_max=1 << 24)
     assert [m.id for m in peeked] == ids[:2]
     assert all(m.receipt == "" for m in peeked)
     assert partition.stats()["visible"] == 3

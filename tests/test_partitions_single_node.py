@@ -149,3 +149,25 @@ async def test_following_a_partitioned_queue_with_a_peek_cursor_skips_nothing(se
         other = await client.create_queue("other")
         with pytest.raises(InvalidArgument, match="not a message id of this queue"):
             await other.peek(1, after_id=cursor)
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+async def test_a_peek_answer_stays_within_one_frame_and_pages_on(server, partitions):
+    # PEEK had no byte cap: peek(100) of 1 MiB messages built one 100 MiB answer (a
+    # client that enforces frame_bytes_max refuses it; the server's memory paid for it).
+    async with await mqd.client.connect(server.address) as client:
+        frame_bytes_max = client.server_limits["frame_bytes_max"]
+        queue = await client.create_queue(f"big-peek-{partitions}", partitions=partitions)
+        body = bytes(1 << 20)
+        for _ in range(5):
+            await queue.send_batch([body] * 8)
+        seen: list[str] = []
+        cursor = ""
+        for _ in range(10):
+            page = await queue.peek(max_messages=100, after_id=cursor)
+            if not page:
+                break
+            assert sum(len(m.body) for m in page) < frame_bytes_max
+            seen += [m.id for m in page]
+            cursor = mqd.client.peek_cursor(page, cursor) if partitions > 1 else page[-1].id
+        assert len(seen) == len(set(seen)) == 40

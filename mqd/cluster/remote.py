@@ -245,8 +245,9 @@ class RemoteEndpoint:
         return (await self._call(Opcode.CHANGE_VISIBILITY, request)).failures
 
     async def peek(
-        self, queue: QueueRecord, max_messages: int, after_id: str
+        self, queue: QueueRecord, max_messages: int, after_id: str, bytes_max: int
     ) -> list[DeliveredMessage]:
+        # (The backend caps its answer at a frame; the router trims it to `bytes_max`.)
         response = await self._call(Opcode.PEEK, PeekRequest(queue.name, max_messages, after_id))
         return response.messages
 

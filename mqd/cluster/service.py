@@ -790,7 +790,13 @@ async def _inner_peek(
     service: BackendService, record: QueueRecord, endpoint: LocalEndpoint, inner: Any
 ) -> Any:
     return messages.PeekResponse(
-        messages=await endpoint.peek(record, inner.max_messages, inner.after_id)
+        # The frontend trims to its client's frame; this keeps the call's answer in one.
+        messages=await endpoint.peek(
+            record,
+            inner.max_messages,
+            inner.after_id,
+            service.limits.frame_bytes_max - RESPONSE_HEADROOM_BYTES,
+        )
     )
 
 

@@ -806,10 +806,12 @@ class PartitionStore:
             return [MessageMeta(o, *found[o][4:]) for o in done]
 
     async def peek_cold(
-        self, after_offset: int, limit: int
+        self, after_offset: int, limit: int, bytes_max: int, overhead_bytes: int = 0
     ) -> list[tuple[MessageMeta, StoredMessage]]:
         """Up to `limit` cold messages past `after_offset`, in offset order, with their
-        bodies, read where their index rows say; they stay cold (PEEK shows them)."""
+        bodies, read where their index rows say; they stay cold (PEEK shows them). Only
+        as many as fit `bytes_max` (each counted as its size + `overhead_bytes`; at least
+        one) are read."""
         async with self._cold_lock:
             if not self._cold_count:
                 return []
@@ -819,7 +821,11 @@ class PartitionStore:
             )
             by_base = {seg.base: seg for seg in self._segments}
             runs = []
+            total = 0
             for off in sorted(found)[:limit]:
+                total += found[off][12] + overhead_bytes  # the row's message size
+                if total > bytes_max and runs:
+                    break
                 _off, base, pos, size = found[off][:4]
                 seg = by_base.get(base)
                 if seg is not None:

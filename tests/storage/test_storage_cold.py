@@ -139,11 +139,11 @@ async def test_peek_cold_reads_cold_messages_where_the_index_says_and_leaves_the
         )
         # Before the index writer ran: from its pending batch; then from SQLite.
         for _ in range(2):
-            got = await store.peek_cold(0, 5)
+            got = await store.peek_cold(0, 5, 1 << 24)
             assert [m.offset for m, _ in got] == [1, 2, 3, 4, 5]
             assert [r.body[:3] for _, r in got] == [b"c00", b"c01", b"c02", b"c03", b"c04"]
             assert all(m.due_ms == now + DAY_MS for m, _ in got)
-            later = await store.peek_cold(28, 10)
+            later = await store.peek_cold(28, 10, 1 << 24)
             assert [m.offset for m, _ in later] == [29, 30]
             assert store.cold_count == 30 and len(store._live) == 1  # still cold
             await store._index_drained()
