@@ -30,6 +30,7 @@ Not measured: the throughput of either path against a remote server.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -87,6 +88,8 @@ RECONNECT_DELAY_MIN_S = 0.05
 # began, and at least until this long after the handlers ended; then given up, a
 # DELETE in flight included (so stop() takes at most about drain_timeout + this).
 SETTLE_AT_STOP_MIN_S = 5.0
+# A stream's lease keeper retries reading the queue's visibility timeout this often.
+KEEPER_RETRY_S = 1.0
 # How long `MessageStream.aclose` waits for a cancelled next() to unwind (5 s in all).
 ACLOSE_WAIT_TURN_S = 0.01
 ACLOSE_WAIT_TURNS = 500
@@ -254,14 +257,28 @@ async def _stream_messages(
     client = queue.client
     subscription: Subscription | None = None
     window = prefetch
+    # When each buffered message's lease was last set (by receipt), and the
+    # subscription whose pushes are not taken yet: the keeper extends their leases.
+    leased_at: dict[str, float] = {}
+    current: list[Subscription] = []
+    keeper = loop.create_task(
+        _keep_buffered_leases(queue, buffer, leased_at, current, visibility_timeout),
+        context=contextvars.Context(),
+    )
     try:
         while True:
             if subscription is not None:
-                grant = _grant_due(window, subscription.outstanding, len(buffer))
+                # What was pushed and not taken yet counts as held: granting past it
+                # fetched more than the window, leases ran out in the buffer, and the
+                # messages came round again (a stream that acked 3 of 8 in 14 s).
+                held = len(buffer) + subscription.buffered
+                grant = _grant_due(window, subscription.outstanding, held)
                 if grant:
                     subscription.grant(grant)
             if buffer:
-                yield buffer.popleft()
+                message = buffer.popleft()
+                leased_at.pop(message.receipt, None)
+                yield message
                 continue
             if subscription is not None and subscription.ended:
                 subscription = None
@@ -271,9 +288,11 @@ async def _stream_messages(
                 subscription is not None or client._subscription_room()
             ):
                 if subscription is None:
+                    current.clear()
                     window = min(prefetch, credits_max(queue))
                     try:
                         subscription = await Subscription.open(queue, window, visibility_timeout)
+                        current.append(subscription)
                     except UnknownOpcode:
                         client._push_unsupported = True
                         continue
@@ -281,7 +300,7 @@ async def _stream_messages(
                         await backoff.pause("consumer.subscribe_failed", queue.name, exc)
                         continue
                 try:
-                    buffer.extend(await subscription.next_batch())
+                    _buffer_leased(buffer, leased_at, await subscription.next_batch(), loop.time())
                 except TRANSIENT_ERRORS as exc:
                     await backoff.pause("consumer.subscription_ended", queue.name, exc)
                     continue
@@ -296,13 +315,74 @@ async def _stream_messages(
             backoff.reset()
             if not messages and loop.time() - started < EMPTY_POLL_FAST_S:
                 await asyncio.sleep(EMPTY_POLL_PAUSE_S)
-            buffer.extend(messages)
+            _buffer_leased(buffer, leased_at, messages, started)
     finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
         if subscription is not None:
             buffer.extend(await subscription.close())
         left = list(buffer)
         buffer.clear()
         await _release(queue, left)
+
+
+def _buffer_leased(
+    buffer: deque[Message], leased_at: dict[str, float], messages: list[Message], when: float
+) -> None:
+    """Buffer messages leased at `when` (loop time)."""
+    for message in messages:
+        leased_at[message.receipt] = when
+    buffer.extend(messages)
+
+
+async def _keep_buffered_leases(
+    queue: Queue,
+    buffer: deque[Message],
+    leased_at: dict[str, float],
+    current: list[Subscription],
+    visibility_timeout: float | None,
+) -> None:
+    """Extend the leases of the messages a stream fetched and has not yielded yet
+    (pushed ones still in its subscription are taken into the buffer first), every
+    third of the visibility timeout, in one CHANGE_VISIBILITY; a message whose lease
+    was lost leaves the buffer (it comes again). Once yielded, a message's lease is
+    its caller's. Runs while the stream does; the caller may hold a message as long as
+    it likes between two `next()`s, which is when the stream itself does not run."""
+    loop = asyncio.get_running_loop()
+    lease_s = visibility_timeout
+    while lease_s is None:
+        try:
+            lease_s = float((await queue.attributes()).get("visibility_timeout", 0))
+        except TRANSIENT_ERRORS:
+            await asyncio.sleep(KEEPER_RETRY_S)
+        except MqdError:
+            return  # the stream meets the same error and says so
+    if lease_s <= 0:
+        return
+    interval = lease_s / 3
+    extend_ms = max(1, round(lease_s * 1000))
+    while True:
+        await asyncio.sleep(interval / 2)
+        if current and current[0].buffered:
+            _buffer_leased(buffer, leased_at, current[0].take(), loop.time())
+        now = loop.time()
+        due = [m for m in buffer if now - leased_at.get(m.receipt, now) >= interval]
+        if not due:
+            continue
+        try:
+            failures = await queue._change_visibility(
+                [m.receipt for m in due], [extend_ms] * len(due)
+            )
+        except MqdError:
+            continue  # the next round tries again, while the leases last
+        failed = {index for index, _code, _text in failures}
+        for index, message in enumerate(due):
+            if index not in failed:
+                if message.receipt in leased_at:
+                    leased_at[message.receipt] = now
+            elif message in buffer:
+                buffer.remove(message)
+                leased_at.pop(message.receipt, None)
 
 
 # --- the managed consumer --------------------------------------------------------------
