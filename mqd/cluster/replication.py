@@ -197,6 +197,11 @@ class LeaderReplication:
         self._data.set()
 
     def _recompute(self) -> None:
+        if len(self.isr) < self.min_insync:
+            # Too few copies: nothing new is committed (a writer released here was
+            # acknowledged with the leader's copy alone when the set shrank to it while
+            # the write waited); `_set_isr` fails the waiting writers instead.
+            return
         ends = [self.store.next_offset]
         ends += [self.acked.get(r, 0) for r in self.isr if r != self.node_id]
         high_watermark = min(ends)

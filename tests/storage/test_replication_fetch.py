@@ -16,7 +16,7 @@ import pytest
 from storage_helpers import EIO, FaultyFS, LogRecorder, msg, open_store, record_offsets, wait_for
 
 from mqd.cluster.replication import Follower, LeaderReplication, persist_hw
-from mqd.errors import InternalError, NotLeader
+from mqd.errors import InternalError, NotLeader, Unavailable
 from mqd.protocol.messages import FetchRequest
 from mqd.storage import FileSystem, Lease, StorageConfig
 
@@ -300,6 +300,36 @@ async def test_the_in_sync_set_is_kept_after_a_change_that_raised(part: Path) ->
     await leader.fetch(fetch_request(end))  # caught up: back in
     await wait_for(lambda: leader.isr == ["b1", "b2"], timeout_s=3)
     assert proposals[-1] == ["b1", "b2"]
+    await leader.close()
+    await store.close()
+
+
+async def test_a_write_waiting_when_the_set_shrinks_below_min_insync_fails(part: Path) -> None:
+    # Review: both followers killed while a send waited; the set shrank in two steps,
+    # and at the second the high watermark moved to the leader's own end and released
+    # the writer (acknowledged with one copy, min_insync 2) before the check that
+    # fails waiting writers found none left.
+    store = await open_store(part)
+    leader = LeaderReplication(
+        store, node_id="b1", replicas=["b1", "b2", "b3"], isr=["b1", "b2", "b3"], epoch=1,
+        min_insync=2, change_isr=no_isr_change,
+    )  # fmt: skip
+    await store.append_messages([msg(0)])
+    end = store.next_offset
+    waiting = asyncio.create_task(leader.wait_committed(end))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and leader.high_watermark == 0
+    leader.update(["b1", "b2"], 1, ["b1", "b2", "b3"])
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    leader.update(["b1"], 1, ["b1", "b2", "b3"])
+    with pytest.raises(Unavailable, match="min_insync"):
+        await asyncio.wait_for(waiting, 2)
+    assert leader.high_watermark == 0  # nothing committed on one copy
+    # A follower back in the set: what it holds commits.
+    await leader.fetch(FetchRequest(b"q", 0, 1, "b2", end, 0, 1 << 20))
+    leader.update(["b1", "b2"], 1, ["b1", "b2", "b3"])
+    assert leader.high_watermark == end
     await leader.close()
     await store.close()
 
