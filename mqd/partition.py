@@ -115,6 +115,12 @@ class Partition:
         self.dead_letter_sink: DeadLetterSink | None = None
         # Set by a cluster backend on a replicated partition it leads.
         self.replication: Any = None
+        # The leader's epoch, signed into receipts; receipts from before
+        # `receipt_epoch_floor` are refused (set at a promotion: the old leader may
+        # have delivered a message whose lease record never reached this copy, and
+        # this leader then delivers it with the same receive count).
+        self.epoch = 0
+        self.receipt_epoch_floor = 0
         self._late_admits: set[asyncio.Task[None]] = set()
         self._closed = False
         # Cold tier (module docstring).
@@ -686,9 +692,16 @@ class Partition:
         except BaseException:
             self._undo_delivery(taken)
             raise
-        queue_id, index, sign = self.queue_id, self.partition_index, self._signer.sign
+        queue_id, index, sign, epoch = (
+            self.queue_id,
+            self.partition_index,
+            self._signer.sign,
+            self.epoch,
+        )
         return [
-            self._delivered(meta, record, sign(queue_id, index, meta.offset, meta.receive_count))
+            self._delivered(
+                meta, record, sign(queue_id, index, meta.offset, meta.receive_count, epoch)
+            )
             for meta, record in zip(taken, stored, strict=True)
         ]
 
@@ -955,6 +968,12 @@ class Partition:
         meta = self._metas.get(fields.offset)
         if meta is None:
             return None, ""
+        if fields.epoch < self.receipt_epoch_floor:
+            return None, (
+                f"receipt is from before the partition's leader changed (epoch "
+                f"{fields.epoch}, now {self.epoch}); the message may have been delivered "
+                f"again: receive it again"
+            )
         if meta.receive_count != fields.receive_count or meta.visible_at_ms == MOVING_MS:
             return None, (
                 f"receipt is from delivery {fields.receive_count}; the message has since "

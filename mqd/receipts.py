@@ -1,11 +1,14 @@
 """Receipt handles and message ids (protocol.md §5 "Receipts").
 
 A receipt names one delivery of one message: queue id, partition, the
-message's log offset and its receive count at that delivery, authenticated
-with a keyed BLAKE2b MAC under the node's secret. A client cannot forge one,
-alter one, or use one from an earlier delivery once the message has been
-redelivered (the receive count no longer matches). The receipt carries the
-partition so an ack routes without a catalog lookup.
+message's log offset, its receive count at that delivery and the epoch of the
+partition's leader that made it, authenticated with a keyed BLAKE2b MAC under
+the node's secret. A client cannot forge one, alter one, or use one from an
+earlier delivery once the message has been redelivered (the receive count no
+longer matches). The epoch tells a delivery made before a failover from one
+the new leader made with the same receive count (the old leader's lease record
+had not reached it). The receipt carries the partition so an ack routes without
+a catalog lookup.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
-_PAYLOAD = struct.Struct(">8sHQI")  # queue id, partition, offset, receive count
+_PAYLOAD = struct.Struct(">8sHQII")  # queue id, partition, offset, receive count, epoch
 _MAC_BYTES = 12
-_RECEIPT_VERSION = b"\x01"
+_RECEIPT_VERSION = b"\x02"
 _RECEIPT_BYTES = 1 + _PAYLOAD.size + _MAC_BYTES
+# Before the epoch: still verified (as epoch 0), so an upgrade keeps in-flight receipts.
+_PAYLOAD_V1 = struct.Struct(">8sHQI")
+_RECEIPT_VERSION_V1 = b"\x01"
+_RECEIPT_BYTES_V1 = 1 + _PAYLOAD_V1.size + _MAC_BYTES
 SECRET_BYTES = 32
 # urlsafe base64 <-> the standard alphabet binascii speaks (half the cost of base64's
 # urlsafe functions, which translate through Python code per call).
@@ -34,6 +41,7 @@ class ReceiptFields(NamedTuple):
     partition: int
     offset: int
     receive_count: int
+    epoch: int = 0
 
 
 class ReceiptSigner:
@@ -48,8 +56,12 @@ class ReceiptSigner:
         state.update(payload)
         return state.digest()
 
-    def sign(self, queue_id: bytes, partition: int, offset: int, receive_count: int) -> str:
-        payload = _RECEIPT_VERSION + _PAYLOAD.pack(queue_id, partition, offset, receive_count)
+    def sign(
+        self, queue_id: bytes, partition: int, offset: int, receive_count: int, epoch: int = 0
+    ) -> str:
+        payload = _RECEIPT_VERSION + _PAYLOAD.pack(
+            queue_id, partition, offset, receive_count, epoch
+        )
         encoded = binascii.b2a_base64(payload + self._mac(payload), newline=False)
         return encoded.translate(_TO_URLSAFE).decode("ascii")
 
@@ -63,12 +75,16 @@ class ReceiptSigner:
             )
         except (binascii.Error, UnicodeEncodeError, ValueError):
             return None
-        if len(raw) != _RECEIPT_BYTES or raw[:1] != _RECEIPT_VERSION:
+        if len(raw) == _RECEIPT_BYTES and raw[:1] == _RECEIPT_VERSION:
+            layout = _PAYLOAD
+        elif len(raw) == _RECEIPT_BYTES_V1 and raw[:1] == _RECEIPT_VERSION_V1:
+            layout = _PAYLOAD_V1
+        else:
             return None
-        payload, mac = raw[: 1 + _PAYLOAD.size], raw[1 + _PAYLOAD.size :]
+        payload, mac = raw[: 1 + layout.size], raw[1 + layout.size :]
         if not hmac.compare_digest(mac, self._mac(payload)):
             return None
-        return ReceiptFields(*_PAYLOAD.unpack_from(payload, 1))
+        return ReceiptFields(*layout.unpack_from(payload, 1))
 
 
 def load_or_create_secret(path: Path) -> bytes:

@@ -220,3 +220,31 @@ async def test_sends_committed_while_a_purge_is_written_stay_visible(tmp_path, c
         assert reopened.stats()["visible"] == visible  # memory agreed with the log
     finally:
         await reopened.close()
+
+
+async def test_a_receipt_from_before_a_promotion_is_refused_for_the_new_leaders_delivery(
+    tmp_path, clock
+):
+    # Review: the old leader delivered a message (receive count 1) and its lease record
+    # never reached the follower that took over; the new leader delivered it again with
+    # receive count 1, and the first consumer's receipt acked it while the second held
+    # it (on a FIFO queue, two consumers held one group). Same queue, partition, offset
+    # and count on both copies here; only the epoch tells the deliveries apart.
+    old = await open_partition(tmp_path / "old", clock)
+    new = await open_partition(tmp_path / "new", clock)
+    try:
+        old.epoch = 1
+        await send(old, b"m")
+        await send(new, b"m")  # the follower's copy: the send, not the lease
+        (first,) = await old.receive(10, 0, 30_000, bytes_max=1 << 24)
+        new.epoch = new.receipt_epoch_floor = 2  # promoted
+        (second,) = await new.receive(10, 0, 30_000, bytes_max=1 << 24)
+        assert first.receive_count == second.receive_count == 1
+        (refused,) = await new.delete([first.receipt])
+        assert refused.code == ErrorCode.RECEIPT_INVALID and "leader changed" in refused.message
+        assert await new.delete([second.receipt]) == []
+        # A receipt of a message already gone still acks (a retried ack), whatever its epoch.
+        assert await new.delete([first.receipt]) == []
+    finally:
+        await old.close()
+        await new.close()

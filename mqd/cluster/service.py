@@ -443,7 +443,9 @@ class BackendService:
                 self._leading_started.set()
                 self._leading_started = asyncio.Event()
                 partition.replication = leader
+            partition.epoch = placement.epoch
             if promoted:
+                partition.receipt_epoch_floor = placement.epoch
                 released = await partition.release_all_leases()
                 log.warning(
                     "partition.promoted",
