@@ -305,7 +305,7 @@ class Partition:
         except BaseException:
             # The sender hears of a failure, but the records are in our log: should they
             # commit later (the set catches up), they are delivered then, not before.
-            if self.replication is not None:
+            if self.replication is not None and not self._closed:
                 task = asyncio.get_running_loop().create_task(self._admit_when_committed(metas))
                 self._late_admits.add(task)
                 task.add_done_callback(self._late_admits.discard)

@@ -233,6 +233,10 @@ class LeaderReplication:
         """Return once every record below `end_offset` is below the high watermark."""
         if end_offset <= self.high_watermark:
             return
+        if self._closed:
+            # Never woken once closed (a demoted leader's late admissions waited for
+            # ever, and were destroyed pending with their partition).
+            raise Unavailable("leadership of the partition moved; retry")
         if timeout_s is not None:
             self.check_writable()
         future = asyncio.get_running_loop().create_future()

@@ -381,3 +381,15 @@ async def test_a_follower_restarted_into_a_new_epoch_cuts_back_to_its_high_water
     await follower.stop()
     await seam.leader.close()
     await store.close()
+
+
+async def test_waiting_on_a_closed_leader_fails_at_once(part: Path) -> None:
+    # A demoted leader's partition started late admissions (waits with no timeout) as
+    # it closed; nothing wakes a closed leader, so they hung until destroyed pending.
+    store = await open_store(part)
+    leader = leading(store)
+    await store.append_messages([msg(0)])
+    await leader.close()
+    with pytest.raises(Unavailable, match="moved"):
+        await asyncio.wait_for(leader.wait_committed(store.next_offset, timeout_s=None), 2)
+    await store.close()
