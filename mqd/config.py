@@ -123,6 +123,9 @@ class Config:
         return not _is_loopback(host) and self.frontend.insecure
 
     def validate(self) -> None:
+        if not self.node.data_dir.strip():
+            # Empty, it meant the working directory: the server's files landed there.
+            raise ConfigError("node.data_dir: must name a directory (it is empty)")
         if not self.node.roles:
             raise ConfigError("node.roles: name at least one role")
         for role in self.node.roles:
@@ -265,6 +268,10 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"--config: no such file {str(path)!r}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"--config: {str(path)!r} is a directory, not a TOML file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config: cannot read {str(path)!r}: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     config = Config()

@@ -1526,6 +1526,8 @@ class Shell:
         self.json_mode = json_mode
         self.interactive = interactive
         self.keep_going = keep_going
+        # Any command failed: the exit status is 1, even if a later `quit` ends the run.
+        self.failed = False
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.raw = False
@@ -1702,11 +1704,13 @@ class Shell:
             commands = split_commands(line)
         except ShellError as exc:
             self.emit(_error_answer(exc))
+            self.failed = True
             return False
         ok = True
         for command in commands:
             if not self.run_command(command):
                 ok = False
+                self.failed = True
                 if not self.keep_going and not self.interactive:
                     break
         return ok
@@ -1723,7 +1727,7 @@ class Shell:
             pass
         finally:
             self.wire.close()
-        return status
+        return EXIT_ERROR if self.failed else status
 
     # --- interactive ---
 

@@ -583,3 +583,22 @@ def test_the_client_runs_on_uvloop_and_notices_a_restart(server):
             return sorted(m.body for m in received)
 
     assert uvloop.run(scenario()) == [b"one", b"three", b"two"]
+
+
+async def test_seconds_that_are_not_finite_are_invalid_arguments(client):
+    # A NaN or an infinity reached int() and raised a bare ValueError / OverflowError.
+    queue = await client.create_queue("finite")
+    await queue.send(b"m")
+    (message,) = await queue.receive(max_messages=1)
+    for call in (
+        lambda: queue.send(b"x", delay=float("nan")),
+        lambda: queue.send_batch([{"body": b"x", "delay": float("inf")}]),
+        lambda: queue.receive(wait=float("nan")),
+        lambda: queue.receive(visibility_timeout=float("inf")),
+        lambda: queue.change_visibility(message, float("nan")),
+        lambda: queue.nack(message, delay=float("inf")),
+    ):
+        with pytest.raises(InvalidArgument, match="finite"):
+            await call()
+    with pytest.raises(InvalidArgument, match="finite"):
+        queue.consume(wait=float("nan"))

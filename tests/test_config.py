@@ -93,3 +93,16 @@ def test_unworkable_cluster_configs_name_the_key(tmp_path, text, named):
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert named in str(caught.value)
+
+
+def test_a_config_path_that_is_a_directory_or_an_empty_data_dir_is_a_config_error(tmp_path):
+    # A directory gave a traceback (IsADirectoryError); an empty data_dir meant the
+    # working directory, where the server then wrote its files.
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"node\.data_dir"):
+        load_config(None, {"node.data_dir": ""})
+    empty = tmp_path / "empty.toml"
+    empty.write_text('[node]\ndata_dir = ""\n')
+    with pytest.raises(ConfigError, match=r"node\.data_dir"):
+        load_config(empty)

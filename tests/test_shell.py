@@ -269,6 +269,8 @@ def test_keep_going_runs_everything_and_still_fails(server):
     first, second = json_lines(result.stdout)
     assert first["error"] == ErrorCode.QUEUE_NOT_FOUND.name
     assert "server_time_ms" in second
+    # A `quit` after the failure ends the run but not the failure (it said 0).
+    assert run_shell(server.address, "--keep-going", "-c", "info nosuch; quit").returncode == 1
 
 
 def test_text_errors_have_no_traceback(server):

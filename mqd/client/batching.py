@@ -13,6 +13,7 @@ chunk always encodes to no more than its estimate. The estimate is cheap
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -46,6 +47,8 @@ def seconds_to_ms(value: Any, what: str, *, allow_none: bool = False) -> int:
         return U32_MAX
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgument(f"{what} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{what} must be a finite number of seconds, got {value}")
     ms = round(value * 1000)
     if not 0 <= ms < U32_MAX:
         # U32_MAX itself is reserved (VISIBILITY_DEFAULT), so it is excluded too.

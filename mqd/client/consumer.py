@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -151,8 +152,15 @@ def _check_positive_int(value: Any, what: str, minimum: int = 1) -> int:
 
 
 def _check_seconds(value: Any, what: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise InvalidArgument(f"{what} must be a non-negative number of seconds, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise InvalidArgument(
+            f"{what} must be a finite non-negative number of seconds, got {value!r}"
+        )
     if positive and value == 0:
         raise InvalidArgument(f"{what} must be positive, got {value!r}")
     return float(value)
