@@ -237,3 +237,39 @@ def test_ctrl_c_stops_a_sync_run_consumer_gracefully(server):
     started, finished, in_flight, visible = map(int, words[1:])
     assert started == finished == 2  # the two running handlers finished
     assert in_flight == 0 and visible == 18  # acked; the prefetched two released
+
+
+def test_a_plain_function_handler_runs_in_a_thread_and_acks(server):
+    # A plain function (the natural handler in synchronous code) was called, its None
+    # awaited (TypeError), and every message retried for ever: 23 deliveries of 10 in
+    # 3 s (review). Now the facade runs it in a thread, and the message is acked.
+    handled: list[bytes] = []
+    threads: set[str] = set()
+
+    def handler(message) -> None:
+        threads.add(threading.current_thread().name)
+        handled.append(message.body)
+
+    with connect(server.address) as client:
+        queue = client.create_queue("plain-handler")
+        queue.send_batch([b"%d" % i for i in range(10)])
+        ended: list[BaseException | None] = []
+
+        def consume() -> None:
+            try:
+                queue.run_consumer(handler, concurrency=2, wait=1)
+                ended.append(None)
+            except BaseException as exc:  # the client closing under it
+                ended.append(exc)
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        deadline = time.monotonic() + 20
+        while queue.stats()["acked_total"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stats = queue.stats()
+    consumer.join(30)
+    assert not consumer.is_alive() and ended
+    assert sorted(handled) == sorted(b"%d" % i for i in range(10))
+    assert stats["received_total"] == 10 and stats["acked_total"] == 10
+    assert "mqd-client-sync" not in threads  # not on the client's loop

@@ -55,6 +55,23 @@ async def test_run_consumer_handles_and_acks_every_message(client):
     assert running_max == 4
 
 
+async def test_a_plain_function_handler_acks_what_it_handled(client):
+    # Its None was awaited (TypeError) and every message retried for ever. It ran,
+    # and returned: the message is done (a warning says it blocks the loop).
+    queue = await client.create_queue("plain", visibility_timeout=30)
+    ids = await queue.send_batch([b"%d" % i for i in range(5)])
+    seen: list[str] = []
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(queue.run_consumer(lambda m: seen.append(m.id), wait=1))
+        await _until(lambda: _settled(queue), 20, "every message acked")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert sorted(seen) == sorted(ids)
+    assert (await queue.stats())["received_total"] == 5
+    assert [e["event"] for e in logs].count("consumer.plain_handler") == 1
+
+
 async def test_ten_consumers_random_failures_every_message_acked_once_or_dead(server):
     """10,000 messages, 10 consumers on 2 connections, handlers failing 20% of the time."""
     total = 10_000

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import math
 import random
 from collections import deque
@@ -482,6 +483,7 @@ class Consumer:
     ) -> None:
         if not callable(handler):
             raise InvalidArgument(f"handler must be an async callable, got {handler!r}")
+        self._warned_plain_handler = False
         self.queue = queue
         self._handler = handler
         self.concurrency = _check_positive_int(concurrency, "concurrency")
@@ -862,7 +864,20 @@ class Consumer:
         message = lease.message
         lease.state = _RUNNING
         try:
-            await self._handler(message)
+            result = self._handler(message)
+            if inspect.isawaitable(result):
+                await result
+            elif not self._warned_plain_handler:
+                # A plain function ran (on the loop, blocking it) and returned: it is
+                # done with the message. Awaiting its None raised TypeError, and every
+                # message was retried for ever, to its dead-letter queue.
+                self._warned_plain_handler = True
+                log.warning(
+                    "consumer.plain_handler",
+                    queue=self.queue.name,
+                    hint="the handler is not async: it blocks the event loop while it "
+                    "runs; make it async, or use mqd.client.sync, which runs it in a thread",
+                )
         except asyncio.CancelledError:
             worker = asyncio.current_task()
             if worker is None or worker.cancelling():

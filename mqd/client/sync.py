@@ -21,8 +21,9 @@ connection and ends the thread; later calls raise ConnectionClosed.
 
 Calls wait for the async client's own timeouts, plus a grace period; a call
 that still has no answer then raises RequestTimeout. `receive` waits its
-`wait` on top; `redrive` and `run_consumer` (whose handler must be async: it
-runs on the client's loop) wait as long as they take.
+`wait` on top; `redrive` and `run_consumer` wait as long as they take.
+`run_consumer` takes a plain function (run in a thread per message) or an
+async one (run on the client's loop).
 """
 
 from __future__ import annotations
@@ -226,11 +227,31 @@ class SyncQueue:
                 with contextlib.suppress(ConnectionClosed):
                     owner._loop_thread.run(stream.aclose(), owner._call_timeout_s)
 
+    def run_consumer(self, handler: Any, **options: Any) -> None:
+        """`Queue.run_consumer`; a plain function as `handler` runs in a thread of its
+        own per message (`asyncio.to_thread`), an async one on the client's loop."""
+        if not _is_async_callable(handler) and callable(handler):
+            plain = handler
+
+            async def handler(message: Message) -> Any:
+                result = await asyncio.to_thread(plain, message)
+                return await result if inspect.isawaitable(result) else result
+
+        return self._call("run_consumer", (handler,), options)
+
     def __getattr__(self, name: str) -> Any:
         return self._owner._wrap(getattr(self._queue, name), name)
 
     def __repr__(self) -> str:
         return f"<mqd.client.sync.SyncQueue {self.name!r}>"
+
+
+def _is_async_callable(handler: Any) -> bool:
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    # (An object whose __call__ is async counts as async too.)
+    call = type(handler).__dict__.get("__call__") if not inspect.isroutine(handler) else None
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
 
 class SyncClient:
@@ -302,6 +323,8 @@ class SyncClient:
 
 def _install(cls: type, target: type, names: tuple[str, ...]) -> None:
     for name in names:
+        if name in cls.__dict__:
+            continue  # written out by hand (SyncQueue.run_consumer)
         method = _blocking(name)
         functools.update_wrapper(method, getattr(target, name), assigned=("__doc__",))
         method.__signature__ = inspect.signature(getattr(target, name))  # type: ignore[attr-defined]
