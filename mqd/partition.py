@@ -1030,6 +1030,18 @@ class Partition:
                 )
                 continue
             was_in_flight = bool(meta.visible_at_ms)
+            if timeout_ms and not was_in_flight:
+                # Its lease ran out and it is ready again (SQS: MessageNotInflight). A
+                # late heartbeat took it back into flight, and held a FIFO group.
+                failures.append(
+                    EntryFailure(
+                        position,
+                        ErrorCode.RECEIPT_INVALID,
+                        "the message is not in flight: its visibility timeout ran out "
+                        "(receive it again)",
+                    )
+                )
+                continue
             if timeout_ms:
                 meta.visible_at_ms = now + timeout_ms
                 heapq.heappush(self._leases, (meta.visible_at_ms, meta.offset))

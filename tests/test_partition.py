@@ -66,6 +66,20 @@ async def test_visibility_timeout_redelivers_and_old_receipt_dies(partition, clo
     assert await partition.receive(1, 0, 30_000, bytes_max=BYTES_MAX) == []
 
 
+async def test_an_expired_lease_cannot_be_extended_back_into_flight(partition, clock):
+    # A late heartbeat (CHANGE_VISIBILITY) revived it: the ready message was hidden
+    # again and, on a FIFO queue, held its group for the new timeout (review).
+    await send(partition, b"late")
+    (message,) = await partition.receive(1, 0, 1_000, bytes_max=BYTES_MAX)
+    assert await partition.change_visibility([(message.receipt, 1_000)]) == []  # in flight
+    clock.advance(5_000)
+    (refused,) = await partition.change_visibility([(message.receipt, 600_000)])
+    assert refused.code == ErrorCode.RECEIPT_INVALID and "not in flight" in refused.message
+    assert partition.stats()["visible"] == 1 and partition.stats()["in_flight"] == 0
+    assert await partition.change_visibility([(message.receipt, 0)]) == []  # a no-op
+    assert await partition.delete([message.receipt]) == []  # still acks until redelivered
+
+
 async def test_expired_lease_can_still_ack_until_redelivered(partition, clock):
     await send(partition, b"slow")
     (message,) = await partition.receive(1, 0, 1_000, bytes_max=BYTES_MAX)
