@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqd.client.batching import entry_bytes, make_entries, make_entry, plan_chunks
-from mqd.errors import InvalidArgument
+from mqd.errors import InvalidArgument, MessageTooLarge
 from mqd.protocol.codec import encode_request
 from mqd.protocol.frame import PREFIX_BYTES
 from mqd.protocol.messages import SendEntry, SendRequest
@@ -84,3 +84,21 @@ def test_make_entries_accepts_bodies_and_dicts_and_converts_seconds():
 def test_make_entries_rejects_what_the_wire_cannot_carry(bad):
     with pytest.raises(InvalidArgument):
         make_entries([bad])
+
+
+async def test_a_split_batchs_error_names_the_callers_entry(client):
+    # A batch over batch_messages_max goes out in chunks; an entry refused in a later
+    # chunk was named by its place in that chunk ("entry 200" for the caller's 1200).
+    queue = await client.create_queue("split-index", max_message_bytes=1024)
+    chunk = client.server_limits["batch_messages_max"]
+    bad = chunk + 200
+    entries = [b"ok"] * (chunk + 300)
+    entries[bad] = b"x" * 2048
+    with pytest.raises(MessageTooLarge) as refused:
+        await queue.send_batch(entries)
+    assert refused.value.message.startswith(f"entry {bad}: ")
+    assert len(refused.value.details["sent_message_ids"]) == chunk
+    # A priority the server refuses is refused before any chunk goes out.
+    with pytest.raises(InvalidArgument, match="priority"):
+        await queue.send_batch([b"a"] * chunk + [{"body": b"b", "priority": 10}])
+    assert (await queue.stats())["sent_total"] == chunk

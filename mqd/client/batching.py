@@ -22,6 +22,7 @@ from mqd.protocol.codec import utf8_len
 from mqd.protocol.messages import SendEntry
 
 U8_MAX = 0xFF
+PRIORITY_MAX = 9
 U32_MAX = 0xFFFFFFFF
 
 # Shared by every entry sent without attributes. The codec only reads it.
@@ -99,8 +100,10 @@ def make_entry(
         dedup_id = ""
     elif type(dedup_id) is not str:
         raise InvalidArgument(f"dedup_id must be a str, got {type(dedup_id).__name__}")
-    if type(priority) is not int or not 0 <= priority <= U8_MAX:
-        raise InvalidArgument(f"priority must be an int in [0, {U8_MAX}], got {priority!r}")
+    if type(priority) is not int or not 0 <= priority <= PRIORITY_MAX:
+        # (The server's range, protocol.md §4.8: checked here before any chunk of a
+        # split batch is sent, not after the earlier chunks were stored.)
+        raise InvalidArgument(f"priority must be an int in [0, {PRIORITY_MAX}], got {priority!r}")
     delay_ms = 0 if delay == 0 else seconds_to_ms(delay, "delay")
     return SendEntry(body, _check_attributes(attributes), delay_ms, group_id, dedup_id, priority)
 

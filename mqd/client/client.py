@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import random
+import re
 import ssl
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
@@ -604,9 +605,10 @@ class Queue:
             try:
                 response = await client._call(SendRequest(name, entries[start:end]))
             except MqdError as exc:
+                error = _renumbered(exc, start)
                 if ids:
-                    exc.details = {**getattr(exc, "details", {}), "sent_message_ids": ids}
-                raise
+                    error.details = {**getattr(error, "details", {}), "sent_message_ids": ids}
+                raise error from None
             ids.extend(response.message_ids)
         return ids
 
@@ -925,6 +927,19 @@ class Queue:
     async def delete(self) -> None:
         """Delete the queue itself."""
         await self._client.delete_queue(self.name)
+
+
+_ENTRY_NAMED = re.compile(r"entry (\d+): ")
+
+
+def _renumbered(exc: MqdError, start: int) -> MqdError:
+    """A split batch's chunk error naming an entry (protocol.md §2.4) by its place in
+    the chunk: named by its place in the caller's batch instead."""
+    match = _ENTRY_NAMED.match(getattr(exc, "message", ""))
+    if not start or match is None or not isinstance(exc, ServerError):
+        return exc
+    message = f"entry {int(match[1]) + start}: {exc.message[match.end() :]}"
+    return type(exc)(message, code=exc.code, details=dict(exc.details))
 
 
 def peek_cursor(messages: Iterable[Message], cursor: str = "") -> str:
