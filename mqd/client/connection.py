@@ -58,6 +58,9 @@ RESPONSE_FRAME_BYTES_MAX = 256 * 1024 * 1024
 # costs about 2 µs (measured); back-to-back requests come sooner than this and
 # skip it. A server restart takes far longer (about 0.2 s measured).
 IDLE_CHECK_S = 0.005
+# A connection idle this close to the server's idle_timeout_ms (or a tenth of it, if
+# more) is replaced before its next request rather than raced against the close.
+IDLE_MARGIN_S = 1.0
 # While a connection has subscriptions open and nothing has come in for this long, it
 # sends PING; no answer within as long again closes it (`Client(keepalive=...)`).
 KEEPALIVE_S = 30.0
@@ -109,6 +112,8 @@ class Connection:
         self._closed_cause: BaseException | None = None
         self._lost_waiter: asyncio.Future[None] = self._loop.create_future()
         self._last_alive = self._loop.time()
+        # When a request last went out or a frame came in: the server's idle clock.
+        self._last_exchange = self._last_alive
         # Push subscriptions by id (protocol.md §4.18); the client picks the ids.
         self._push_listeners: dict[int, PushListener] = {}
         # Subscriptions given up without the server's word that they ended (UNSUBSCRIBE
@@ -181,6 +186,19 @@ class Connection:
         if self._pending:
             return True
         now = self._loop.time()
+        idle_limit_s = self.limits.get("idle_timeout_ms", 0) / 1000
+        if (
+            idle_limit_s
+            and not self._push_listeners
+            and now - self._last_exchange >= idle_limit_s - max(IDLE_MARGIN_S, idle_limit_s / 10)
+        ):
+            # The server closes a connection idle for idle_timeout_ms: a request sent
+            # about then could cross its close, and fail with an outcome unknown (a SEND
+            # is not repeated). Start afresh on a new connection instead.
+            self._mark_closed("idle for nearly the server's idle_timeout_ms", None)
+            assert self._protocol is not None
+            self._protocol.abort()
+            return False
         if now - self._last_alive < IDLE_CHECK_S:
             return True
         protocol = self._protocol
@@ -262,6 +280,7 @@ class Connection:
             future = loop.create_future()
             pending[cid] = future
             protocol.write(frame)
+            self._last_exchange = loop.time()
             # An infinite timeout (REDRIVE, which may run for minutes) sets no
             # timer: only the connection's loss ends the wait.
             timer = (
@@ -457,7 +476,7 @@ class Connection:
     # --- frames from the transport ---------------------------------------------
 
     def _on_frame(self, frame: Frame) -> None:
-        self._last_alive = self._loop.time()
+        self._last_alive = self._last_exchange = self._loop.time()
         if frame.flags & FLAG_PUSH:
             self._on_push(frame)
             return
