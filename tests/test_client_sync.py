@@ -273,3 +273,29 @@ def test_a_plain_function_handler_runs_in_a_thread_and_acks(server):
     assert sorted(handled) == sorted(b"%d" % i for i in range(10))
     assert stats["received_total"] == 10 and stats["acked_total"] == 10
     assert "mqd-client-sync" not in threads  # not on the client's loop
+
+
+def test_closing_the_client_ends_blocked_calls_with_client_closed(server):
+    # A run_consumer or consume blocked in another thread got a bare
+    # concurrent.futures.CancelledError (not an MqdError) when the client closed.
+    import concurrent.futures
+
+    from mqd.errors import ClientClosed
+
+    client = connect(server.address)
+    queue = client.create_queue("close-under")
+
+    async def handler(message) -> None:
+        pass
+
+    def consume() -> None:
+        for _ in queue.consume(wait=1):
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(queue.run_consumer, handler), pool.submit(consume)]
+        time.sleep(1)
+        client.close()
+        for call in calls:
+            with pytest.raises(ClientClosed):
+                call.result(15)

@@ -29,6 +29,7 @@ async one (run on the client's loop).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -119,6 +120,12 @@ class _LoopThread:
             future = asyncio.run_coroutine_threadsafe(_noting_task(coro, running), self.loop)
         try:
             return future.result(timeout_s)
+        except concurrent.futures.CancelledError:
+            if self._stopped:
+                # The client closed under the call (its loop's tasks cancelled): as the
+                # async client says it, not a bare CancelledError from another module.
+                raise ClientClosed("the client was closed while the call ran") from None
+            raise
         except TimeoutError:
             if future.done():
                 raise  # the call's own TimeoutError
