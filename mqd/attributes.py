@@ -121,7 +121,9 @@ def validate_attributes(
         spec = _NUMERIC.get(key)
         if spec is None:
             known = ", ".join(
-                sorted([*_NUMERIC, *_READ_ONLY, *_BOOLEAN, REDRIVE_POLICY, PARTITIONS])
+                sorted(
+                    [*_NUMERIC, *_READ_ONLY, *_BOOLEAN, REDRIVE_POLICY, PARTITIONS, *REPLICATION]
+                )
             )
             raise InvalidArgument(f"unknown queue attribute {key!r}; known: {known}")
         _, low, high = spec
@@ -133,6 +135,11 @@ def validate_attributes(
             raise InvalidArgument(f"attribute {key} must be a whole number, got {value!r}")
         if not low <= value <= high:
             raise InvalidArgument(f"attribute {key} must be from {low} to {high}, got {value!r}")
+        if key not in _INTEGER_ONLY and abs(value * 1000 - round(value * 1000)) > 1e-6:
+            # Kept in milliseconds: 0.0004 s was shown as set and acted as 0.
+            raise InvalidArgument(
+                f"attribute {key} is in seconds to the millisecond (0.001), got {value!r}"
+            )
         validated[key] = int(value) if float(value).is_integer() else float(value)
     return validated
 

@@ -294,3 +294,15 @@ async def test_an_idle_stream_with_wait_0_does_not_spin(client):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await client.stats())["requests_total"] - before < 30
+
+
+async def test_seconds_attributes_are_kept_to_the_millisecond(client):
+    # 0.0004 s was accepted and shown, and acted as 0 (no lease at all).
+    with pytest.raises(InvalidArgument, match="millisecond"):
+        await client.create_queue("sub-ms", visibility_timeout=0.0004)
+    queue = await client.create_queue("ms", visibility_timeout=0.25, delay=1.5)
+    assert (await queue.attributes())["visibility_timeout"] == 0.25
+    with pytest.raises(InvalidArgument, match="millisecond"):
+        await queue.set_attributes(delay=0.0015)
+    with pytest.raises(InvalidArgument, match="replication_factor"):
+        await client.create_queue("typo", visibilty_timeout=5)  # the known ones, listed
