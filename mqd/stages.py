@@ -3,8 +3,9 @@
 Each request runs in its own task; `begin` gives that task's context a fresh
 record, and the layers below add the time they waited to it with `timed`: the
 log's commit group and fsync ("log"), the in-sync replicas ("replication"),
-reads of message bodies ("read"), another node ("peer"), a long poll's wait
-for a message ("wait"). The connection adds
+reads of message bodies ("read"), another node ("peer"), a cluster frontend's
+waits between tries while a partition fails over ("failover"), a long poll's
+wait for a message ("wait"). The connection adds
 its own: waiting for a task to start ("queued"), authorization ("auth") and
 encoding the answer ("respond"). Outside a request (a follower's fetch loop,
 a timer) there is no record and `timed` only awaits.

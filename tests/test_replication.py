@@ -442,6 +442,13 @@ async def test_calls_in_flight_to_a_stopped_leader_end_once_a_new_leader_is_elec
         assert "outcome is unknown" in str(unsafe)
         bodies = sorted((await drain(queue, 2)).values())
         assert bodies[:2] == [b"before", b"safe"] and set(bodies) <= {b"before", b"safe", b"unsafe"}
+    # The frontend's slow line for the retried send names the wait between its tries.
+    slow = [
+        json.loads(line)
+        for line in cluster.path(frontend.log).read_text().splitlines()
+        if '"request.slow"' in line and '"SEND"' in line
+    ]
+    assert any(event["stages_ms"].get("failover", 0) > 0 for event in slow), slow
 
 
 async def test_decommission_rereplicates_a_dead_backend(tmp_path: Path):
