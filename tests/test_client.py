@@ -623,3 +623,13 @@ async def test_seconds_that_are_not_finite_are_invalid_arguments(client):
             await call()
     with pytest.raises(InvalidArgument, match="finite"):
         queue.consume(wait=float("nan"))
+
+
+async def test_connect_argument_errors_are_invalid_arguments(tmp_path):
+    # A missing CA file raised a bare FileNotFoundError; a timeout of 0 or less was
+    # taken, and every request then timed out "within 0 s" after it was sent.
+    with pytest.raises(InvalidArgument, match="CA file"):
+        mqd.client.Client("127.0.0.1:1", tls=str(tmp_path / "missing.pem"))
+    for options in ({"request_timeout": 0}, {"connect_timeout": -1}, {"request_timeout": "5"}):
+        with pytest.raises(InvalidArgument, match="timeout"):
+            mqd.client.Client("127.0.0.1:1", **options)

@@ -232,7 +232,12 @@ class Client:
     ) -> None:
         if isinstance(tls, str | os.PathLike):
             # A CA file to trust (a cluster's `client_ca`): verify the server against it.
-            tls = ssl.create_default_context(cafile=os.fspath(tls))
+            try:
+                tls = ssl.create_default_context(cafile=os.fspath(tls))
+            except (OSError, ssl.SSLError) as exc:
+                raise InvalidArgument(
+                    f"tls: cannot use CA file {os.fspath(tls)!r}: {exc}"
+                ) from None
         if tls is not None and not isinstance(tls, ssl.SSLContext):
             raise InvalidArgument(
                 f"tls must be an ssl.SSLContext, a CA file path or None, got {tls!r}"
@@ -245,6 +250,13 @@ class Client:
         self._tls = tls
         self._token = token
         self._client_name = client_name or f"mqd-python pid={os.getpid()}"
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("request_timeout", request_timeout),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                # 0 or less made every request time out "within 0 s" after it was sent.
+                raise InvalidArgument(f"{name} must be seconds > 0, got {value!r}")
         self._connect_timeout_s = float(connect_timeout)
         self._request_timeout_s = float(request_timeout)
         if isinstance(keepalive, bool) or not isinstance(keepalive, int | float) or keepalive < 0:
