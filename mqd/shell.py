@@ -1103,7 +1103,8 @@ def _cmd_redrive(sh: Shell, call: Call) -> Answer:
         queue=call.args["NAME"],
         to=str(options.get("to", "")),
         max_messages=parse_count(str(options.get("max", 0)), "max"),
-        rate_per_s=parse_count(str(options.get("rate", 0)), "rate"),
+        # `rate=5/s` as the help writes it, or `rate=5`.
+        rate_per_s=parse_count(str(options.get("rate", 0)).removesuffix("/s"), "rate"),
     )
     answer = sh.request(request)
     lines = [f"moved {answer.moved} messages from {request.queue}"]

@@ -362,3 +362,11 @@ async def test_consumer_argument_checks(client):
 
 async def _never(message: Message) -> None:
     raise AssertionError("no message expected")
+
+
+async def test_an_unknown_consumer_option_is_an_invalid_argument(client):
+    queue = await client.create_queue("options")
+    with pytest.raises(InvalidArgument, match=r"unknown consumer option.*concurrency"):
+        await queue.run_consumer(_never, foo=1)
+    with pytest.raises(InvalidArgument, match="prefetch"):
+        queue.consumer(_never, prefetchh=2)

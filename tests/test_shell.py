@@ -651,7 +651,7 @@ def test_dead_letter_queue_and_redrive_from_a_script(server):
             "send work poison",
             "recv work vis=0",
             "recv work",
-            "redrive dlq",
+            "redrive dlq rate=100/s",  # as `help redrive` writes it
             "peek work",
         ]
     )

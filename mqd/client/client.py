@@ -14,6 +14,7 @@ whether the server acted on them.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import math
 import os
@@ -842,6 +843,7 @@ class Queue:
         Start it with `await consumer.start()` (or `async with`), end it with
         `await consumer.stop()`.
         """
+        _check_consumer_options(options)
         return Consumer(self, handler, **options)
 
     async def run_consumer(self, handler: Handler, concurrency: int = 8, **options: Any) -> None:
@@ -856,6 +858,7 @@ class Queue:
         Returns only if the consumer stops on an error it cannot retry
         (then raises it).
         """
+        _check_consumer_options(options)
         consumer = Consumer(self, handler, concurrency=concurrency, **options)
         await consumer.start()
         try:
@@ -939,6 +942,20 @@ class Queue:
     async def delete(self) -> None:
         """Delete the queue itself."""
         await self._client.delete_queue(self.name)
+
+
+def _check_consumer_options(options: dict[str, Any]) -> None:
+    """An unknown option is INVALID_ARGUMENT naming the known ones (not a TypeError)."""
+    known = [
+        name
+        for name in inspect.signature(Consumer.__init__).parameters
+        if name not in ("self", "queue", "handler")
+    ]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown consumer option(s) {', '.join(unknown)}; options are {', '.join(known)}"
+        )
 
 
 _ENTRY_NAMED = re.compile(r"entry (\d+): ")
