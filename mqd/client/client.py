@@ -588,7 +588,8 @@ class Queue:
         dedup_id: str | None = None,
         priority: int = 0,
     ) -> str:
-        """Send one message; returns its id. `delay` is in seconds."""
+        """Send one message; returns its id. `delay` is in seconds; 0 (the default)
+        means the queue's own `delay` attribute (protocol.md §4.0)."""
         entry = make_entry(body, attributes, delay, group_id, dedup_id, priority)
         response = await self._client._call(SendRequest(self.name, [entry]))
         return response.message_ids[0]
