@@ -19,7 +19,7 @@ Two ways to run the same target, `check_input`:
 
 Exit status 0: no bug found; 1: a bug, printed with the input that shows it.
 The random frame and mutation helpers here (`random_message`, `mutate`,
-`storm_frames`) also feed the 100,000-frame storm in tests/test_hardening.py.
+`storm_frames`) also feed the 50,000-frame storm in tests/test_hardening.py.
 """
 
 from __future__ import annotations
