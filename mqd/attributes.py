@@ -38,6 +38,8 @@ REDRIVE_POLICY = "redrive_policy"
 MAX_RECEIVE_COUNT_MAX = 1000
 _INTEGER_ONLY = frozenset({"max_message_bytes"})
 _READ_ONLY = frozenset({"fifo"})
+# Fixed when a queue is created: SET_QUEUE_ATTRIBUTES may repeat them, not change them.
+FIXED_ATTRIBUTES = frozenset({"fifo", PARTITIONS, *REPLICATION})
 
 
 def validate_queue_name(name: object, limits: Limits) -> str:

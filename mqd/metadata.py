@@ -20,6 +20,7 @@ import structlog
 
 from mqd import auth
 from mqd.attributes import (
+    FIXED_ATTRIBUTES,
     REDRIVE_POLICY,
     default_attributes,
     resolve_replication,
@@ -265,6 +266,14 @@ class MetadataRole:
 
     async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
         record = self.lookup(name)
+        # The attributes fixed at creation may be given again as they are (a read, edit
+        # and write back of the whole map); only a change of them is refused.
+        current = {**record.attributes, "partitions": record.partitions}
+        attributes = {
+            key: value
+            for key, value in attributes.items()
+            if not (key in FIXED_ATTRIBUTES and key in current and _same(value, current[key]))
+        }
         changes = validate_attributes(name, attributes, self._limits, creating=False)
         self._check_redrive_target(name, record.attributes | changes)
         updated = QueueRecord(
@@ -310,3 +319,8 @@ def _same_attribute(attributes: dict[str, Any], key: str, value: Any) -> bool:
     if key == REDRIVE_POLICY and not value:
         return not attributes.get(key)
     return attributes.get(key) == value
+
+
+def _same(given: Any, current: Any) -> bool:
+    """A value given again as it is (a bool is not an int here: True is not 1)."""
+    return type(given) is type(current) and given == current

@@ -306,3 +306,17 @@ async def test_seconds_attributes_are_kept_to_the_millisecond(client):
         await queue.set_attributes(delay=0.0015)
     with pytest.raises(InvalidArgument, match="replication_factor"):
         await client.create_queue("typo", visibilty_timeout=5)  # the known ones, listed
+
+
+async def test_set_attributes_takes_the_fixed_ones_back_as_they_are(client):
+    # Reading a queue's attributes and writing them all back was refused: fifo,
+    # partitions, replication_factor and min_insync are fixed at creation. Repeating
+    # them unchanged is fine; changing them is still refused.
+    queue = await client.create_queue("round-trip.fifo", partitions=2)
+    attributes = await queue.attributes()
+    attributes["visibility_timeout"] = 45
+    await queue.set_attributes(**attributes)
+    assert (await queue.attributes())["visibility_timeout"] == 45
+    for change in ({"partitions": 3}, {"fifo": False}, {"replication_factor": 2}):
+        with pytest.raises(InvalidArgument):
+            await queue.set_attributes(**change)
