@@ -200,18 +200,18 @@ class Router:
                 *(endpoint.stats(queue, patient=False) for endpoint in endpoints),
                 return_exceptions=True,
             )
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result, MqdError):
+            parts: list[dict[str, Any]] = []
+            missing: list[int] = []
+            for endpoint, result in zip(endpoints, results, strict=True):
+                if not isinstance(result, BaseException):
+                    parts.append(result)
+                elif isinstance(result, MqdError):
+                    missing.append(endpoint.index)
+                else:
                     raise result
-            parts = [r for r in results if not isinstance(r, BaseException)]
             if not parts:
                 raise results[0]
             stats = merge_stats(parts)
-            missing = [
-                endpoint.index
-                for endpoint, result in zip(endpoints, results, strict=True)
-                if isinstance(result, BaseException)
-            ]
             if missing:
                 stats["partitions_unavailable"] = missing
         return QueueInfo(name=queue.name, attributes=dict(queue.attributes), stats=stats)

@@ -1717,18 +1717,15 @@ class Shell:
         return ok
 
     def run_script(self, lines: Iterable[str]) -> int:
-        status = EXIT_OK
         try:
             for line in lines:
-                if not self.run_line(line):
-                    status = EXIT_ERROR
-                    if not self.keep_going:
-                        break
+                if not self.run_line(line) and not self.keep_going:
+                    break
         except _Quit:
             pass
         finally:
             self.wire.close()
-        return EXIT_ERROR if self.failed else status
+        return EXIT_ERROR if self.failed else EXIT_OK
 
     # --- interactive ---
 

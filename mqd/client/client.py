@@ -945,17 +945,20 @@ class Queue:
         await self._client.delete_queue(self.name)
 
 
+_CONSUMER_OPTIONS = tuple(
+    name
+    for name in inspect.signature(Consumer.__init__).parameters
+    if name not in ("self", "queue", "handler")
+)
+
+
 def _check_consumer_options(options: dict[str, Any]) -> None:
     """An unknown option is INVALID_ARGUMENT naming the known ones (not a TypeError)."""
-    known = [
-        name
-        for name in inspect.signature(Consumer.__init__).parameters
-        if name not in ("self", "queue", "handler")
-    ]
-    unknown = sorted(set(options) - set(known))
+    unknown = sorted(set(options) - set(_CONSUMER_OPTIONS))
     if unknown:
         raise InvalidArgument(
-            f"unknown consumer option(s) {', '.join(unknown)}; options are {', '.join(known)}"
+            f"unknown consumer option(s) {', '.join(unknown)}; "
+            f"options are {', '.join(_CONSUMER_OPTIONS)}"
         )
 
 
@@ -965,8 +968,10 @@ _ENTRY_NAMED = re.compile(r"entry (\d+): ")
 def _renumbered(exc: MqdError, start: int) -> MqdError:
     """A split batch's chunk error naming an entry (protocol.md §2.4) by its place in
     the chunk: named by its place in the caller's batch instead."""
-    match = _ENTRY_NAMED.match(getattr(exc, "message", ""))
-    if not start or match is None or not isinstance(exc, ServerError):
+    if not start or not isinstance(exc, ServerError):
+        return exc
+    match = _ENTRY_NAMED.match(exc.message)
+    if match is None:
         return exc
     message = f"entry {int(match[1]) + start}: {exc.message[match.end() :]}"
     return type(exc)(message, code=exc.code, details=dict(exc.details))

@@ -25,10 +25,19 @@ async def no_isr_change(isr: list[str]) -> bool:
     return False
 
 
-def leading(store, epoch: int = 1) -> LeaderReplication:
+def leading(
+    store,
+    epoch: int = 1,
+    *,
+    replicas=("b1", "b2"),
+    min_insync: int = 1,
+    change_isr=no_isr_change,
+    **options,
+) -> LeaderReplication:
+    """b1 leading `store`, every replica in sync."""
     return LeaderReplication(
-        store, node_id="b1", replicas=["b1", "b2"], isr=["b1", "b2"], epoch=epoch,
-        min_insync=1, change_isr=no_isr_change,
+        store, node_id="b1", replicas=list(replicas), isr=list(replicas), epoch=epoch,
+        min_insync=min_insync, change_isr=change_isr, **options,
     )  # fmt: skip
 
 
@@ -125,10 +134,7 @@ async def test_an_fsync_failing_after_the_group_was_shipped_keeps_it_and_stops_w
     fs, log = FaultyFS(), LogRecorder()
     store = await open_store(part, fs=fs, log=log)
     stop_reasons: list[str] = []
-    leader = LeaderReplication(
-        store, node_id="b1", replicas=["b1", "b2"], isr=["b1", "b2"], epoch=1,
-        min_insync=1, change_isr=no_isr_change, on_storage_failure=stop_reasons.append,
-    )  # fmt: skip
+    leader = leading(store, on_storage_failure=stop_reasons.append)
     await store.append_messages([msg(0)])
     await leader.fetch(fetch_request(1))  # the follower holds offset 0
 
@@ -250,10 +256,7 @@ async def test_a_follower_asking_from_below_what_it_acknowledged_leaves_the_set_
         proposals.append(sorted(isr))
         return True
 
-    leader = LeaderReplication(
-        store, node_id="b1", replicas=["b1", "b2"], isr=["b1", "b2"], epoch=1,
-        min_insync=1, change_isr=accept, lag_max_s=60,
-    )  # fmt: skip
+    leader = leading(store, change_isr=accept, lag_max_s=60)
     leader.start()
     for i in range(3):
         await store.append_messages([msg(i)])
@@ -285,10 +288,7 @@ async def test_the_in_sync_set_is_kept_after_a_change_that_raised(part: Path) ->
             raise FileNotFoundError("placement.tmp")
         return True
 
-    leader = LeaderReplication(
-        store, node_id="b1", replicas=["b1", "b2"], isr=["b1", "b2"], epoch=1,
-        min_insync=1, change_isr=flaky, lag_max_s=60,
-    )  # fmt: skip
+    leader = leading(store, change_isr=flaky, lag_max_s=60)
     leader.start()
     await store.append_messages([msg(0)])
     end = store.next_offset
@@ -310,10 +310,7 @@ async def test_a_write_waiting_when_the_set_shrinks_below_min_insync_fails(part:
     # the writer (acknowledged with one copy, min_insync 2) before the check that
     # fails waiting writers found none left.
     store = await open_store(part)
-    leader = LeaderReplication(
-        store, node_id="b1", replicas=["b1", "b2", "b3"], isr=["b1", "b2", "b3"], epoch=1,
-        min_insync=2, change_isr=no_isr_change,
-    )  # fmt: skip
+    leader = leading(store, replicas=("b1", "b2", "b3"), min_insync=2)
     await store.append_messages([msg(0)])
     end = store.next_offset
     waiting = asyncio.create_task(leader.wait_committed(end))
