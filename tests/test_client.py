@@ -468,6 +468,16 @@ async def test_a_connection_nearly_idle_for_the_servers_limit_is_replaced_first(
         assert not first_conn.closed
         await queue.send(b"late")
         assert client._conn is not first_conn
+    # With the smallest limit (1 s), a pause well inside it keeps the connection: the
+    # margin is at most half the limit (a whole second had every request reconnect).
+    limits = "[limits]\nidle_timeout_ms = 1000\nhandshake_timeout_ms = 500\n"
+    brisk = server_factory("brisk", config=_config(tmp_path, limits))
+    async with await mqd.client.connect(brisk.address) as client:
+        queue = await client.create_queue("brisk")
+        first_conn = client._conn
+        await asyncio.sleep(0.2)
+        await queue.send(b"soon")
+        assert client._conn is first_conn
     assert not [line for line in server.log_lines if "connection idle" in line]
 
 

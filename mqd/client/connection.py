@@ -59,7 +59,8 @@ RESPONSE_FRAME_BYTES_MAX = 256 * 1024 * 1024
 # skip it. A server restart takes far longer (about 0.2 s measured).
 IDLE_CHECK_S = 0.005
 # A connection idle this close to the server's idle_timeout_ms (or a tenth of it, if
-# more) is replaced before its next request rather than raced against the close.
+# more; at most half of it) is replaced before its next request rather than raced
+# against the close.
 IDLE_MARGIN_S = 1.0
 # While a connection has subscriptions open and nothing has come in for this long, it
 # sends PING; no answer within as long again closes it (`Client(keepalive=...)`).
@@ -88,6 +89,12 @@ def _next_free_id(previous: int, taken: Container[int]) -> int:
     while candidate in taken:
         candidate = candidate % _CORRELATION_ID_MAX + 1
     return candidate
+
+
+def _idle_margin_s(idle_limit_s: float) -> float:
+    # At most half the limit: with the smallest (1 s) a margin of a whole second had
+    # every request after the least pause open a new connection.
+    return min(idle_limit_s / 2, max(IDLE_MARGIN_S, idle_limit_s / 10))
 
 
 class Connection:
@@ -190,7 +197,7 @@ class Connection:
         if (
             idle_limit_s
             and not self._push_listeners
-            and now - self._last_exchange >= idle_limit_s - max(IDLE_MARGIN_S, idle_limit_s / 10)
+            and now - self._last_exchange >= idle_limit_s - _idle_margin_s(idle_limit_s)
         ):
             # The server closes a connection idle for idle_timeout_ms: a request sent
             # about then could cross its close, and fail with an outcome unknown (a SEND
