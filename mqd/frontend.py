@@ -46,7 +46,7 @@ from mqd.protocol.frame import (
     Frame,
     FrameDecoder,
 )
-from mqd.protocol.messages import VISIBILITY_DEFAULT, Opcode
+from mqd.protocol.messages import DELAY_NONE, VISIBILITY_DEFAULT, Opcode
 from mqd.protocol.push import encode_push, encode_push_end
 from mqd.router import Router
 
@@ -981,7 +981,7 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
             raise MessageTooLarge(
                 f"entry {position}: {size} bytes (body + attributes); the queue's max_message_bytes is {message_bytes_max}"
             )
-        if entry.delay_ms > limits.delay_ms_max:
+        if entry.delay_ms > limits.delay_ms_max and entry.delay_ms != DELAY_NONE:
             raise InvalidArgument(
                 f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={limits.delay_ms_max}"
             )

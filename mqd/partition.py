@@ -43,7 +43,7 @@ import structlog
 from mqd import stages
 from mqd.clock import SystemClock
 from mqd.errors import ErrorCode, MqdError, QueueNotFound
-from mqd.protocol.messages import DeliveredMessage, EntryFailure, SendEntry
+from mqd.protocol.messages import DELAY_NONE, DeliveredMessage, EntryFailure, SendEntry
 from mqd.receipts import ReceiptSigner, message_id
 from mqd.storage import Lease, MessageMeta, NewMessage, PartitionStore, StoredMessage
 
@@ -544,7 +544,11 @@ class Partition:
     def _new_message(
         entry: SendEntry, dedup_id: str, default_delay_ms: int, now: int
     ) -> NewMessage:
-        delay_ms = entry.delay_ms or default_delay_ms
+        delay_ms = entry.delay_ms
+        if delay_ms == 0:
+            delay_ms = default_delay_ms
+        elif delay_ms == DELAY_NONE:
+            delay_ms = 0
         return NewMessage(
             body=entry.body,
             attributes=entry.attributes,

@@ -58,6 +58,7 @@ from mqd.protocol.frame import (
     encode_frame,
 )
 from mqd.protocol.messages import (
+    DELAY_NONE,
     OPS,
     VISIBILITY_DEFAULT,
     ChangeVisibilityRequest,
@@ -1009,10 +1010,12 @@ def _cmd_purge(sh: Shell, call: Call) -> Answer:
 
 
 def _cmd_send(sh: Shell, call: Call) -> Answer:
+    # Without delay= the queue's delay applies; delay=0 asks for none (DELAY_NONE).
+    delay_ms = call.options.get("delay")
     entry = SendEntry(
         body=call.args["BODY"],
         attributes=dict(call.extra),
-        delay_ms=call.options.get("delay", 0),
+        delay_ms=0 if delay_ms is None else delay_ms or DELAY_NONE,
         group_id=call.options.get("group", ""),
         dedup_id=call.options.get("dedup", ""),
         priority=call.options.get("priority", 0),
@@ -1414,7 +1417,7 @@ _ROWS: tuple[Command, ...] = (
     Command("purge", "delete every message of a queue (PURGE_QUEUE)", _cmd_purge, (_NAME,),
             op="PURGE_QUEUE"),
     Command("send", "send one message (SEND)", _cmd_send, (_NAME, Param("BODY", "body")),
-            (Option("delay", "seconds", "seconds before it becomes visible"),
+            (Option("delay", "seconds", "seconds before it becomes visible (default: the queue's delay; 0: none)"),
              Option("group", "text", "FIFO group id", "G"),
              Option("dedup", "text", "deduplication id", "D"),
              Option("priority", "count", "priority 0-9 (standard queues)", "P")),

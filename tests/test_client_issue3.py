@@ -320,3 +320,19 @@ async def test_set_attributes_takes_the_fixed_ones_back_as_they_are(client):
     for change in ({"partitions": 3}, {"fifo": False}, {"replication_factor": 2}):
         with pytest.raises(InvalidArgument):
             await queue.set_attributes(**change)
+
+
+async def test_delay_zero_overrides_the_queues_delay(client):
+    # As SQS's DelaySeconds=0: a send without `delay` takes the queue's delay, and
+    # an explicit 0 means none. 0 used to mean "the queue's" on the wire as well,
+    # so no message could skip a queue's delay.
+    queue = await client.create_queue("delayed-by-default", delay=60)
+    await queue.send(b"queue's delay")
+    await queue.send(b"at once", delay=0)
+    await queue.send(b"rounds to none", delay=0.0001)
+    await queue.send_batch([{"body": b"batch at once", "delay": 0}, b"batch queue's delay"])
+    await queue.send(b"own delay", delay=30)
+    stats = await queue.stats()
+    assert (stats["visible"], stats["delayed"]) == (3, 3)
+    got = await queue.receive(max_messages=10)
+    assert sorted(m.body for m in got) == [b"at once", b"batch at once", b"rounds to none"]

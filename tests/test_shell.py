@@ -252,6 +252,14 @@ def test_text_output_is_readable(server):
     assert "mqd " not in out  # no prompt
 
 
+def test_send_delay_zero_skips_the_queues_delay(server):
+    script = "create dq delay=60; send dq later; send dq now delay=0; info dq"
+    result = run_shell(server.address, "--json", "-c", script)
+    assert result.returncode == 0, result.stderr
+    stats = json_lines(result.stdout)[-1]["queue"]["stats"]
+    assert (stats["visible"], stats["delayed"]) == (1, 1)
+
+
 def test_stdin_script_stops_at_first_error(server):
     stdin = "create sq\ninfo nosuch\nping\n"
     result = run_shell(server.address, "--json", stdin=stdin)

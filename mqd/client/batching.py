@@ -19,7 +19,7 @@ from typing import Any
 
 from mqd.errors import InvalidArgument
 from mqd.protocol.codec import utf8_len
-from mqd.protocol.messages import SendEntry
+from mqd.protocol.messages import DELAY_NONE, SendEntry
 
 U8_MAX = 0xFF
 PRIORITY_MAX = 9
@@ -75,7 +75,7 @@ def _check_attributes(attributes: Any) -> dict[str, str]:
 def make_entry(
     body: Any,
     attributes: Mapping[str, str] | None = None,
-    delay: float = 0,
+    delay: float | None = None,
     group_id: str | None = None,
     dedup_id: str | None = None,
     priority: int = 0,
@@ -104,7 +104,9 @@ def make_entry(
         # (The server's range, protocol.md §4.8: checked here before any chunk of a
         # split batch is sent, not after the earlier chunks were stored.)
         raise InvalidArgument(f"priority must be an int in [0, {PRIORITY_MAX}], got {priority!r}")
-    delay_ms = 0 if delay == 0 else seconds_to_ms(delay, "delay")
+    # On the wire 0 means "the queue's delay", so a delay of none is DELAY_NONE;
+    # a delay that rounds to 0 ms was asked for explicitly too.
+    delay_ms = 0 if delay is None else seconds_to_ms(delay, "delay") or DELAY_NONE
     return SendEntry(body, _check_attributes(attributes), delay_ms, group_id, dedup_id, priority)
 
 

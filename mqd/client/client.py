@@ -583,13 +583,14 @@ class Queue:
         body: bytes,
         *,
         attributes: dict[str, str] | None = None,
-        delay: float = 0,
+        delay: float | None = None,
         group_id: str | None = None,
         dedup_id: str | None = None,
         priority: int = 0,
     ) -> str:
-        """Send one message; returns its id. `delay` is in seconds; 0 (the default)
-        means the queue's own `delay` attribute (protocol.md §4.0)."""
+        """Send one message; returns its id. `delay` is in seconds; None (the
+        default) means the queue's own `delay` attribute, and 0 means none even
+        on a queue with a delay, as in SQS (protocol.md §4.0)."""
         entry = make_entry(body, attributes, delay, group_id, dedup_id, priority)
         response = await self._client._call(SendRequest(self.name, [entry]))
         return response.message_ids[0]

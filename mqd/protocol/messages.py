@@ -61,6 +61,10 @@ class Opcode(IntEnum):
 # A receive or peek request asks for the queue's default visibility timeout with this.
 VISIBILITY_DEFAULT = 0xFFFFFFFF
 
+# A SEND entry asks for no delay with this, whatever the queue's `delay` (its
+# `delay_ms` 0 means "the queue's delay", so 0 itself cannot say "none").
+DELAY_NONE = 0xFFFFFFFF
+
 
 # --- nested structures -------------------------------------------------------
 
