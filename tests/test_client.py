@@ -497,6 +497,43 @@ async def test_request_timeout_when_the_server_stops_answering(server):
         assert await client.list_queues() == []
 
 
+async def test_calls_leave_a_stopped_server_for_the_next_address(server_factory):
+    # A stopped server (SIGSTOP, a hung host) neither answers nor closes: a call
+    # waited its whole timeout (30 s) and a probe (10 s) before the client looked
+    # elsewhere. Now a request out with nothing heard for the keepalive (at most
+    # 5 s) PINGs, and no answer within as long again gives the connection up.
+    first, second = server_factory("first"), server_factory("second")
+    addresses = [first.address, second.address]
+    async with await mqd.client.connect(addresses, keepalive=1) as client:
+        for server in (first, second):
+            async with await mqd.client.connect(server.address) as direct:
+                await direct.create_queue("everywhere")
+        stopped = first if client.address == first.address else second
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            # Safe to repeat: answered by the other server.
+            assert await asyncio.wait_for(client.list_queues(), 15) == ["everywhere"]
+            assert client.address != stopped.address
+            assert time.monotonic() - started < 10
+        finally:
+            os.kill(stopped.proc.pid, signal.SIGCONT)
+
+
+async def test_a_send_to_a_stopped_server_fails_fast_as_an_unknown_outcome(server):
+    async with await mqd.client.connect(server.address, keepalive=1, connect_timeout=1) as client:
+        queue = await client.create_queue("unknown")
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed, match="PING"):
+                await asyncio.wait_for(queue.send(b"stored?"), 15)
+            assert time.monotonic() - started < 10
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        await queue.send(b"after")  # a new connection
+
+
 async def test_close_fails_calls_in_flight(client):
     queue = await client.create_queue("closing")
     waiting = asyncio.create_task(queue.receive(wait=10))

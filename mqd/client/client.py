@@ -1016,7 +1016,9 @@ async def connect(
     server's error (e.g. Unauthenticated) if HELLO is refused. While
     subscriptions (`consume`, consumers) are open, a connection that has heard
     nothing for `keepalive` seconds sends PING and is given up (its streams
-    subscribe again) if no answer comes within as long again; 0 turns it off.
+    subscribe again) if no answer comes within as long again; while a request
+    waits, after at most 5 s of quiet (calls safe to repeat then go on at the
+    next address). 0 turns both off.
     """
     client = Client(
         address,

@@ -65,6 +65,13 @@ IDLE_MARGIN_S = 1.0
 # While a connection has subscriptions open and nothing has come in for this long, it
 # sends PING; no answer within as long again closes it (`Client(keepalive=...)`).
 KEEPALIVE_S = 30.0
+# While a request waits for its answer and nothing has come in for this long (or the
+# keepalive, if shorter), PING; no answer within as long again closes the connection,
+# so that its calls fail over to another address instead of waiting out their
+# timeout (30 s) and a probe (10 s) on a stopped server. A server answers PING at
+# once even while it works on long requests (long polls), so this much quiet with
+# a request out means a stopped or hung server, or a dead link.
+STALL_S = 5.0
 # After a request times out, a PING must come back within this (or the keepalive
 # period, if shorter), or the connection is dropped and the next call opens another:
 # a link that died with no FIN or reset would otherwise fail every call for ever.
@@ -257,6 +264,8 @@ class Connection:
             self._in_flight += 1
         else:
             await self._wait_for_slot()
+        if self._keepalive_task is None and self.keepalive_s > 0:
+            self._keepalive_task = self._loop.create_task(self._keep_alive())
         seconds = self.request_timeout_s if timeout_s is None else timeout_s
         try:
             protocol = self._protocol
@@ -422,25 +431,37 @@ class Connection:
         return sid
 
     async def _keep_alive(self) -> None:
-        """While subscriptions are open, make sure the link still carries answers.
+        """While subscriptions are open or requests wait, make sure the link still
+        carries answers.
 
         A link that died with no FIN or reset (a network partition, a NAT or firewall
-        that forgot the flow) raises no error, and a stream waiting for pushes would
-        wait on it for ever. When nothing has come in for `keepalive_s`, PING; no
-        answer within `keepalive_s` closes the connection, which ends its
-        subscriptions (ConnectionClosed), so their streams subscribe again elsewhere
-        or once the link is back."""
-        period = self.keepalive_s
+        that forgot the flow), or a server that stopped (SIGSTOP, a hung host), raises
+        no error: a stream waiting for pushes would wait on it for ever, and a request
+        for its whole timeout. When nothing has come in for `keepalive_s` (STALL_S
+        while a request waits), PING; no answer within as long again closes the
+        connection, which ends its subscriptions and requests (ConnectionClosed), so
+        streams subscribe again and calls safe to repeat go to the next address."""
         try:
-            while self._push_listeners and self._closed_reason is None:
+            while self._closed_reason is None:
+                if self._pending:
+                    period = min(self.keepalive_s, STALL_S)
+                elif self._push_listeners:
+                    period = self.keepalive_s
+                else:
+                    return
                 quiet_s = self._loop.time() - self._last_alive
                 if quiet_s < period:
                     await asyncio.sleep(period - quiet_s)
                     continue
+                if self._in_flight >= self._in_flight_max:
+                    # No slot for a PING (the server would refuse one more request):
+                    # the requests' own timeouts and the probe after them judge.
+                    await asyncio.sleep(period)
+                    continue
                 try:
                     await self.request(PingRequest(b""), timeout_s=period)
                 except RequestTimeout:
-                    self.abort(f"no answer to a keepalive PING within {period:g} s")
+                    self.abort(f"no answer to a PING within {period:g} s")
                     return
                 except MqdError:
                     return  # closed meanwhile: nothing left to keep alive
