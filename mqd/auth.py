@@ -23,7 +23,6 @@ process, `mqd.metadata.MetadataRole`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import hmac
@@ -31,7 +30,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -275,12 +274,21 @@ def grant_from_row(row: Iterable[Any]) -> Grant:
     return Grant(principal, pattern, permission, bool(owner))
 
 
+def require_queue_room(state: AuthState, name: str, limit: int) -> None:
+    """FORBIDDEN if principal `name` has created `limit` queues already (0: no limit)."""
+    owned = state.owned_queues(name)
+    if limit and owned >= limit:
+        raise Forbidden(
+            f"principal {name!r} has created {owned} queues; queues_per_principal_max={limit}",
+            details={"limit": "queues_per_principal_max"},
+        )
+
+
 class AuthCatalog(Protocol):
     """Where principals and grants live (the single node: `MetadataRole`)."""
 
     def auth_state(self) -> AuthState: ...
     async def refresh_auth(self) -> AuthState: ...
-    async def add_grant(self, grant: Grant) -> None: ...
 
 
 # --- rate limits ------------------------------------------------------------------------
@@ -406,9 +414,6 @@ class Authenticator:
         self._refreshing: asyncio.Future[AuthState] | None = None
         self._limiters: dict[str, RateLimiter] = {}
         self.connections: dict[str, int] = {}
-        # Per principal: a lock held from the queue-quota check to the creator grant,
-        # and how many creates use it (the entry goes when none does).
-        self._creating: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     # --- the catalog snapshot ----------------------------------------------------------
 
@@ -541,43 +546,15 @@ class Authenticator:
         state = self._state
         return [name for name in names if state.visible(session.name, name)]
 
-    def check_queue_quota(self, session: Session) -> None:
-        if session.anonymous or session.name == ROOT:
-            return
-        limit = self._limit(session.name, "queues_per_principal_max")
-        owned = self._state.owned_queues(session.name)
-        if limit and owned >= limit:
-            raise Forbidden(
-                f"principal {session.name!r} has created {owned} queues; "
-                f"queues_per_principal_max={limit}",
-                details={"limit": "queues_per_principal_max"},
-            )
-
-    @contextlib.asynccontextmanager
-    async def creating_queue(self, session: Session) -> AsyncIterator[None]:
-        """Held by a CREATE_QUEUE from `check_queue_quota` until `queue_created` has
-        recorded its grant: one principal's creates on this frontend take turns, so
-        creates in flight together (pipelined, or on several connections) cannot all
-        pass the check before any of them is counted."""
-        entry = self._creating.get(session.name)
-        if entry is None:
-            entry = self._creating[session.name] = (asyncio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._creating[session.name]
-
-    async def queue_created(self, session: Session, queue: str) -> None:
-        """The creator of a queue gets `admin` on it (an owner grant)."""
-        if session.anonymous or self.catalog is None:
-            return
-        await self.catalog.add_grant(Grant(session.name, queue, "admin", owner=True))
-        self._state = self.catalog.auth_state()
+    def queue_owner(self, session: Session) -> tuple[str, int]:
+        """Who a CREATE_QUEUE of this session creates for, and their queue quota (0: no
+        limit): the catalog checks it, creates and records the creator grant as one
+        step (protocol.md §8.2, §8.3). The anonymous principal owns nothing."""
+        if session.anonymous:
+            return "", 0
+        if session.name == ROOT:
+            return ROOT, 0
+        return session.name, self._limit(session.name, "queues_per_principal_max")
 
     # --- rates ------------------------------------------------------------------------------
 

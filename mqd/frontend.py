@@ -27,7 +27,6 @@ from mqd.errors import (
     MessageTooLarge,
     MqdError,
     ProtocolError,
-    QueueNotFound,
     ServerError,
     Throttled,
     TooManyRequests,
@@ -878,26 +877,14 @@ async def handle_create_queue(
     session = conn.session
     assert session is not None
     _require_dead_letter_send(conn, request.attributes)
-    if session.anonymous:
-        record = await router.catalog.create_queue(
-            request.name, request.attributes, request.exist_ok
-        )
-        return messages.CreateQueueResponse(queue=await router.queue_info(record))
-    # Check the quota, create, and record the creator grant as one step per principal:
-    # else creates in flight together all pass the check (protocol.md §8.3).
-    async with auth.creating_queue(session):
-        existed = True
-        try:
-            await router.catalog.lookup(request.name)
-        except QueueNotFound:
-            existed = False
-            auth.check_queue_quota(session)
-        record = await router.catalog.create_queue(
-            request.name, request.attributes, request.exist_ok
-        )
-        if not existed:
-            # The creator gets `admin` on its queue (protocol.md §8.2).
-            await auth.queue_created(session, record.name)
+    # The catalog checks the quota, creates and records the creator grant (`admin`,
+    # protocol.md §8.2) as one step, for every frontend at once (§8.3).
+    owner, owned_max = auth.queue_owner(session)
+    record = await router.catalog.create_queue(
+        request.name, request.attributes, request.exist_ok, owner=owner, owned_max=owned_max
+    )
+    if owner:
+        await auth.state(force=True)  # the creator grant counts at once
     return messages.CreateQueueResponse(queue=await router.queue_info(record))
 
 

@@ -9,6 +9,7 @@ cluster will call over the network.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import dataclass, field
@@ -166,6 +167,9 @@ class MetadataRole:
         self._queues: dict[str, QueueRecord] = {}
         self._auth = auth.AuthState()
         self._auth_data_version = -1
+        # Per owner: held from the queue quota's check to the creator grant, so that
+        # creates in flight together (from any frontend) are counted one by one.
+        self._creating: dict[str, asyncio.Lock] = {}
 
     async def start(self) -> list[QueueRecord]:
         for record in await self._catalog.load():
@@ -183,10 +187,42 @@ class MetadataRole:
         return list(self._queues.values())
 
     async def create_queue(
-        self, name: str, attributes: dict[str, Any], *, exist_ok: bool = False
+        self,
+        name: str,
+        attributes: dict[str, Any],
+        *,
+        exist_ok: bool = False,
+        owner: str = "",
+        owned_max: int = 0,
     ) -> tuple[QueueRecord, bool]:
         """Create a queue; (record, created). An existing queue is an error unless
-        `exist_ok` and every given attribute already has the given value."""
+        `exist_ok` and every given attribute already has the given value.
+
+        With `owner`, a principal creates it: a new queue is refused (FORBIDDEN) if
+        the owner has created `owned_max` queues already (0: no limit), and gets the
+        owner's creator grant (protocol.md §8.2, §8.3)."""
+        if not owner:
+            return await self._create_queue(name, attributes, exist_ok)
+        lock = self._creating.get(owner)
+        if lock is None:
+            lock = self._creating[owner] = asyncio.Lock()
+        try:
+            async with lock:
+                if owned_max and name not in self._queues:
+                    # Picks up grants `mqd admin` revoked meanwhile, too.
+                    state = await self.refresh_auth()
+                    auth.require_queue_room(state, owner, owned_max)
+                record, created = await self._create_queue(name, attributes, exist_ok)
+                if created:
+                    await self.add_grant(auth.Grant(owner, record.name, "admin", owner=True))
+                return record, created
+        finally:
+            if not lock.locked() and self._creating.get(owner) is lock:
+                del self._creating[owner]
+
+    async def _create_queue(
+        self, name: str, attributes: dict[str, Any], exist_ok: bool
+    ) -> tuple[QueueRecord, bool]:
         validate_queue_name(name, self._limits)
         changes = validate_attributes(name, attributes, self._limits, creating=True)
         existing = self._queues.get(name)

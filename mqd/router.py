@@ -91,7 +91,13 @@ class PartitionEndpoint(Protocol):
 class Catalog(Protocol):
     async def lookup(self, name: str) -> QueueRecord: ...
     async def create_queue(
-        self, name: str, attributes: dict[str, Any], exist_ok: bool
+        self,
+        name: str,
+        attributes: dict[str, Any],
+        exist_ok: bool,
+        *,
+        owner: str = "",
+        owned_max: int = 0,
     ) -> QueueRecord: ...
     async def delete_queue(self, name: str) -> None: ...
     async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord: ...
@@ -525,9 +531,17 @@ class LocalCatalog:
         return self.metadata.lookup(name)
 
     async def create_queue(
-        self, name: str, attributes: dict[str, Any], exist_ok: bool
+        self,
+        name: str,
+        attributes: dict[str, Any],
+        exist_ok: bool,
+        *,
+        owner: str = "",
+        owned_max: int = 0,
     ) -> QueueRecord:
-        record, _ = await self.metadata.create_queue(name, attributes, exist_ok=exist_ok)
+        record, _ = await self.metadata.create_queue(
+            name, attributes, exist_ok=exist_ok, owner=owner, owned_max=owned_max
+        )
         return record
 
     async def delete_queue(self, name: str) -> None:

@@ -24,10 +24,10 @@ from mqd.protocol import codec
 from mqd.protocol.messages import (
     OPS,
     VISIBILITY_DEFAULT,
-    AuthGrant,
     AuthSnapshotRequest,
     AuthSnapshotResponse,
     ChangeVisibilityRequest,
+    CreateOwnedQueueRequest,
     CreateQueueRequest,
     DecommissionRequest,
     DecommissionResponse,
@@ -301,9 +301,20 @@ class RemoteCatalog:
         return await self.view.lookup(name)
 
     async def create_queue(
-        self, name: str, attributes: dict[str, Any], exist_ok: bool
+        self,
+        name: str,
+        attributes: dict[str, Any],
+        exist_ok: bool,
+        *,
+        owner: str = "",
+        owned_max: int = 0,
     ) -> QueueRecord:
-        await self.view.metadata_call(CreateQueueRequest(name, attributes, exist_ok))
+        if owner:
+            await self.view.metadata_call(
+                CreateOwnedQueueRequest(name, attributes, exist_ok, owner, owned_max)
+            )
+        else:
+            await self.view.metadata_call(CreateQueueRequest(name, attributes, exist_ok))
         await self.view.refresh()
         return await self.view.lookup(name)
 
@@ -422,11 +433,6 @@ class RemoteAuthCatalog:
             log.info("auth.metadata_reachable", principals=len(self._state.principals))
             self._failed_s = None
         return self._state
-
-    async def add_grant(self, grant: auth.Grant) -> None:
-        """Record a (creator) grant in metadata's catalog; the answer is the new snapshot."""
-        wire = AuthGrant(grant.principal, grant.pattern, grant.permission, grant.owner)
-        await self._call(AuthSnapshotRequest(add_grants=[wire]))
 
     async def _call(self, request: AuthSnapshotRequest) -> None:
         async with self._calling:

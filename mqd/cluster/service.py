@@ -206,6 +206,20 @@ async def handle_meta_create(
     return messages.CreateQueueResponse(queue=_info(record))
 
 
+async def handle_meta_create_owned(
+    conn: ClientConnection, request: messages.CreateOwnedQueueRequest
+) -> messages.CreateOwnedQueueResponse:
+    metadata, _ = _metadata(conn)
+    record, _ = await metadata.create_queue(
+        request.name,
+        request.attributes,
+        exist_ok=request.exist_ok,
+        owner=auth.validate_principal_name(request.owner),
+        owned_max=request.owned_max,
+    )
+    return messages.CreateOwnedQueueResponse(queue=_info(record))
+
+
 async def handle_meta_delete(
     conn: ClientConnection, request: messages.DeleteQueueRequest
 ) -> messages.DeleteQueueResponse:
@@ -301,6 +315,7 @@ METADATA_HANDLERS: dict[int, Any] = {
     Opcode.GET_PLACEMENT: handle_get_placement,
     Opcode.AUTH_SNAPSHOT: handle_auth_snapshot,
     Opcode.CREATE_QUEUE: handle_meta_create,
+    Opcode.CREATE_OWNED_QUEUE: handle_meta_create_owned,
     Opcode.DELETE_QUEUE: handle_meta_delete,
     Opcode.GET_QUEUE: handle_meta_get,
     Opcode.LIST_QUEUES: handle_meta_list,

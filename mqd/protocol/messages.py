@@ -47,6 +47,7 @@ class Opcode(IntEnum):
     HEARTBEAT = 0x1002
     GET_PLACEMENT = 0x1003
     AUTH_SNAPSHOT = 0x1004
+    CREATE_OWNED_QUEUE = 0x1005
     PARTITION_CALL = 0x1010
     PARTITION_WAIT = 0x1011
     ACCEPT_MOVED = 0x1012
@@ -229,6 +230,33 @@ class QueueInfo:
 @dataclass(slots=True)
 class CreateQueueResponse:
     OPCODE: ClassVar[Opcode] = Opcode.CREATE_QUEUE
+    FIELDS: ClassVar[tuple] = (("queue", QueueInfo),)
+    queue: QueueInfo
+
+
+@dataclass(slots=True)
+class CreateOwnedQueueRequest:
+    """CREATE_QUEUE from a frontend to metadata for a principal (protocol.md §7.18):
+    the queue quota's check, the create and the creator grant as one step."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.CREATE_OWNED_QUEUE
+    FIELDS: ClassVar[tuple] = (
+        ("name", "STR"),
+        ("attributes", "VALUE_MAP"),
+        ("exist_ok", "BOOL"),
+        ("owner", "STR"),
+        ("owned_max", "U32"),
+    )
+    name: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    exist_ok: bool = False
+    owner: str = ""
+    owned_max: int = 0
+
+
+@dataclass(slots=True)
+class CreateOwnedQueueResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.CREATE_OWNED_QUEUE
     FIELDS: ClassVar[tuple] = (("queue", QueueInfo),)
     queue: QueueInfo
 
@@ -1004,6 +1032,7 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.HEARTBEAT: (HeartbeatRequest, HeartbeatResponse),
     Opcode.GET_PLACEMENT: (GetPlacementRequest, GetPlacementResponse),
     Opcode.AUTH_SNAPSHOT: (AuthSnapshotRequest, AuthSnapshotResponse),
+    Opcode.CREATE_OWNED_QUEUE: (CreateOwnedQueueRequest, CreateOwnedQueueResponse),
     Opcode.PARTITION_CALL: (PartitionCallRequest, PartitionCallResponse),
     Opcode.PARTITION_WAIT: (PartitionWaitRequest, PartitionWaitResponse),
     Opcode.ACCEPT_MOVED: (AcceptMovedRequest, AcceptMovedResponse),
