@@ -1341,8 +1341,12 @@ def _check_text(f: dict[str, Any]) -> str:
 def format_workloads(result: dict[str, Any]) -> str:
     r = result
     pids = ", ".join(map(str, r["server_pids"])) or "none found (pass --server-pid)"
+    # N and the batch size shape every workload but W2 (a rate for a time, on its line).
+    shape = ""
+    if any(name != "w2" for name in r["workloads"]):
+        shape = f"N {r['messages']}, batch {r['batch']}, "
     lines = [
-        f"mqd bench: {r['size']} B bodies, N {r['messages']}, batch {r['batch']}, "
+        f"mqd bench: {r['size']} B bodies, {shape}"
         f"median of {r['repeats']} run(s), {r['address']}, server pid(s) {pids}, "
         f"{r['machine']['cpus']} cpus, Python {r['machine']['python']}",
         f"  {'phase':<34}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'max ms':>9}"

@@ -286,6 +286,16 @@ def test_a_failed_check_in_any_run_fails_the_median():
     text = format_workloads(result)
     assert "FAILED missing 2" in text
     assert "none found (pass --server-pid)" in text
+    assert "N 10, batch 5," in text
+
+    # W2 is a rate for a time, said on its own line: no N it does not use in the header.
+    w2 = _phase(True, 1000.0) | {
+        "rate_per_s": 1000.0, "duration_s": 10.0, "sent": 10, "slots": 10, "missed_slots": 0,
+        "in_flight_max": 1, "send_ack_ms_p50": 1.0, "send_ack_ms_p99": 2.0,
+        "send_late_ms_p99": 0.1, "warmup_ms": 1.0,
+    }  # fmt: skip
+    text = format_workloads(result | {"workloads": {"w2": w2}})
+    assert "N 10" not in text and "target 1000/s for 10 s" in text
 
 
 def test_server_cpu_counts_the_server_s_live_children() -> None:

@@ -294,6 +294,10 @@ async def test_client_side_type_checks_raise_invalid_argument(client):
     for call in bad_calls:
         with pytest.raises(InvalidArgument):
             await call
+    with pytest.raises(InvalidArgument, match="delay must be 0 seconds or more, got -1"):
+        await queue.send(b"x", delay=-1)
+    with pytest.raises(InvalidArgument, match="beyond the protocol's 4294967 s"):
+        await queue.send(b"x", delay=5e6)
     for keepalive in (-1, "30", True):
         with pytest.raises(InvalidArgument, match="keepalive"):
             mqd.client.Client(keepalive=keepalive)  # type: ignore[arg-type]

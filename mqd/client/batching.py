@@ -51,9 +51,14 @@ def seconds_to_ms(value: Any, what: str, *, allow_none: bool = False) -> int:
     if not math.isfinite(value):
         raise InvalidArgument(f"{what} must be a finite number of seconds, got {value}")
     ms = round(value * 1000)
-    if not 0 <= ms < U32_MAX:
-        # U32_MAX itself is reserved (VISIBILITY_DEFAULT), so it is excluded too.
-        raise InvalidArgument(f"{what} must be in [0, {(U32_MAX - 1) / 1000:.0f}] s, got {value}")
+    if ms < 0:
+        raise InvalidArgument(f"{what} must be 0 seconds or more, got {value}")
+    if ms >= U32_MAX:
+        # U32_MAX itself is reserved (VISIBILITY_DEFAULT, DELAY_NONE), so it is excluded
+        # too. The server's own, tighter range (protocol.md §5.1) is said by the server.
+        raise InvalidArgument(
+            f"{what} of {value} s is beyond the protocol's {(U32_MAX - 1) // 1000} s"
+        )
     return ms
 
 
