@@ -8,10 +8,10 @@ import asyncio
 import time
 
 import pytest
-import structlog
 
 from mqd.client import MessageStream, RedriveResult
 from mqd.errors import ConnectionClosed, InvalidArgument, QueueNotFound
+from tests.client_logs import capture_client_logs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,7 +81,7 @@ async def test_redrive_to_another_queue_and_at_most_n(client):
 async def test_redrive_problems_are_returned_and_logged(client):
     plain = await client.create_queue("plain")
     await plain.send(b"never dead-lettered")
-    with structlog.testing.capture_logs() as logs:
+    with capture_client_logs() as logs:
         result = await plain.redrive()
     assert result == 0
     assert len(result.problems) >= 1

@@ -48,6 +48,14 @@ def test_sync_round_trip_from_several_threads(server):
             client.queue("nope").send(b"x")
 
 
+def test_the_sync_facade_is_there_after_import_mqd_client():
+    # The README's `mqd.client.sync.connect(...)` raised AttributeError after a plain
+    # `import mqd.client` (a fresh interpreter: this one may have imported it already).
+    script = "import mqd.client\nprint(mqd.client.sync.connect.__name__)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout == "connect\n", result.stderr
+
+
 def test_sync_connect_failure_raises(server):
     server.stop()
     with pytest.raises(ConnectionClosed):
@@ -199,10 +207,7 @@ def test_ctrl_c_in_a_sync_consume_loop_is_a_keyboard_interrupt(server):
 
 RUN_CONSUMER_CTRL_C_SCRIPT = """
 import asyncio, sys
-import structlog
 from mqd.client.sync import connect
-
-structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 with connect(sys.argv[1]) as client:
     queue = client.create_queue("graceful", visibility_timeout=60, exist_ok=True)

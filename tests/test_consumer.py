@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import subprocess
+import sys
 import time
 
 import pytest
-import structlog
 
 import mqd.client
 from mqd.client import Consumer, Message
 from mqd.errors import InvalidArgument, QueueNotFound
+from tests.client_logs import capture_client_logs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,7 +63,7 @@ async def test_a_plain_function_handler_acks_what_it_handled(client):
     queue = await client.create_queue("plain", visibility_timeout=30)
     ids = await queue.send_batch([b"%d" % i for i in range(5)])
     seen: list[str] = []
-    with structlog.testing.capture_logs() as logs:
+    with capture_client_logs() as logs:
         task = asyncio.create_task(queue.run_consumer(lambda m: seen.append(m.id), wait=1))
         await _until(lambda: _settled(queue), 20, "every message acked")
         task.cancel()
@@ -111,7 +113,7 @@ async def test_ten_consumers_random_failures_every_message_acked_once_or_dead(se
             for i in range(10)
         ]
         start = time.monotonic()
-        with structlog.testing.capture_logs() as logs:
+        with capture_client_logs() as logs:
             for consumer in consumers:
                 await consumer.start()
 
@@ -253,7 +255,7 @@ async def test_drain_timeout_cancels_stuck_handlers_and_releases_their_messages(
 
     consumer = await queue.consumer(handler, concurrency=1, wait=0.1, drain_timeout=0.5).start()
     await asyncio.wait_for(entered.wait(), 5)
-    with structlog.testing.capture_logs() as logs:
+    with capture_client_logs() as logs:
         await asyncio.wait_for(consumer.stop(), 10)
     assert cancelled.is_set()
     assert any(e["event"] == "consumer.drain_timeout" for e in logs)
@@ -271,7 +273,7 @@ async def test_a_failing_handler_is_retried_with_backoff(client):
         if message.receive_count < 3:
             raise ValueError("not yet")
 
-    with structlog.testing.capture_logs() as logs:
+    with capture_client_logs() as logs:
         async with queue.consumer(handler, wait=0.5, retry_delay=0.2, retry_delay_max=0.3):
             await _until(lambda: _settled(queue), 10, "the flaky message acked")
     assert [count for count, _ in deliveries] == [1, 2, 3]
@@ -298,7 +300,7 @@ async def test_a_handler_s_own_cancelled_error_is_a_failure_not_a_stop(client):
             doomed.cancel()
             await doomed
 
-    with structlog.testing.capture_logs() as logs:
+    with capture_client_logs() as logs:
         async with queue.consumer(handler, concurrency=1, wait=0.3, retry_delay=0.1):
             await _until(lambda: _settled(queue), 10, "both messages acked")
     assert sorted(handled) == [(b"first", 1), (b"first", 2), (b"second", 1)]
@@ -370,3 +372,41 @@ async def test_an_unknown_consumer_option_is_an_invalid_argument(client):
         await queue.run_consumer(_never, foo=1)
     with pytest.raises(InvalidArgument, match="prefetch"):
         queue.consumer(_never, prefetchh=2)
+
+
+LOGGING_SCRIPT = """
+import asyncio, sys
+import mqd.client
+
+async def main():
+    async with await mqd.client.connect(sys.argv[1]) as client:
+        queue = await client.create_queue("logged")
+        await queue.send(b"x")
+
+        async def handler(message):
+            raise ValueError("handler says no")
+
+        async with queue.consumer(handler, wait=0.2, retry_delay=0.05):
+            for _ in range(100):
+                if (await queue.stats())["received_total"] >= 2:
+                    break
+                await asyncio.sleep(0.05)
+    print("done")
+
+asyncio.run(main())
+"""
+
+
+def test_the_client_logs_through_logging_not_stdout(server):
+    # The library printed every event, debug included, to stdout through structlog's
+    # defaults, whatever the application had set up. Through `logging` with nothing
+    # configured: warnings and errors on stderr, nothing below, stdout the app's own.
+    result = subprocess.run(
+        [sys.executable, "-c", LOGGING_SCRIPT, server.address],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "done\n"
+    assert "consumer.handler_failed queue='logged'" in result.stderr
+    assert "ValueError: handler says no" in result.stderr  # the traceback
+    assert "consumer.started" not in result.stderr  # debug

@@ -16,6 +16,7 @@ limits, timeouts) → `client` (Client, Queue, Message) and `consumer`
 (MessageStream, Consumer); `sync` is a thin blocking facade over it.
 """
 
+from . import sync  # `mqd.client.sync.connect(...)` after `import mqd.client`
 from .client import (
     DEFAULT_ADDRESS,
     Client,
@@ -40,4 +41,5 @@ __all__ = [
     "connect",
     "parse_address",
     "peek_cursor",
+    "sync",
 ]

@@ -24,8 +24,6 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
-import structlog
-
 from mqd.errors import (
     ClientClosed,
     ConnectionClosed,
@@ -35,6 +33,7 @@ from mqd.errors import (
     ServerError,
     Throttled,
 )
+from mqd.log import library_logger
 from mqd.protocol.codec import utf8_len
 from mqd.protocol.messages import (
     VISIBILITY_DEFAULT,
@@ -63,7 +62,8 @@ from .consumer import Consumer, Handler, MessageStream
 from .message import Message, messages_from_delivered
 from .subscription import RELEASE_TIMEOUT_S, Subscription
 
-log = structlog.get_logger("mqd.client")
+# Through `logging`: the application decides what is shown, and where (mqd.log).
+log = library_logger("mqd.client")
 
 DEFAULT_ADDRESS = "127.0.0.1:6470"
 # A long-poll RECEIVE may legitimately take `wait` seconds; the client gives

@@ -39,8 +39,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from mqd.errors import (
     ClientClosed,
     ClientError,
@@ -57,6 +55,7 @@ from mqd.errors import (
     Unavailable,
     UnknownOpcode,
 )
+from mqd.log import library_logger
 
 from .batching import seconds_to_ms
 from .message import Message
@@ -65,7 +64,8 @@ from .subscription import Subscription, credits_max
 if TYPE_CHECKING:
     from .client import Queue
 
-log = structlog.get_logger("mqd.client.consumer")
+# Through `logging`: the application decides what is shown, and where (mqd.log).
+log = library_logger("mqd.client.consumer")
 
 Handler = Callable[[Message], Awaitable[Any]]
 

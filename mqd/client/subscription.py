@@ -28,8 +28,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from mqd.errors import (
     ConnectionClosed,
     MqdError,
@@ -39,6 +37,7 @@ from mqd.errors import (
     TooManyRequests,
     Unavailable,
 )
+from mqd.log import library_logger
 from mqd.protocol.messages import (
     VISIBILITY_DEFAULT,
     DeliverPush,
@@ -59,7 +58,8 @@ if TYPE_CHECKING:
     from .client import Queue
     from .connection import Connection
 
-log = structlog.get_logger("mqd.client.subscription")
+# Through `logging`: the application decides what is shown, and where (mqd.log).
+log = library_logger("mqd.client.subscription")
 
 # Assumed when the server's HELLO names no subscription_credits_max (protocol.md §5.1).
 CREDITS_MAX_DEFAULT = 1000
