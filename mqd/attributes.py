@@ -146,12 +146,26 @@ def validate_attributes(
     return validated
 
 
+def check_delay_within_retention(attributes: dict[str, Any]) -> None:
+    """A queue's `delay` must be shorter than its `retention`: its messages would expire
+    before they could be received (protocol.md §5.2)."""
+    delay, retention = attributes.get("delay", 0), attributes.get("retention")
+    if retention is not None and delay >= retention:
+        raise InvalidArgument(
+            f"attribute delay ({delay:g} s) must be shorter than retention ({retention:g} s): "
+            "its messages would expire before they could be received"
+        )
+
+
 def _validate_redrive_policy(value: Any) -> dict[str, Any]:
-    """{dead_letter_queue: NAME, max_receive_count: N}; an empty map removes the policy.
-    Whether the named queue exists and is of the same kind is checked by metadata."""
+    """{dead_letter_queue: NAME, max_receive_count: N}; an empty map or null removes the
+    policy. Whether the named queue exists and is of the same kind is checked by metadata."""
+    if value is None:
+        return {}
     if not isinstance(value, dict):
         raise InvalidArgument(
-            "attribute redrive_policy must be a map {dead_letter_queue: NAME, max_receive_count: N}"
+            "attribute redrive_policy must be a map {dead_letter_queue: NAME, max_receive_count: N}, "
+            "or {} (or null) for none"
         )
     if not value:
         return {}

@@ -950,6 +950,7 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
         )
     message_bytes_max = record.max_message_bytes
     fifo = record.attributes.get("fifo", False)
+    retention_ms = round(record.attributes.get("retention", 0) * 1000) or None
     for position, entry in enumerate(entries):
         size = len(entry.body)
         attributes = entry.attributes
@@ -960,18 +961,25 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
                 )
             for key, value in attributes.items():
                 if not 1 <= len(key) <= 64 or not _ATTRIBUTE_NAME_CHARS.issuperset(key):
+                    shown = key if len(key) <= 80 else key[:80] + "…"  # not echoed whole
                     raise InvalidArgument(
-                        f"entry {position}: attribute name {key!r} must be 1-64 characters of A-Z a-z 0-9 _ . -"
+                        f"entry {position}: attribute name {shown!r} must be 1-64 characters of A-Z a-z 0-9 _ . -"
                     )
                 size += utf8_len(key) + utf8_len(value)
         if size > message_bytes_max:
             raise MessageTooLarge(
                 f"entry {position}: {size} bytes (body + attributes); the queue's max_message_bytes is {message_bytes_max}"
             )
-        if entry.delay_ms > limits.delay_ms_max and entry.delay_ms != DELAY_NONE:
-            raise InvalidArgument(
-                f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={limits.delay_ms_max}"
-            )
+        if entry.delay_ms != DELAY_NONE:
+            if entry.delay_ms > limits.delay_ms_max:
+                raise InvalidArgument(
+                    f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={limits.delay_ms_max}"
+                )
+            if retention_ms is not None and entry.delay_ms >= retention_ms:
+                raise InvalidArgument(
+                    f"entry {position}: delay_ms {entry.delay_ms} is not shorter than the queue's "
+                    f"retention ({retention_ms} ms): the message would expire before it could be received"
+                )
         if entry.priority > _PRIORITY_MAX:
             raise InvalidArgument(
                 f"entry {position}: priority must be 0-{_PRIORITY_MAX}, got {entry.priority}"

@@ -23,6 +23,7 @@ from mqd import auth
 from mqd.attributes import (
     FIXED_ATTRIBUTES,
     REDRIVE_POLICY,
+    check_delay_within_retention,
     default_attributes,
     resolve_replication,
     validate_attributes,
@@ -236,6 +237,9 @@ class MetadataRole:
             raise QueueExists(f"queue {name!r} already exists{detail}")
         merged = default_attributes(name, self._limits) | changes
         merged |= resolve_replication(merged, self._backend.backend_count())
+        if not merged.get(REDRIVE_POLICY, True):
+            del merged[REDRIVE_POLICY]  # none: as a queue created without one
+        check_delay_within_retention(merged)
         self._check_redrive_target(name, merged)
         record = QueueRecord(
             name, os.urandom(8), merged, self._clock.now_ms(), partitions=merged["partitions"]
@@ -288,7 +292,7 @@ class MetadataRole:
         if users:
             raise QueueInUse(
                 f"queue {name!r} is the dead-letter queue of {', '.join(users)}; "
-                "remove their redrive_policy first"
+                "remove their redrive_policy first (set it to {})"
             )
         del self._queues[name]
         await self._catalog.delete(name)
@@ -311,11 +315,16 @@ class MetadataRole:
             if not (key in FIXED_ATTRIBUTES and key in current and _same(value, current[key]))
         }
         changes = validate_attributes(name, attributes, self._limits, creating=False)
-        self._check_redrive_target(name, record.attributes | changes)
+        merged = record.attributes | changes
+        if not merged.get(REDRIVE_POLICY, True):
+            del merged[REDRIVE_POLICY]  # removed: as a queue created without one
+        if "delay" in changes or "retention" in changes:
+            check_delay_within_retention(merged)
+        self._check_redrive_target(name, merged)
         updated = QueueRecord(
             record.name,
             record.queue_id,
-            record.attributes | changes,
+            merged,
             record.created_at_ms,
             record.partitions,
             record.version + 1,

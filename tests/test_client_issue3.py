@@ -10,7 +10,7 @@ import time
 import pytest
 
 from mqd.client import MessageStream, RedriveResult
-from mqd.errors import ConnectionClosed, InvalidArgument, QueueNotFound
+from mqd.errors import ConnectionClosed, InvalidArgument, QueueInUse, QueueNotFound
 from tests.client_logs import capture_client_logs
 
 pytestmark = pytest.mark.timeout(60)
@@ -140,7 +140,7 @@ async def test_send_options_and_message_fields(client):
     assert abs(one.sent_at - before) < 30 and abs(one.first_received_at - before) < 30
     await fifo.ack(*got)
 
-    standard = await client.create_queue("prio")
+    standard = await client.create_queue("prio", retention=14 * 24 * 3600)
     await standard.send_batch([{"body": b"low", "priority": 0}, {"body": b"high", "priority": 9}])
     await standard.send(b"later", delay=7 * 24 * 3600)  # the longest delay allowed
     got = await standard.receive(max_messages=10, wait=1)
@@ -336,3 +336,33 @@ async def test_delay_zero_overrides_the_queues_delay(client):
     assert (stats["visible"], stats["delayed"]) == (3, 3)
     got = await queue.receive(max_messages=10)
     assert sorted(m.body for m in got) == [b"at once", b"batch at once", b"rounds to none"]
+
+
+async def test_a_delay_must_be_shorter_than_the_retention(client):
+    # Accepted before: every such message expired without ever being receivable.
+    with pytest.raises(InvalidArgument, match="shorter than retention"):
+        await client.create_queue("never", delay=5 * 24 * 3600)  # retention: 4 days
+    queue = await client.create_queue("short-lived", retention=120)
+    with pytest.raises(InvalidArgument, match=r"entry 1: .*not shorter than the queue's retention"):
+        await queue.send_batch([b"fine", {"body": b"doomed", "delay": 120}])
+    with pytest.raises(InvalidArgument, match="shorter than retention"):
+        await queue.set_attributes(delay=120)
+    await queue.send(b"just in time", delay=119)
+    await queue.set_attributes(delay=90)
+    with pytest.raises(InvalidArgument, match="shorter than retention"):
+        await queue.set_attributes(retention=60)
+    stats = await queue.stats()
+    assert (stats["visible"], stats["delayed"]) == (0, 1)  # nothing of the refused batch
+
+
+async def test_a_redrive_policy_is_removed_with_none_or_an_empty_map(client):
+    dlq = await client.create_queue("rp-dlq")
+    policy = {"dead_letter_queue": "rp-dlq", "max_receive_count": 3}
+    for removal in (None, {}):
+        queue = await client.create_queue("rp-src", redrive_policy=policy)
+        with pytest.raises(QueueInUse, match=r"set it to \{\}"):
+            await dlq.delete()
+        await queue.set_attributes(redrive_policy=removal)
+        assert "redrive_policy" not in await queue.attributes()  # as if never set
+        await queue.delete()
+    await dlq.delete()
