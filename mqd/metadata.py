@@ -171,6 +171,12 @@ class MetadataRole:
         # Per owner: held from the queue quota's check to the creator grant, so that
         # creates in flight together (from any frontend) are counted one by one.
         self._creating: dict[str, asyncio.Lock] = {}
+        # Held by every change of the catalog (create, delete, set attributes) from its
+        # checks to its write: changes that await in between (backend calls, SQLite)
+        # must not interleave, or a set lost another's update, a queue's dead-letter
+        # queue was deleted while a policy naming it was being written, and a delete
+        # racing a set left a queue listed with no partitions.
+        self._changing = asyncio.Lock()
 
     async def start(self) -> list[QueueRecord]:
         for record in await self._catalog.load():
@@ -222,6 +228,12 @@ class MetadataRole:
                 del self._creating[owner]
 
     async def _create_queue(
+        self, name: str, attributes: dict[str, Any], exist_ok: bool
+    ) -> tuple[QueueRecord, bool]:
+        async with self._changing:
+            return await self._create_queue_locked(name, attributes, exist_ok)
+
+    async def _create_queue_locked(
         self, name: str, attributes: dict[str, Any], exist_ok: bool
     ) -> tuple[QueueRecord, bool]:
         validate_queue_name(name, self._limits)
@@ -287,6 +299,10 @@ class MetadataRole:
         )
 
     async def delete_queue(self, name: str) -> QueueRecord:
+        async with self._changing:
+            return await self._delete_queue_locked(name)
+
+    async def _delete_queue_locked(self, name: str) -> QueueRecord:
         record = self.lookup(name)
         users = [user for user in self.dependents(name) if user != name]
         if users:
@@ -305,6 +321,10 @@ class MetadataRole:
         return record
 
     async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
+        async with self._changing:
+            return await self._set_attributes_locked(name, attributes)
+
+    async def _set_attributes_locked(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
         record = self.lookup(name)
         # The attributes fixed at creation may be given again as they are (a read, edit
         # and write back of the whole map); only a change of them is refused.

@@ -25,6 +25,8 @@ import zlib
 from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
+import structlog
+
 from mqd.errors import (
     ErrorCode,
     InvalidArgument,
@@ -44,6 +46,8 @@ from mqd.protocol.messages import (
     SendEntry,
 )
 from mqd.receipts import parse_message_id
+
+log = structlog.get_logger("mqd.router")
 
 # What a delivered message costs in a RECEIVE response beyond its body (an upper
 # estimate: ids, receipt, attributes are small next to the headroom kept).
@@ -299,6 +303,21 @@ class Router:
                 except PARTITION_DOWN:
                     down.append(endpoint)
                     continue
+                except MqdError as exc:
+                    if not collected:
+                        raise
+                    # What the partitions before it gave is leased to this RECEIVE:
+                    # answer with it rather than strand it in flight for the whole
+                    # visibility timeout. The error comes again to a later RECEIVE
+                    # that reaches this partition first, if it lasts.
+                    log.warning(
+                        "receive.partition_failed",
+                        queue=queue.name,
+                        partition=endpoint.index,
+                        error=str(exc),
+                        returned=len(collected),
+                    )
+                    return collected
                 collected += got
                 # The whole answer must fit one frame (protocol.md §5.1).
                 budget -= sum(_delivered_bytes(m) for m in got)

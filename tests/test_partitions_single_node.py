@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 
 import mqd.client
-from mqd.errors import InvalidArgument
+from mqd.errors import InvalidArgument, QueueNotFound
 
 
 async def test_partitioned_queue_send_receive_ack_peek(server):
@@ -171,3 +172,39 @@ async def test_a_peek_answer_stays_within_one_frame_and_pages_on(server, partiti
             seen += [m.id for m in page]
             cursor = mqd.client.peek_cursor(page, cursor) if partitions > 1 else page[-1].id
         assert len(seen) == len(set(seen)) == 40
+
+
+async def test_a_receive_that_fails_on_one_partition_returns_what_the_others_gave(server):
+    # A queue whose dead-letter queue is gone (a catalog from before changes were
+    # serialized) fails the RECEIVE of a partition holding a message due to move.
+    # The messages the other partitions had leased to that RECEIVE were stranded in
+    # flight for the whole visibility timeout, and counted as deliveries.
+    async with await mqd.client.connect(server.address) as client:
+        await client.create_queue("gone-dlq")
+        policy = {"dead_letter_queue": "gone-dlq", "max_receive_count": 1}
+        source = await client.create_queue("src4", partitions=4, redrive_policy=policy)
+        await source.send_batch([b"poison-%d" % i for i in range(8)])
+        taken = await source.receive(max_messages=10, wait=1)
+        while len(taken) < 8:
+            taken += await source.receive(max_messages=10, wait=1)
+        await source.change_visibility_many(taken, 0)  # each moves to the DLQ when next due
+        await source.send_batch([b"healthy-%d" % i for i in range(8)])
+    server.stop()
+    with sqlite3.connect(server.data_dir / "catalog.db") as db:
+        db.execute("DELETE FROM queues WHERE name = 'gone-dlq'")
+    server.start()
+    async with await mqd.client.connect(server.address) as client:
+        source = client.queue("src4")
+        healthy = []
+        for _ in range(40):
+            try:
+                got = await source.receive(max_messages=10, wait=0)
+            except QueueNotFound:
+                continue  # only a partition with nothing else to give fails
+            assert all(m.body.startswith(b"healthy") for m in got)
+            healthy += got
+            await source.ack(*got)
+            if len(healthy) == 8:
+                break
+        assert len(healthy) == 8
+        assert (await source.stats())["in_flight"] == 0
