@@ -97,6 +97,63 @@ async def test_streams_and_consumers_end_when_their_client_is_closed(server):
     assert issubclass(ClientClosed, ConnectionClosed)
 
 
+async def test_closing_a_client_gives_back_what_its_streams_and_consumers_hold(server):
+    # close() shut the connection while streams and consumers still held messages:
+    # what they had fetched stayed in flight for the visibility timeout (9 of 10 after
+    # a `break`), and a consumer's wait() raised only some 30 s later.
+    async with await mqd.client.connect(server.address) as control:
+        queue = await control.create_queue("given-back", visibility_timeout=60)
+        await queue.send_batch([b"%d" % i for i in range(30)])
+
+        async def in_flight() -> int:
+            return (await queue.stats())["in_flight"]
+
+        # A stream left behind by `break`, then close().
+        async with await mqd.client.connect(server.address) as client:
+            async for message in client.queue("given-back").consume(prefetch=10):
+                await client.queue("given-back").ack(message)
+                break
+        assert await in_flight() == 0
+
+        # A stream waiting in another task when close() comes.
+        client = await mqd.client.connect(server.address)
+        taken: list[bytes] = []
+
+        async def read() -> None:
+            async for message in client.queue("given-back").consume(prefetch=4):
+                taken.append(message.body)
+                await client.queue("given-back").ack(message)
+                await asyncio.sleep(0.2)
+
+        reading = asyncio.create_task(read())
+        await asyncio.sleep(0.5)
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await reading
+        assert await in_flight() == 0
+
+        # A consumer: its running handlers finish and are acked, the rest released.
+        client = await mqd.client.connect(server.address)
+        handled: list[bytes] = []
+
+        async def handler(message) -> None:
+            await asyncio.sleep(0.3)
+            handled.append(message.body)
+
+        consumer = client.queue("given-back").consumer(handler, concurrency=2, prefetch=6)
+        await consumer.start()
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(consumer.wait(), 10)
+        assert time.monotonic() - started < 5
+        assert await in_flight() == 0
+        stats = await queue.stats()
+        assert stats["acked_total"] == 1 + len(taken) + len(handled)
+        assert stats["visible"] == 30 - stats["acked_total"]
+
+
 async def test_send_batch_cut_short_by_a_lost_connection_says_what_was_stored(server, proxy):
     async with await mqd.client.connect(server.address) as control:
         await control.create_queue("cut")

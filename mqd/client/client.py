@@ -71,6 +71,8 @@ DEFAULT_ADDRESS = "127.0.0.1:6470"
 RECEIVE_TIMEOUT_MARGIN_S = 10.0
 # close() waits at most this long for background releases to finish.
 BACKGROUND_AT_CLOSE_S = 2.0
+# How long close() gives its streams and consumers to give back what they hold.
+CLOSE_ENDING_S = 6.0
 # Bytes of one receipt in a DELETE request beyond its text (u16 length), and
 # of the request around the receipts (header, queue name prefix, list count).
 _RECEIPT_OVERHEAD_BYTES = 2
@@ -266,7 +268,12 @@ class Client:
         self._conn: Connection | None = None
         self._connect_lock = asyncio.Lock()
         self._closed = False
+        self._closing = False
         self._background: set[asyncio.Task[None]] = set()
+        # What close() ends first, while the connection still carries their acks and
+        # releases: the give-backs of running streams, and the running consumers.
+        self._streams: set[Any] = set()
+        self._consumers: set[Any] = set()
         # From the latest HELLO; kept after the connection closes.
         self._hello: HelloResponse | None = None
         self._limits: dict[str, Any] = {}
@@ -374,7 +381,27 @@ class Client:
         return self
 
     async def close(self) -> None:
-        """Close the connection; outstanding calls fail with ConnectionClosed."""
+        """End the client's streams and consumers, then close the connection.
+
+        Streams give back what they fetched and did not yield; consumers stop as
+        with `stop()` (their handlers get at most 2 s; what they finish is acked,
+        the rest released); both then end with ClientClosed. Calls still
+        outstanding fail with ConnectionClosed.
+        """
+        if not self._closed and (self._streams or self._consumers):
+            self._closing = True
+            ending = [
+                asyncio.ensure_future(end())
+                for end in [
+                    *self._streams,
+                    *(consumer._stop_for_close for consumer in self._consumers),
+                ]
+            ]
+            # Bounded: a server gone silent must not hold close() for request timeouts.
+            _, late = await asyncio.wait(ending, timeout=CLOSE_ENDING_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*ending, return_exceptions=True)
         if self._background:
             # Let releases under way reach the server first.
             await asyncio.wait(set(self._background), timeout=BACKGROUND_AT_CLOSE_S)

@@ -64,6 +64,9 @@ from .subscription import Subscription, credits_max
 if TYPE_CHECKING:
     from .client import Queue
 
+# client.close() gives a consumer's running handlers at most this long to finish.
+CLOSE_DRAIN_S = 2.0
+
 # Through `logging`: the application decides what is shown, and where (mqd.log).
 log = library_logger("mqd.client.consumer")
 
@@ -274,8 +277,22 @@ async def _stream_messages(
         _keep_buffered_leases(queue, buffer, leased_at, current, visibility_timeout),
         context=contextvars.Context(),
     )
+
+    # The give-back, done once: at the stream's end, or first by client.close()
+    # (whether the stream waits in a RECEIVE or was left behind by `break`), which
+    # then waits for it before the connection goes.
+    giving_back: list[asyncio.Future[None]] = []
+
+    def give_back() -> Awaitable[None]:
+        if not giving_back:
+            giving_back.append(asyncio.ensure_future(_give_back(queue, buffer, current)))
+        return asyncio.shield(giving_back[0])
+
+    client._streams.add(give_back)
     try:
         while True:
+            if client._closing:
+                raise ClientClosed("the client is closed")
             if subscription is not None:
                 # What was pushed and not taken yet counts as held: granting past it
                 # fetched more than the window, leases ran out in the buffer, and the
@@ -328,11 +345,18 @@ async def _stream_messages(
     finally:
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
-        if subscription is not None:
-            buffer.extend(await subscription.close())
-        left = list(buffer)
-        buffer.clear()
-        await _release(queue, left)
+        try:
+            await give_back()
+        finally:
+            client._streams.discard(give_back)
+
+
+async def _give_back(queue: Queue, buffer: deque[Message], current: list[Subscription]) -> None:
+    """A stream's end: UNSUBSCRIBE, then release what was pushed or fetched and not yielded."""
+    left = [*await current[0].close()] if current else []
+    left += buffer
+    buffer.clear()
+    await _release(queue, left)
 
 
 def _buffer_leased(
@@ -566,6 +590,8 @@ class Consumer:
         self._run_task = asyncio.get_running_loop().create_task(
             self._run(), name=f"mqd-consumer {self.queue.name}"
         )
+        self.queue.client._consumers.add(self)
+        self._run_task.add_done_callback(lambda _: self.queue.client._consumers.discard(self))
         log.debug(
             "consumer.started",
             queue=self.queue.name,
@@ -593,6 +619,13 @@ class Consumer:
             if not self._run_task.done():
                 self._run_task.cancel()
             raise
+
+    async def _stop_for_close(self) -> None:
+        """client.close() stops this consumer first, with a short drain: what its
+        handlers finish is acked, the rest released; then wait() raises ClientClosed."""
+        if self._error is None:
+            self._error = ClientClosed("the client is closed")
+        await self.stop(drain_timeout=min(self._drain_timeout_s, CLOSE_DRAIN_S))
 
     async def wait(self) -> None:
         """Wait until the consumer has stopped; raise the error that stopped it, if any."""

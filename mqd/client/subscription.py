@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mqd.errors import (
+    ClientClosed,
     ConnectionClosed,
     MqdError,
     RequestTimeout,
@@ -285,7 +286,13 @@ class Subscription:
         """
         if not self._closed:
             self._closed = True
-            await self._unsubscribe(ask=self._end is None)
+            ask = self._end is None
+            if ask and self.queue.client._closing:
+                # client.close() closes it under a stream that may wait in next_batch:
+                # wake that up with the reason the stream ends for good.
+                self._end = ClientClosed("the client is closed")
+            self._wakeup.set()
+            await self._unsubscribe(ask=ask)
             for task in list(self._grants):
                 task.cancel()
         left = [m for batch in self._batches for m in batch]
