@@ -410,3 +410,26 @@ def test_the_client_logs_through_logging_not_stdout(server):
     assert "consumer.handler_failed queue='logged'" in result.stderr
     assert "ValueError: handler says no" in result.stderr  # the traceback
     assert "consumer.started" not in result.stderr  # debug
+
+
+async def test_a_fifo_group_is_handled_in_order_even_across_a_failure(client):
+    # The consumer ran a group's messages side by side: with the head failing once,
+    # the review saw them complete 4, 3, 2, 1, 0. Now a group's messages run one at
+    # a time, and after a failure the rest wait for the failed one to come again.
+    queue = await client.create_queue("ordered.fifo", visibility_timeout=30)
+    for i in range(5):
+        await queue.send(b"%d" % i, group_id="G")
+    await queue.send_batch([{"body": b"h%d" % i, "group_id": "H"} for i in range(5)])
+    completed: dict[str, list[bytes]] = {"G": [], "H": []}
+    rng = random.Random(7)
+
+    async def handler(message: Message) -> None:
+        if message.body == b"0" and message.receive_count == 1:
+            raise ValueError("the head fails once")
+        await asyncio.sleep(rng.uniform(0, 0.05))
+        completed[message.group_id].append(message.body)
+
+    async with queue.consumer(handler, concurrency=8, wait=0.2, retry_delay=0.2):
+        await _until(lambda: _settled(queue), 20, "both groups handled")
+    assert completed["G"] == [b"%d" % i for i in range(5)]
+    assert completed["H"] == [b"h%d" % i for i in range(5)]

@@ -428,13 +428,14 @@ _SETTLING = "settling"  # handed to the settler to ack or release
 class _Lease:
     """A message this consumer holds, and when its lease was last set."""
 
-    __slots__ = ("extended_at", "lost", "message", "state")
+    __slots__ = ("batch", "extended_at", "lost", "message", "state")
 
-    def __init__(self, message: Message, extended_at: float) -> None:
+    def __init__(self, message: Message, extended_at: float, batch: int = 0) -> None:
         self.message = message
         self.extended_at = extended_at
         self.state = _BUFFERED
         self.lost = False
+        self.batch = batch  # the consumer's count of batches received, at this one
 
 
 @dataclass(slots=True)
@@ -562,6 +563,14 @@ class Consumer:
         self._round_cut: asyncio.Timeout | None = None  # the settle round under way
         self._unstarted: list[_Lease] = []  # taken from the buffer after stop()
         self._settling_now = 0  # messages in the DELETE / CHANGE_VISIBILITY under way
+        # FIFO queues: a group's messages are handled one at a time, in order, by the
+        # worker that took the first (its chain holds the ones that came meanwhile);
+        # after a failure in a group, its messages from batches received until then
+        # are released, to come again after the failed one (protocol.md §4.0).
+        self._fifo = queue.name.endswith(".fifo")
+        self._batches_taken = 0
+        self._group_chains: dict[str, deque[_Lease]] = {}
+        self._group_failed_upto: dict[str, int] = {}
         self._subscribed = False  # the fetcher holds a subscription (protocol.md §4.18)
 
     # --- life cycle ------------------------------------------------------------------
@@ -769,8 +778,12 @@ class Consumer:
         assert self._buffer is not None and self._settle_wakeup is not None
         now = asyncio.get_running_loop().time()
         self.stats.received += len(messages)
+        if self._group_failed_upto and self._buffer.empty() and not self._group_chains:
+            self._group_failed_upto.clear()  # no message of an older batch is left
+        self._batches_taken += 1
+        batch = self._batches_taken
         for message in messages:
-            lease = _Lease(message, now)
+            lease = _Lease(message, now, batch)
             self._held[message.receipt] = lease
             self._buffer.put_nowait(lease)
         self._settle_wakeup.set()  # so the settler plans the next heartbeat
@@ -885,15 +898,62 @@ class Consumer:
             if self._stopping:
                 self._unstarted.append(lease)  # released once the fetcher is done
                 return
+            group = lease.message.group_id if self._fifo else ""
+            if group and self._joins_group(lease, group):
+                continue
             self._running += 1
             self._room.set()
             try:
-                await self._handle(lease)
+                if group:
+                    await self._handle_group(lease, group)
+                else:
+                    await self._handle(lease)
             finally:
                 self._running -= 1
                 self._room.set()
 
-    async def _handle(self, lease: _Lease) -> None:
+    def _joins_group(self, lease: _Lease, group: str) -> bool:
+        """FIFO: a message whose group another worker handles waits its turn in that
+        worker's chain; one received before its group's handler failed is released
+        (it comes again after the failed one). True: taken care of here."""
+        if lease.batch <= self._group_failed_upto.get(group, 0):
+            self._settle(lease, release_ms=0)
+            return True
+        chain = self._group_chains.get(group)
+        if chain is None:
+            return False
+        chain.append(lease)
+        self._running += 1  # held for a worker: counted as running, not as fetchable room
+        return True
+
+    async def _handle_group(self, first: _Lease, group: str) -> None:
+        """Handle a FIFO group's messages one at a time, in the order received; after a
+        failure, release the rest so that they come again after the failed one."""
+        chain: deque[_Lease] = deque()
+        self._group_chains[group] = chain
+        try:
+            ok = await self._handle(first)
+            if not ok:
+                self._group_failed_upto[group] = self._batches_taken
+            while chain:
+                lease = chain.popleft()
+                self._running -= 1
+                if self._stopping:
+                    self._unstarted.append(lease)
+                elif not ok:
+                    self._settle(lease, release_ms=0)  # no await: no batch comes meanwhile
+                else:
+                    ok = await self._handle(lease)
+                    if not ok:
+                        self._group_failed_upto[group] = self._batches_taken
+        finally:
+            del self._group_chains[group]
+            while chain:  # cancelled at stop: released with what no handler started
+                self._running -= 1
+                self._unstarted.append(chain.popleft())
+
+    async def _handle(self, lease: _Lease) -> bool:
+        """Run the handler on one message; False if it failed (retried later)."""
         message = lease.message
         lease.state = _RUNNING
         try:
@@ -920,11 +980,13 @@ class Consumer:
             # Raised by the handler itself (it awaited something that was cancelled),
             # not a stop: a failure like any other, and the worker goes on.
             self._handler_failed(lease)
+            return False
         except Exception:
             self._handler_failed(lease)
-        else:
-            self.stats.handled += 1
-            self._settle(lease, ack=True)
+            return False
+        self.stats.handled += 1
+        self._settle(lease, ack=True)
+        return True
 
     def _handler_failed(self, lease: _Lease) -> None:
         """Log the handler's exception (being handled) and retry the message later."""
