@@ -1558,6 +1558,14 @@ class Shell:
         request = HelloRequest(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX, CLIENT_NAME, self.token)
         try:
             self.hello = self.wire.request(request, CONNECT_TIMEOUT_S)
+        except ServerClosed as exc:
+            self.wire.close()
+            if self.tls is None:
+                # A TLS-only server closes a plaintext connection without a word.
+                raise ServerClosed(
+                    "before answering HELLO; if it requires TLS, pass --tls (or --ca FILE)"
+                ) from exc
+            raise
         except BaseException:
             self.wire.close()
             raise

@@ -649,6 +649,10 @@ def test_tls_with_client_certificate(server_factory, tmp_path):
     result = run_shell(tls_server.address, "--json", "--ca", ca, "-c", "ping")
     assert result.returncode == 1
     assert json_lines(result.stdout)[0]["error"] in ("CONNECTION_FAILED", "CONNECTION_CLOSED")
+    # Plaintext against it: closed before HELLO is answered, and the error says what to try.
+    result = run_shell(tls_server.address, "--json", "-c", "ping")
+    assert result.returncode == 1
+    assert "pass --tls" in json_lines(result.stdout)[0]["message"]
 
 
 def test_dead_letter_queue_and_redrive_from_a_script(server):

@@ -117,6 +117,12 @@ def make_entry(
 
 def make_entries(bodies: Iterable[Any]) -> list[SendEntry]:
     """Build entries for `send_batch`: each item is bytes or a dict of `send`'s arguments."""
+    if isinstance(bodies, (*_BYTES_LIKE, str)):
+        # Iterating one body gave its bytes as ints: "body must be bytes, got int".
+        raise InvalidArgument(
+            f"send_batch takes a list of bodies (or dicts), got one {type(bodies).__name__}; "
+            "send_batch([body]) or send(body)"
+        )
     entries = []
     append = entries.append
     for item in bodies:

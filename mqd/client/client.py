@@ -108,7 +108,9 @@ def _check_name(name: Any, what: str = "queue name") -> str:
 
 
 def _check_count(value: Any, what: str) -> int:
-    if type(value) is not int or not 0 <= value <= U32_MAX:
+    if type(value) is not int:
+        raise InvalidArgument(f"{what} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= U32_MAX:
         raise InvalidArgument(f"{what} must be an int in [0, {U32_MAX}], got {value!r}")
     return value
 

@@ -174,6 +174,15 @@ class Connection:
                     f"server chose protocol version {hello.version}, this client speaks "
                     f"{PROTOCOL_VERSION_MIN}..{PROTOCOL_VERSION_MAX}"
                 )
+        except ConnectionClosed as exc:
+            await conn.close()
+            if tls is None:
+                # A TLS-only server closes a plaintext connection without a word.
+                raise ConnectionClosed(
+                    f"{exc}, before answering HELLO; if the server requires TLS, connect "
+                    "with tls= (a CA file or an ssl.SSLContext)"
+                ) from exc
+            raise
         except BaseException:
             await conn.close()
             raise
