@@ -246,6 +246,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({"placement_version": cluster["placement_version"], "queues": placement}))
         return 0
     print(f"placement version {cluster['placement_version']}")
+    if not placement and not cluster["placement_version"]:
+        # A single node has no placement to show: it is every partition's only replica.
+        print("no placement: not a cluster (a single node holds every partition itself)")
     for queue, partitions in sorted(placement.items()):
         for part in partitions:
             print(
@@ -321,6 +324,15 @@ def _auth_command(args: argparse.Namespace) -> int:
         if args.admin_command == "grant":
             db.execute(auth.PUT_GRANT, auth.grant_row(grant))
             print(f"granted {args.permission} on {args.pattern} to {args.name}", file=sys.stderr)
+            known = db.execute("SELECT 1 FROM principals WHERE name = ?", (args.name,)).fetchone()
+            if known is None and args.name != auth.ROOT:
+                # Not an error: a client certificate's name needs no token. But a typo
+                # in a token holder's name would pass unnoticed.
+                print(
+                    f"note: no principal {args.name!r} has a token (`mqd admin user list`); "
+                    "the grant applies to a client certificate with that name",
+                    file=sys.stderr,
+                )
             return 0
         cursor = db.execute(auth.DELETE_GRANT, auth.grant_row(grant)[:3])
         if cursor.rowcount == 0:

@@ -473,3 +473,21 @@ def test_a_cluster_frontend_starts_with_authentication_on(tmp_path):
         + AUTH_REQUIRED,
     )
     assert load_config(path).auth_enabled
+
+
+def test_a_grant_to_a_name_without_a_token_says_so(secured):
+    # Granting to a misspelt principal passed unnoticed. It is no error (a client
+    # certificate's name needs no token), but the command now says so.
+    add_user(secured, "alice")
+
+    def granted(name: str) -> str:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(
+                ["admin", "grant", name, "send", "q-*", "--data-dir", str(secured.data_dir)]
+            )
+        assert code == 0, err.getvalue()
+        return err.getvalue()
+
+    assert "no principal 'alcie' has a token" in granted("alcie")
+    assert "note:" not in granted("alice")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -208,3 +210,13 @@ async def test_a_receive_that_fails_on_one_partition_returns_what_the_others_gav
                 break
         assert len(healthy) == 8
         assert (await source.stats())["in_flight"] == 0
+
+
+def test_admin_placement_on_a_single_node_says_there_is_none(server):
+    # It printed "placement version 0" and nothing else, with queues there.
+    result = subprocess.run(
+        [sys.executable, "-m", "mqd", "admin", "placement", "--address", server.address],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "not a cluster" in result.stdout
