@@ -1406,7 +1406,11 @@ _ROWS: tuple[Command, ...] = (
             (Option("exist_ok", "bool", "no error if it exists with the same attributes", "true"),),
             extra="attributes", op="CREATE_QUEUE",
             details="attributes: visibility_timeout=30 retention=345600 max_message_bytes=N "
-            "delay=0 (seconds)\nvalues: ints, floats, true/false, else strings"),
+            "delay=0 (seconds), dedup_window=300 content_based_dedup=false partitions=1 "
+            "replication_factor=3 min_insync=2,\n"
+            "redrive_policy='{\"dead_letter_queue\": \"dlq\", \"max_receive_count\": 5}' "
+            "(JSON, quoted)\nvalues: ints, floats, true/false, JSON maps, else strings; "
+            "a name ending in .fifo makes a FIFO queue"),
     Command("drop", "delete a queue and its messages (DELETE_QUEUE)", _cmd_drop, (_NAME,),
             op="DELETE_QUEUE"),
     Command("info", "a queue's attributes and stats (GET_QUEUE)", _cmd_info, (_NAME,),
