@@ -41,7 +41,12 @@ def _storage(args: argparse.Namespace) -> int:
         return keygen_main(args.file)
     path = Path(args.dir)
     if not path.is_dir():
-        raise ConfigError(f"DIR: no such directory {args.dir!r}")
+        problem = (
+            f"{args.dir!r} is a file, not a directory"
+            if path.exists()
+            else f"no such directory {args.dir!r}"
+        )
+        raise ConfigError(f"DIR: {problem} (the node's data directory, its [storage] data_dir)")
     if args.storage_command == "verify":
         report = tools.verify(path, keys=tools.load_keys(args.key_file))
         print(report.text(), end="")

@@ -52,3 +52,9 @@ def test_missing_dir_is_a_clear_error(tmp_path):
     result = mqd_cli("storage", "verify", str(tmp_path / "nope"))
     assert result.returncode == 2
     assert "no such directory" in result.stderr
+    # A config file given where the data directory goes (it said "no such directory").
+    config = tmp_path / "serve.toml"
+    config.write_text("")
+    result = mqd_cli("storage", "verify", str(config))
+    assert result.returncode == 2
+    assert "is a file, not a directory" in result.stderr
