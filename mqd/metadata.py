@@ -10,8 +10,10 @@ cluster will call over the network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -171,12 +173,14 @@ class MetadataRole:
         # Per owner: held from the queue quota's check to the creator grant, so that
         # creates in flight together (from any frontend) are counted one by one.
         self._creating: dict[str, asyncio.Lock] = {}
-        # Held by every change of the catalog (create, delete, set attributes) from its
-        # checks to its write: changes that await in between (backend calls, SQLite)
-        # must not interleave, or a set lost another's update, a queue's dead-letter
-        # queue was deleted while a policy naming it was being written, and a delete
-        # racing a set left a queue listed with no partitions.
-        self._changing = asyncio.Lock()
+        # Per queue name: held by a change of the catalog (create, delete, set
+        # attributes) from its checks to its write, on the queue and on the dead-letter
+        # queue it names. Changes that await in between (backend calls, SQLite) must not
+        # interleave: a set lost another's update, a dead-letter queue was deleted while
+        # a policy naming it was written, a delete racing a set left a queue listed with
+        # no partitions. Per name, so a slow create (a backend that does not answer)
+        # holds up only changes to the same queues. [lock, users] per name.
+        self._name_locks: dict[str, list[Any]] = {}
 
     async def start(self) -> list[QueueRecord]:
         for record in await self._catalog.load():
@@ -230,7 +234,7 @@ class MetadataRole:
     async def _create_queue(
         self, name: str, attributes: dict[str, Any], exist_ok: bool
     ) -> tuple[QueueRecord, bool]:
-        async with self._changing:
+        async with self._names_locked(name, _redrive_target(attributes)):
             return await self._create_queue_locked(name, attributes, exist_ok)
 
     async def _create_queue_locked(
@@ -272,6 +276,29 @@ class MetadataRole:
         log.info("queue.created", queue=name, queue_id=record.queue_id.hex())
         return record, True
 
+    @contextlib.asynccontextmanager
+    async def _names_locked(self, *names: str | None) -> AsyncIterator[None]:
+        """Hold the locks of these queue names (taken in sorted order: no deadlock)."""
+        counted: list[tuple[str, list[Any]]] = []
+        acquired: list[asyncio.Lock] = []
+        try:
+            for name in sorted({name for name in names if name}):
+                entry = self._name_locks.get(name)
+                if entry is None:
+                    entry = self._name_locks[name] = [asyncio.Lock(), 0]
+                entry[1] += 1
+                counted.append((name, entry))
+                await entry[0].acquire()
+                acquired.append(entry[0])
+            yield
+        finally:
+            for lock in reversed(acquired):
+                lock.release()
+            for name, entry in counted:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._name_locks[name]
+
     def _check_redrive_target(self, name: str, attributes: dict[str, Any]) -> None:
         policy = attributes.get("redrive_policy") or {}
         target_name = policy.get("dead_letter_queue")
@@ -299,7 +326,7 @@ class MetadataRole:
         )
 
     async def delete_queue(self, name: str) -> QueueRecord:
-        async with self._changing:
+        async with self._names_locked(name):
             return await self._delete_queue_locked(name)
 
     async def _delete_queue_locked(self, name: str) -> QueueRecord:
@@ -321,7 +348,7 @@ class MetadataRole:
         return record
 
     async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
-        async with self._changing:
+        async with self._names_locked(name, _redrive_target(attributes)):
             return await self._set_attributes_locked(name, attributes)
 
     async def _set_attributes_locked(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
@@ -376,6 +403,13 @@ class MetadataRole:
 
     async def close(self) -> None:
         await self._catalog.close()
+
+
+def _redrive_target(attributes: Any) -> str | None:
+    """The dead-letter queue a change's attributes name, if they name one (unvalidated)."""
+    policy = attributes.get(REDRIVE_POLICY) if isinstance(attributes, dict) else None
+    target = policy.get("dead_letter_queue") if isinstance(policy, dict) else None
+    return target if isinstance(target, str) else None
 
 
 def _same_attribute(attributes: dict[str, Any], key: str, value: Any) -> bool:
