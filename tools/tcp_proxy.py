@@ -7,6 +7,7 @@
     proxy.set_mode("blackhole")         # keep connections, forward nothing
     proxy.set_mode("pass")              # heal: forward again
     proxy.freeze_open()                 # open connections go dead for good
+    proxy.set_rate(100_000)             # a slow link: bytes per second each way
     await proxy.close()
 
 It forwards bytes both ways without looking at them (TLS passes through
@@ -85,6 +86,8 @@ class TcpProxy:
         self.name = name or f"->{target_host}:{target_port}"
         self.mode = "pass"
         self.delay_s = 0.0
+        # Each direction's bandwidth, bytes per second (0: as fast as it goes): a slow link.
+        self.rate_bytes_per_s = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
@@ -126,6 +129,12 @@ class TcpProxy:
             for pair in list(self._pairs):
                 pair.abort()
             self._pairs.clear()
+
+    def set_rate(self, bytes_per_s: int) -> None:
+        """Limit each direction to `bytes_per_s` (0: no limit), on every connection."""
+        if not 0 <= bytes_per_s:
+            raise ValueError(f"bytes_per_s must be >= 0, got {bytes_per_s}")
+        self.rate_bytes_per_s = bytes_per_s
 
     def freeze_open(self) -> int:
         """Stop forwarding on every connection open now, for good, without a FIN or a
@@ -242,6 +251,8 @@ class TcpProxy:
                 writer.write(data)
                 self.bytes_total += len(data)
                 await writer.drain()
+                if self.rate_bytes_per_s:
+                    await asyncio.sleep(len(data) / self.rate_bytes_per_s)
             if writer.can_write_eof():
                 with contextlib.suppress(OSError):
                     writer.write_eof()

@@ -72,6 +72,10 @@ KEEPALIVE_S = 30.0
 # once even while it works on long requests (long polls), so this much quiet with
 # a request out means a stopped or hung server, or a dead link.
 STALL_S = 5.0
+# ... except while a request this large waits: it may still be on its way over a slow
+# link, its bytes out of our sight in kernel and proxy buffers, with the PING queued
+# behind it. Its own timeout (and the probe after it) judges then.
+STALL_FRAME_BYTES_MAX = 64 * 1024
 # After a request times out, a PING must come back within this (or the keepalive
 # period, if shorter), or the connection is dropped and the next call opens another:
 # a link that died with no FIN or reset would otherwise fail every call for ever.
@@ -115,6 +119,10 @@ class Connection:
         self.keepalive_s = keepalive_s  # 0: off
         self._keepalive_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        # (bytes received, bytes waiting to be sent) when the keepalive last looked.
+        self._traffic_seen = (0, 0)
+        # Correlation ids of large requests sent (STALL_FRAME_BYTES_MAX); pruned lazily.
+        self._large_sent: set[int] = set()
         self._loop = asyncio.get_running_loop()
         self._protocol: FrameProtocol | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -305,6 +313,8 @@ class Connection:
             future = loop.create_future()
             pending[cid] = future
             protocol.write(frame)
+            if len(frame) > STALL_FRAME_BYTES_MAX:
+                self._large_sent.add(cid)
             self._last_exchange = loop.time()
             # An infinite timeout (REDRIVE, which may run for minutes) sets no
             # timer: only the connection's loss ends the wait.
@@ -452,30 +462,63 @@ class Connection:
         streams subscribe again and calls safe to repeat go to the next address."""
         try:
             while self._closed_reason is None:
-                if self._pending:
+                if self._large_sent:
+                    self._large_sent.intersection_update(self._pending)
+                if self._pending and not self._large_sent:
                     period = min(self.keepalive_s, STALL_S)
                 elif self._push_listeners:
                     period = self.keepalive_s
+                elif self._pending:
+                    await asyncio.sleep(STALL_S)  # a large request: look again later
+                    continue
                 else:
                     return
                 quiet_s = self._loop.time() - self._last_alive
                 if quiet_s < period:
+                    self._traffic_moved()  # the baseline for the next look
                     await asyncio.sleep(period - quiet_s)
+                    continue
+                if self._traffic_moved():
+                    # No whole frame, but bytes moved: a large frame on a slow link.
+                    self._last_alive = self._loop.time()
                     continue
                 if self._in_flight >= self._in_flight_max:
                     # No slot for a PING (the server would refuse one more request):
                     # the requests' own timeouts and the probe after them judge.
                     await asyncio.sleep(period)
                     continue
-                try:
-                    await self.request(PingRequest(b""), timeout_s=period)
-                except RequestTimeout:
-                    self.abort(f"no answer to a PING within {period:g} s")
+                if not await self._answers_ping(period):
+                    self.abort(f"no answer to a PING within {period:g} s, and nothing moving")
                     return
-                except MqdError:
-                    return  # closed meanwhile: nothing left to keep alive
         finally:
             self._keepalive_task = None
+
+    def _traffic_moved(self) -> bool:
+        """Whether bytes came in, or went out, since the last look."""
+        protocol = self._protocol
+        if protocol is None:
+            return False
+        seen_in, seen_waiting = self._traffic_seen
+        now_in, now_waiting = protocol.bytes_in, protocol.write_buffer_size()
+        self._traffic_seen = (now_in, now_waiting)
+        return now_in != seen_in or now_waiting < seen_waiting
+
+    async def _answers_ping(self, period: float) -> bool:
+        """PING; True once answered (or the connection closed meanwhile), False if
+        `period` passes with no answer and no byte moving either way. The answer may
+        queue behind a large frame on a slow link: while bytes move, it is waited for."""
+        ping = self._loop.create_task(self.request(PingRequest(b""), timeout_s=math.inf))
+        try:
+            while True:
+                done, _ = await asyncio.wait([ping], timeout=period)
+                if done:
+                    return True  # answered, or failed: the connection closed meanwhile
+                if not self._traffic_moved():
+                    return False
+        finally:
+            if not ping.done():
+                ping.cancel()
+            await asyncio.gather(ping, return_exceptions=True)
 
     def subscription_room(self) -> bool:
         """Whether one more subscription fits the server's subscriptions_per_connection_max

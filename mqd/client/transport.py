@@ -53,6 +53,9 @@ class FrameProtocol(asyncio.Protocol):
         self._lost = False
         self._abort_reason: BaseException | None = None
         self._plaintext = True
+        # Bytes received so far, whole frames or not: a large frame on a slow link is
+        # progress long before it ends (Connection's keepalive looks at this).
+        self.bytes_in = 0
 
     # --- asyncio.Protocol callbacks ------------------------------------------
 
@@ -62,6 +65,7 @@ class FrameProtocol(asyncio.Protocol):
         self._plaintext = transport.get_extra_info("sslcontext") is None
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         decoder = self._decoder
         on_frame = self._on_frame
         try:
@@ -149,6 +153,13 @@ class FrameProtocol(asyncio.Protocol):
             self._abort_reason = reason
         if self._transport is not None and not self._lost:
             self._transport.abort()
+
+    def write_buffer_size(self) -> int:
+        """Bytes written and not yet sent (0 once the connection is gone)."""
+        transport = self._transport
+        if transport is None or self._lost:
+            return 0
+        return transport.get_write_buffer_size()
 
     def peer_gone(self) -> bool:
         """Whether the server already closed or reset this idle connection.
