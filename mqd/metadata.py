@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -172,7 +173,7 @@ class MetadataRole:
         self._auth_data_version = -1
         # Per owner: held from the queue quota's check to the creator grant, so that
         # creates in flight together (from any frontend) are counted one by one.
-        self._creating: dict[str, asyncio.Lock] = {}
+        self._creating: dict[str, list[Any]] = {}
         # Per queue name: held by a change of the catalog (create, delete, set
         # attributes) from its checks to its write, on the queue and on the dead-letter
         # queue it names. Changes that await in between (backend calls, SQLite) must not
@@ -214,22 +215,15 @@ class MetadataRole:
         owner's creator grant (protocol.md §8.2, §8.3)."""
         if not owner:
             return await self._create_queue(name, attributes, exist_ok)
-        lock = self._creating.get(owner)
-        if lock is None:
-            lock = self._creating[owner] = asyncio.Lock()
-        try:
-            async with lock:
-                if owned_max and name not in self._queues:
-                    # Picks up grants `mqd admin` revoked meanwhile, too.
-                    state = await self.refresh_auth()
-                    auth.require_queue_room(state, owner, owned_max)
-                record, created = await self._create_queue(name, attributes, exist_ok)
-                if created:
-                    await self.add_grant(auth.Grant(owner, record.name, "admin", owner=True))
-                return record, created
-        finally:
-            if not lock.locked() and self._creating.get(owner) is lock:
-                del self._creating[owner]
+        async with _locked(self._creating, owner):
+            if owned_max and name not in self._queues:
+                # Picks up grants `mqd admin` revoked meanwhile, too.
+                state = await self.refresh_auth()
+                auth.require_queue_room(state, owner, owned_max)
+            record, created = await self._create_queue(name, attributes, exist_ok)
+            if created:
+                await self.add_grant(auth.Grant(owner, record.name, "admin", owner=True))
+            return record, created
 
     async def _create_queue(
         self, name: str, attributes: dict[str, Any], exist_ok: bool
@@ -276,28 +270,8 @@ class MetadataRole:
         log.info("queue.created", queue=name, queue_id=record.queue_id.hex())
         return record, True
 
-    @contextlib.asynccontextmanager
-    async def _names_locked(self, *names: str | None) -> AsyncIterator[None]:
-        """Hold the locks of these queue names (taken in sorted order: no deadlock)."""
-        counted: list[tuple[str, list[Any]]] = []
-        acquired: list[asyncio.Lock] = []
-        try:
-            for name in sorted({name for name in names if name}):
-                entry = self._name_locks.get(name)
-                if entry is None:
-                    entry = self._name_locks[name] = [asyncio.Lock(), 0]
-                entry[1] += 1
-                counted.append((name, entry))
-                await entry[0].acquire()
-                acquired.append(entry[0])
-            yield
-        finally:
-            for lock in reversed(acquired):
-                lock.release()
-            for name, entry in counted:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._name_locks[name]
+    def _names_locked(self, *names: str | None) -> AbstractAsyncContextManager[None]:
+        return _locked(self._name_locks, *names)
 
     def _check_redrive_target(self, name: str, attributes: dict[str, Any]) -> None:
         policy = attributes.get("redrive_policy") or {}
@@ -403,6 +377,33 @@ class MetadataRole:
 
     async def close(self) -> None:
         await self._catalog.close()
+
+
+@contextlib.asynccontextmanager
+async def _locked(locks: dict[str, list[Any]], *keys: str | None) -> AsyncIterator[None]:
+    """Hold the locks of these keys in `locks` ([lock, users] by key; an entry goes when
+    no one uses it), taken in sorted order: no deadlock. An entry is counted from the
+    moment it is waited for: dropped when only `locked()` says it is free, a waiter
+    woken but not yet running could find a second lock made beside it."""
+    counted: list[tuple[str, list[Any]]] = []
+    acquired: list[asyncio.Lock] = []
+    try:
+        for key in sorted({key for key in keys if key}):
+            entry = locks.get(key)
+            if entry is None:
+                entry = locks[key] = [asyncio.Lock(), 0]
+            entry[1] += 1
+            counted.append((key, entry))
+            await entry[0].acquire()
+            acquired.append(entry[0])
+        yield
+    finally:
+        for lock in reversed(acquired):
+            lock.release()
+        for key, entry in counted:
+            entry[1] -= 1
+            if not entry[1]:
+                del locks[key]
 
 
 def _redrive_target(attributes: Any) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 
 import pytest
@@ -229,6 +230,33 @@ def test_pipelined_and_concurrent_creates_cannot_exceed_the_queue_quota(server_f
 
     asyncio.run(main())
     assert len(owned()) == 1
+
+    # Creates arriving a moment apart: one came while a released lock's waiter had not
+    # run yet, made a lock of its own beside it, and both passed the check (review:
+    # 4 or 5 queues of a quota of 3 in 5 of 15 trials).
+    admin(server, "user", "limits", "alice", "--queues-per-principal-max", "3")
+    rng = random.Random(3)
+
+    async def spread() -> int:
+        clients = [await connect(server, token) for _ in range(8)]
+
+        async def create(n: int) -> None:
+            await asyncio.sleep(rng.uniform(0, 0.03))
+            await clients[n % 8].create_queue(f"t-s{n}")
+
+        try:
+            results = await asyncio.gather(*(create(n) for n in range(24)), return_exceptions=True)
+            assert all(isinstance(r, Forbidden) for r in results if r is not None), results
+            made = await clients[0].list_queues("t-s")
+            for name in made:
+                await clients[0].delete_queue(name)
+            return len(made)
+        finally:
+            for c in clients:
+                await c.close()
+
+    for _ in range(5):
+        assert asyncio.run(spread()) == 2  # 3 owned, one of them t-c*
 
 
 def test_bytes_per_s_counts_utf8_bytes_of_attributes(server_factory, tmp_path):
