@@ -238,3 +238,27 @@ async def test_stopping_a_consumer_in_an_outage_takes_about_its_drain_timeout(pr
         await consumer.stop(drain_timeout=2)
         assert time.monotonic() - started < 10
         assert consumer.stats.ack_failed == 1 and consumer.stats.acked == 0
+
+
+async def test_a_handler_may_close_its_own_client(server):
+    # close() waited for the consumer to drain, which waited for the very handler
+    # calling close(): cancelled after 2 s, close() died with CancelledError and the
+    # client stayed open (review).
+    client = await mqd.client.connect(server.address)
+    queue = await client.create_queue("self-closing", visibility_timeout=60)
+    await queue.send(b"stop")
+    closed: list[BaseException | None] = []
+
+    async def handler(message) -> None:
+        try:
+            await client.close()
+            closed.append(None)
+        except BaseException as exc:
+            closed.append(exc)
+            raise
+
+    consumer = queue.consumer(handler, concurrency=1, wait=0.2)
+    await consumer.start()
+    with pytest.raises(ClientClosed):
+        await asyncio.wait_for(consumer.wait(), 10)
+    assert closed == [None] and client.closed

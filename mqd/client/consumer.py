@@ -66,6 +66,11 @@ if TYPE_CHECKING:
 
 # client.close() gives a consumer's running handlers at most this long to finish.
 CLOSE_DRAIN_S = 2.0
+# The consumer whose handler runs in this task, if any: client.close() called from a
+# handler must not wait for that handler to finish.
+_handling: contextvars.ContextVar[Consumer | None] = contextvars.ContextVar(
+    "mqd_consumer_handling", default=None
+)
 
 # Through `logging`: the application decides what is shown, and where (mqd.log).
 log = library_logger("mqd.client.consumer")
@@ -631,16 +636,28 @@ class Consumer:
 
     async def _stop_for_close(self) -> None:
         """client.close() stops this consumer first, with a short drain: what its
-        handlers finish is acked, the rest released; then wait() raises ClientClosed."""
+        handlers finish is acked, the rest released; then wait() raises ClientClosed.
+        Called from one of its own handlers, it only asks the consumer to stop."""
         if self._error is None:
             self._error = ClientClosed("the client is closed")
+        if _handling.get() is self:
+            self._drain_timeout_s = min(self._drain_timeout_s, CLOSE_DRAIN_S)
+            self._request_stop()
+            return
         await self.stop(drain_timeout=min(self._drain_timeout_s, CLOSE_DRAIN_S))
 
     async def wait(self) -> None:
         """Wait until the consumer has stopped; raise the error that stopped it, if any."""
         if self._run_task is None:
             raise ClientError("this Consumer was not started")
-        await asyncio.shield(self._run_task)
+        try:
+            await asyncio.shield(self._run_task)
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if self._run_task.cancelled() and not (caller and caller.cancelling()):
+                # Stopped hard (client.close() past its bound): say why, not CancelledError.
+                raise self._error or ClientClosed("the consumer was cancelled") from None
+            raise
         if self._error is not None:
             raise self._error
 
@@ -956,6 +973,7 @@ class Consumer:
         """Run the handler on one message; False if it failed (retried later)."""
         message = lease.message
         lease.state = _RUNNING
+        handling = _handling.set(self)
         try:
             result = self._handler(message)
             if inspect.isawaitable(result):
@@ -984,6 +1002,8 @@ class Consumer:
         except Exception:
             self._handler_failed(lease)
             return False
+        finally:
+            _handling.reset(handling)
         self.stats.handled += 1
         self._settle(lease, ack=True)
         return True
@@ -1112,6 +1132,9 @@ class Consumer:
         except asyncio.CancelledError:
             self._acks[:0] = acks  # cut short while stopping: not confirmed
             raise
+        except ClientClosed:
+            self.stats.ack_failed += len(acks)  # no retry can get through any more
+            return True
         except TRANSIENT_ERRORS as exc:
             # DELETE is safe to retry (protocol.md §1.5): try them all again.
             log.warning("consumer.ack_retry", queue=queue.name, acks=len(acks), error=str(exc))
@@ -1148,6 +1171,8 @@ class Consumer:
         except asyncio.CancelledError:
             self._releases[:0] = releases
             raise
+        except ClientClosed:
+            return True  # no retry can get through any more: the leases run out
         except TRANSIENT_ERRORS as exc:
             # Safe to retry as well; the extensions are recomputed next round.
             log.warning(
