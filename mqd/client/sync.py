@@ -135,6 +135,8 @@ class _LoopThread:
                 details={"timeout_s": timeout_s},
             ) from None
         except BaseException:
+            if future.done():
+                raise  # the call's own error: nothing to unwind
             future.cancel()  # e.g. KeyboardInterrupt in the calling thread
             self._wait_unwound(running)
             raise
