@@ -34,6 +34,7 @@ from mqd.protocol.frame import (
     encode_frame,
 )
 from mqd.protocol.messages import (
+    DELAY_NONE,
     INTERNAL_OPCODE_MIN,
     OPS,
     PUSHES,
@@ -48,6 +49,8 @@ from mqd.protocol.messages import (
     AuthSnapshotResponse,
     ChangeVisibilityRequest,
     ChangeVisibilityResponse,
+    CreateOwnedQueueRequest,
+    CreateOwnedQueueResponse,
     CreateQueueRequest,
     CreateQueueResponse,
     DecommissionRequest,
@@ -124,6 +127,7 @@ from mqd.protocol.messages import (
 from mqd.protocol.push import decode_push, encode_push, encode_push_end
 
 __all__ = [
+    "DELAY_NONE",
     "FLAGS_KNOWN",
     "FLAG_ERROR",
     "FLAG_PUSH",
@@ -149,6 +153,8 @@ __all__ = [
     "AuthSnapshotResponse",
     "ChangeVisibilityRequest",
     "ChangeVisibilityResponse",
+    "CreateOwnedQueueRequest",
+    "CreateOwnedQueueResponse",
     "CreateQueueRequest",
     "CreateQueueResponse",
     "DecommissionRequest",
