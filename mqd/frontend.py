@@ -449,6 +449,11 @@ class ClientConnection(asyncio.Protocol):
         )
         self.track(task)
 
+    @property
+    def closing(self) -> bool:
+        """The connection is closed or closing: answers written now go nowhere."""
+        return self._closing
+
     def track(self, task: asyncio.Task[None]) -> None:
         """Count a request's (or subscription's) task as outstanding until it ends."""
         self.tasks.add(task)
@@ -1066,6 +1071,11 @@ async def handle_receive(
             visibility_ms(limits, record, request.visibility_timeout_ms),
             bytes_max,
         )
+    if delivered and conn.closing:
+        # The client left during the long poll: nobody gets this answer. Give the
+        # messages back now rather than leave them leased for the visibility timeout.
+        await conn.frontend.router.change_visibility(record, [(m.receipt, 0) for m in delivered])
+        return messages.ReceiveResponse(messages=[])
     _charge_delivered(conn, delivered)
     return messages.ReceiveResponse(messages=delivered)
 

@@ -7,15 +7,17 @@ would see.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 
 import pytest
 
+import mqd.client
 from mqd.errors import ErrorCode
 from mqd.protocol import codec, messages
 from mqd.protocol.frame import FrameDecoder, encode_frame
-from mqd.protocol.messages import ErrorBody
+from mqd.protocol.messages import VISIBILITY_DEFAULT, ErrorBody
 
 
 class RawConnection:
@@ -280,3 +282,27 @@ def test_stats_op(raw):
     stats = raw.request(messages.StatsRequest()).stats
     assert stats["connections"] >= 1
     assert "storage" in stats
+
+
+async def test_a_long_poll_whose_client_left_gives_back_what_it_took(server):
+    # Its answer went nowhere, and the message it leased stayed in flight for the whole
+    # visibility timeout (review: 25 of 50 stuck after close() with long polls waiting).
+    async with await mqd.client.connect(server.address) as client:
+        queue = await client.create_queue("left", visibility_timeout=60)
+        raw = RawConnection(server.address)
+        raw.request(messages.HelloRequest())
+        raw.send_bytes(
+            codec.encode_request(7, messages.ReceiveRequest("left", 1, 5000, VISIBILITY_DEFAULT))
+        )
+        await asyncio.sleep(0.3)
+        raw.close()
+        await asyncio.sleep(0.3)
+        await queue.send(b"for nobody")
+        for _ in range(50):
+            stats = await queue.stats()
+            if stats["received_total"]:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        stats = await queue.stats()
+        assert (stats["received_total"], stats["in_flight"], stats["visible"]) == (1, 0, 1)
