@@ -955,10 +955,11 @@ def _cmd_queues(sh: Shell, call: Call) -> Answer:
 
 def _cmd_create(sh: Shell, call: Call) -> Answer:
     name = call.args["NAME"]
-    request = CreateQueueRequest(name, call.extra, bool(call.options.get("exist_ok", False)))
-    answer = sh.request(request)
+    exist_ok = bool(call.options.get("exist_ok", False))
+    answer = sh.request(CreateQueueRequest(name, call.extra, exist_ok))
     sh.remember_queues([name])
-    return _queue_info(answer.queue, "created ")
+    # With exist_ok the answer does not say which it was (protocol.md §4.1).
+    return _queue_info(answer.queue, "created or found " if exist_ok else "created ")
 
 
 def _cmd_drop(sh: Shell, call: Call) -> Answer:

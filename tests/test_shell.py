@@ -244,6 +244,9 @@ def test_text_output_is_readable(server):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "created queue tq" in out and "visibility_timeout" in out
+    again = run_shell(server.address, "-c", "create tq exist_ok=true")
+    assert again.returncode == 0, again.stderr
+    assert "created or found queue tq" in again.stdout  # it said "created"
     assert "receipt" in out and "$1" in out and "$2" in out
     assert "hello" in out and "hex:00ff" in out
     assert "PONG" in out
