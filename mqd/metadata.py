@@ -186,6 +186,17 @@ class MetadataRole:
     async def start(self) -> list[QueueRecord]:
         for record in await self._catalog.load():
             self._queues[record.name] = record
+        for record in self._queues.values():
+            target = _redrive_target(record.attributes)
+            if target and target not in self._queues:
+                # Possible in a catalog written before changes were serialized: the
+                # queue's messages due to move fail its RECEIVEs until this is fixed.
+                log.error(
+                    "queue.dead_letter_queue_missing",
+                    queue=record.name,
+                    dead_letter_queue=target,
+                    fix=f"set {record.name}'s redrive_policy to {{}} or create {target}",
+                )
         await self.refresh_auth()
         return list(self._queues.values())
 

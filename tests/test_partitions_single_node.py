@@ -195,6 +195,7 @@ async def test_a_receive_that_fails_on_one_partition_returns_what_the_others_gav
     with sqlite3.connect(server.data_dir / "catalog.db") as db:
         db.execute("DELETE FROM queues WHERE name = 'gone-dlq'")
     server.start()
+    assert any("queue.dead_letter_queue_missing" in line for line in server.log_lines)
     async with await mqd.client.connect(server.address) as client:
         source = client.queue("src4")
         healthy = []
