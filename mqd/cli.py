@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from mqd import __version__
@@ -48,7 +50,13 @@ def _storage(args: argparse.Namespace) -> int:
         )
         raise ConfigError(f"DIR: {problem} (the node's data directory, its [storage] data_dir)")
     if args.storage_command == "verify":
-        report = tools.verify(path, keys=tools.load_keys(args.key_file))
+        # On a running node it reads a log and an index that move under it, and reports
+        # damage that is not there (an index checkpoint past the log's end it has read).
+        keys = tools.load_keys(args.key_file)
+        with _data_dir_held(
+            path, "verify needs the node stopped: it would read writes in progress"
+        ):
+            report = tools.verify(path, keys=keys)
         print(report.text(), end="")
         return 0 if report.ok else 1
     if args.storage_command == "dump":
@@ -61,19 +69,31 @@ def _storage(args: argparse.Namespace) -> int:
         # Sealed segments need the node's keys: read them from its config.
         storage_config = load_config(Path(args.config)).storage
     # Rewriting the index under a running server would race its index writer.
+    with _data_dir_held(path, "rebuild-index needs the node stopped"):
+        report = tools.rebuild_index(path, storage_config)
+    print(report.text(), end="")
+    return 0 if report.ok else 1
+
+
+@contextlib.contextmanager
+def _data_dir_held(path: Path, why: str) -> Iterator[None]:
+    """Hold the node's data directory lock (of `path` or the data directory above it)
+    while a storage tool runs; ConfigError naming `why` if a running node holds it."""
     from mqd.node import DataDirLock
 
     data_dir = next((p for p in (path, *path.resolve().parents[:2]) if (p / "LOCK").exists()), None)
-    lock = DataDirLock(data_dir) if data_dir is not None else None
-    if lock is not None:
-        lock.acquire()
+    if data_dir is None:
+        yield
+        return
+    lock = DataDirLock(data_dir)
     try:
-        report = tools.rebuild_index(path, storage_config)
+        lock.acquire()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; {why}") from None
+    try:
+        yield
     finally:
-        if lock is not None:
-            lock.release()
-    print(report.text(), end="")
-    return 0 if report.ok else 1
+        lock.release()
 
 
 def _bench(args: argparse.Namespace) -> int:
