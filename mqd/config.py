@@ -17,6 +17,7 @@ from mqd.auth import Quotas
 from mqd.errors import ConfigError
 from mqd.limits import Limits
 from mqd.storage import StorageConfig
+from mqd.storage.config import RECORD_HEADROOM_BYTES
 
 ROLES = ("frontend", "metadata", "backend")
 DEFAULT_LISTEN = "127.0.0.1:6470"
@@ -182,6 +183,16 @@ class Config:
             )
         self.limits.validate()
         self.storage.validate()
+        body_max = self.storage.record_bytes_max - RECORD_HEADROOM_BYTES
+        if body_max < self.limits.message_bytes_max:
+            # Else the node starts, then refuses every message above the store's limit
+            # (a record_bytes_max of 100 refused even 3 bytes).
+            raise ConfigError(
+                f"storage.record_bytes_max: {self.storage.record_bytes_max} holds messages of "
+                f"at most {max(0, body_max)} bytes, below limits.message_bytes_max "
+                f"({self.limits.message_bytes_max}); raise it to at least "
+                f"{self.limits.message_bytes_max + RECORD_HEADROOM_BYTES} or lower the other"
+            )
 
 
 def _validate_auth(config: Config) -> None:

@@ -48,6 +48,8 @@ def test_single_toml_lists_every_key_with_its_default():
         ("[tls]\ncert = '/nonexistent.pem'\nkey = '/nonexistent.key'\n", "tls.cert"),
         ("[tls]\nrequire_client_cert = true\n", "tls.require_client_cert needs tls.ca"),
         ("[tls]\nca = '/nonexistent.pem'\n", "tls.ca needs tls.cert and tls.key"),
+        # It started, then refused every message (review).
+        ("[storage]\nrecord_bytes_max = 100\n", "below limits.message_bytes_max"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, named):

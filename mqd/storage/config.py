@@ -8,6 +8,9 @@ from mqd.errors import ConfigError
 from mqd.storage.crypto import Keyring, load_keyring
 
 FSYNC_POLICIES = ("always", "interval", "never")
+# What a message record holds beyond its body (header, ids, attributes' framing): a body
+# may take up to record_bytes_max less this.
+RECORD_HEADROOM_BYTES = 4096
 
 
 @dataclass(slots=True)

@@ -47,7 +47,7 @@ from mqd import stages
 from mqd.clock import SystemClock
 from mqd.errors import InternalError, MessageTooLarge, StorageError, StorageFull
 from mqd.storage import records as rec
-from mqd.storage.config import StorageConfig
+from mqd.storage.config import RECORD_HEADROOM_BYTES, StorageConfig
 from mqd.storage.fs import (
     PREALLOCATE_UNSUPPORTED,
     FileSystem,
@@ -1085,7 +1085,7 @@ class PartitionStore:
         """Append messages; returns their metadata once durable per the fsync policy."""
         if not messages:
             return []
-        limit = self.config.record_bytes_max - 4096
+        limit = self.config.record_bytes_max - RECORD_HEADROOM_BYTES
         for m in messages:
             if len(m.body) > limit:
                 raise MessageTooLarge(f"message body of {len(m.body)} bytes exceeds {limit}")
