@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import mqd.client
@@ -80,6 +81,18 @@ async def test_sealed_end_to_end_restart_and_wrong_key(server_factory, tmp_path:
         )
         assert result.returncode != 0
         assert id_a in result.stderr and "not listed" in result.stderr, result.stderr[-2000:]
+
+    # rebuild-index without the node's --config: refused before any index is dropped
+    # (it emptied the first index, then failed on the key; review).
+    indexes = {p: p.read_bytes() for p in server.data_dir.glob("partitions/*/index*")}
+    assert indexes
+    rebuild = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mqd", "storage", "rebuild-index", str(server.data_dir)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert rebuild.returncode == 2 and "nothing was changed" in rebuild.stderr, rebuild.stderr
+    assert {p: p.read_bytes() for p in server.data_dir.glob("partitions/*/index*")} == indexes
 
 
 async def test_rotation_through_the_server(server_factory, tmp_path: Path) -> None:

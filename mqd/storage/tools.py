@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from mqd.errors import ConfigError
 from mqd.storage import records as rec
 from mqd.storage.config import StorageConfig
 from mqd.storage.crypto import Keyring, format_key_id, load_key_file
@@ -327,7 +328,22 @@ async def rebuild_index_async(path: Path, config: StorageConfig | None = None) -
     from mqd.storage.store import PartitionStore
 
     report = RebuildReport()
-    for part in find_partitions(Path(path)):
+    parts = find_partitions(Path(path))
+    # Every key the logs need, checked before any index is dropped: without them the
+    # rebuild failed after emptying the first index (the node replays its log at start,
+    # so nothing was lost, but the tool left things worse than it found them).
+    keys = (config or StorageConfig()).keyring()
+    for part in parts:
+        for base, seg_path in list_segments(part):
+            scan, _ = scan_segment(seg_path, seg_path.read_bytes(), _RECORD_BYTES_MAX, base)
+            missing = sorted(k for k in {scan.key_id, *scan.key_ids} - {0} if not keys.get(k))
+            if missing:
+                raise ConfigError(
+                    f"{seg_path}: sealed with key {format_key_id(missing[0])}, which this "
+                    "node's [storage] keys do not hold: pass the node's --config; "
+                    "nothing was changed"
+                )
+    for part in parts:
         Index.remove_files(part)
         store = await PartitionStore.open(part, config or StorageConfig())
         try:
