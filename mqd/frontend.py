@@ -162,6 +162,13 @@ class FrontendRole:
         if self.slow_request_s and elapsed >= self.slow_request_s:
             self._log_slow(op, request, elapsed, outcome, trace)
 
+    def count_entry_failures(self, op: str, failures: list[messages.EntryFailure]) -> None:
+        """Entries refused inside a batch that succeeded: no request error counts them."""
+        if failures and self.metrics is not None:
+            counter = self.metrics.entry_failures
+            for failure in failures:
+                counter.labels(op, ErrorCode(failure.code).name).inc()
+
     def count_refused(self, opcode: int, code: ErrorCode) -> None:
         """A request answered with an error before it ran (busy, unknown, malformed)."""
         if self.metrics is not None:
@@ -1085,9 +1092,9 @@ async def handle_delete(
 ) -> messages.DeleteResponse:
     record = await conn.queue(request.queue)
     conn.check_batch(len(request.receipts), "DELETE")
-    return messages.DeleteResponse(
-        failures=await conn.frontend.router.delete(record, request.receipts)
-    )
+    failures = await conn.frontend.router.delete(record, request.receipts)
+    conn.frontend.count_entry_failures("DELETE", failures)
+    return messages.DeleteResponse(failures=failures)
 
 
 async def handle_change_visibility(
@@ -1100,6 +1107,7 @@ async def handle_change_visibility(
         for change in request.changes
     ]
     failures = await conn.frontend.router.change_visibility(record, changes)
+    conn.frontend.count_entry_failures("CHANGE_VISIBILITY", failures)
     return messages.ChangeVisibilityResponse(failures=failures)
 
 

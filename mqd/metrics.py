@@ -42,6 +42,12 @@ class NodeMetrics:
             "mqd_request_errors", "Requests answered with an error, by op and code.",
             ["op", "code"], registry=registry,
         )  # fmt: skip
+        self.entry_failures = Counter(
+            "mqd_entry_failures",
+            "Entries of a batch refused in an answer that succeeded (DELETE and "
+            "CHANGE_VISIBILITY failures: an unknown or expired receipt), by op and code.",
+            ["op", "code"], registry=registry,
+        )  # fmt: skip
         self.connections = Gauge("mqd_connections", "Open client connections.", registry=registry)
         self.bytes_received = Counter(
             "mqd_received_bytes", "Bytes read from client connections.", registry=registry

@@ -40,6 +40,8 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
         await queue.send_batch([b"a", b"b", b"c"])
         got = await queue.receive(max_messages=2)
         await queue.ack(got[0])
+        # A receipt refused inside a DELETE that succeeded counts too (it counted nowhere).
+        assert len(await queue._delete(["AAAAnotareceipt"])) == 1
         stats = await client.stats()
 
     status, body = await http_get(metrics_address, "/metrics")
@@ -53,6 +55,7 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
     fsyncs = float(body.split("\nmqd_fsync_seconds_count ")[1].split()[0])
     assert fsyncs >= 2  # at least the SEND's and the DELETE's (fsync "always")
     assert "mqd_connections" in body
+    assert 'mqd_entry_failures_total{code="RECEIPT_INVALID",op="DELETE"} 1.0' in body
     assert (await http_get(metrics_address, "/nope"))[0] == 404
 
     # The ack (a one-record durable group, in space the send preallocated) fsynced on
