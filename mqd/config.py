@@ -141,6 +141,7 @@ class Config:
                 "node.roles: a node with a subset of the roles is part of a cluster; "
                 "set cluster.listen (and cluster.metadata), or run all three roles"
             )
+        _validate_cluster_values(self)
         if self.clustered:
             _validate_cluster_section(self)
         host, _ = parse_address(self.frontend.listen, key="frontend.listen")
@@ -217,24 +218,16 @@ def _validate_auth(config: Config) -> None:
             )
 
 
-def _validate_cluster_section(config: Config) -> None:
+def _validate_cluster_values(config: Config) -> None:
+    """The [cluster] values themselves, checked on a single node too: a bad one is a
+    mistake there as well, waiting for the day the node joins a cluster."""
     cluster = config.cluster
-    parse_address(cluster.listen, key="cluster.listen")
+    if cluster.listen:
+        parse_address(cluster.listen, key="cluster.listen")
     if cluster.advertise:
         parse_address(cluster.advertise, key="cluster.advertise")
-    roles = set(config.node.roles)
-    if not cluster.metadata:
-        raise ConfigError("cluster.metadata: list the metadata nodes' cluster addresses")
     for address in cluster.metadata:
         parse_address(address, key="cluster.metadata")
-    if not config.node.id:
-        raise ConfigError("node.id: every node of a cluster needs an id")
-    for key in ("cert", "key", "ca"):
-        if not getattr(config.tls, key):
-            raise ConfigError(
-                f"tls.{key}: node-to-node traffic is mutual TLS; give the node's cert, key "
-                "and the cluster CA (`mqd certs init` / `mqd certs issue` make them)"
-            )
     bounds = {
         "session_timeout_ms": (500, 600_000),
         "heartbeat_interval_ms": (50, 60_000),
@@ -251,6 +244,21 @@ def _validate_cluster_section(config: Config) -> None:
         raise ConfigError(
             "cluster.heartbeat_interval_ms: must be at most half of session_timeout_ms"
         )
+
+
+def _validate_cluster_section(config: Config) -> None:
+    cluster = config.cluster
+    roles = set(config.node.roles)
+    if not cluster.metadata:
+        raise ConfigError("cluster.metadata: list the metadata nodes' cluster addresses")
+    if not config.node.id:
+        raise ConfigError("node.id: every node of a cluster needs an id")
+    for key in ("cert", "key", "ca"):
+        if not getattr(config.tls, key):
+            raise ConfigError(
+                f"tls.{key}: node-to-node traffic is mutual TLS; give the node's cert, key "
+                "and the cluster CA (`mqd certs init` / `mqd certs issue` make them)"
+            )
     if "frontend" not in roles and "backend" not in roles and "metadata" not in roles:
         raise ConfigError("node.roles: name at least one role")
 

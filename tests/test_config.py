@@ -50,6 +50,10 @@ def test_single_toml_lists_every_key_with_its_default():
         ("[tls]\nca = '/nonexistent.pem'\n", "tls.ca needs tls.cert and tls.key"),
         # It started, then refused every message (review).
         ("[storage]\nrecord_bytes_max = 100\n", "below limits.message_bytes_max"),
+        # A single node took these silently (review).
+        ("[cluster]\nvnodes = -1\n", "cluster.vnodes"),
+        ("[cluster]\nadvertise = 'bogus'\n", "cluster.advertise"),
+        ("[storage]\nfsync_interval_ms = 1000000000000\n", "storage.fsync_interval_ms"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, named):

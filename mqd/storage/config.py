@@ -76,6 +76,18 @@ class StorageConfig:
             )
         if self.record_bytes_max >= 2**32 - 64:
             raise ConfigError("storage.record_bytes_max must be below 4 GiB")
+        # Upper bounds where a huge value silently disables what the key is for.
+        ceilings = {
+            # "interval" acknowledged writes then never fsynced them (10**12 was taken).
+            "fsync_interval_ms": 60_000,
+            # A segment that never fills is never rolled, so retention never reclaims.
+            "segment_bytes_max": 64 * 2**30,
+        }
+        for key, ceiling in ceilings.items():
+            if getattr(self, key) > ceiling:
+                raise ConfigError(
+                    f"storage.{key} must be at most {ceiling}, not {getattr(self, key)}"
+                )
         if not isinstance(self.encryption_key_file, str):
             raise ConfigError("storage.encryption_key_file must be a path (a string)")
         old = self.encryption_old_key_files
