@@ -48,7 +48,9 @@ def _storage(args: argparse.Namespace) -> int:
             if path.exists()
             else f"no such directory {args.dir!r}"
         )
-        raise ConfigError(f"DIR: {problem} (the node's data directory, its [storage] data_dir)")
+        raise ConfigError(
+            f"DIR: {problem} (the node's data directory: node.data_dir, or --data-dir)"
+        )
     if args.storage_command == "verify":
         # On a running node it reads a log and an index that move under it, and reports
         # damage that is not there (an index checkpoint past the log's end it has read).

@@ -115,13 +115,13 @@ class Config:
         if self.auth.required:
             return True
         host, _ = parse_address(self.frontend.listen, key="frontend.listen")
-        return not _is_loopback(host) and not self.frontend.insecure
+        return not is_loopback(host) and not self.frontend.insecure
 
     @property
     def insecure_exposed(self) -> bool:
         """A client port beyond loopback served as `insecure` (warned about at every start)."""
         host, _ = parse_address(self.frontend.listen, key="frontend.listen")
-        return not _is_loopback(host) and self.frontend.insecure
+        return not is_loopback(host) and self.frontend.insecure
 
     def validate(self) -> None:
         if not self.node.data_dir.strip():
@@ -163,7 +163,7 @@ class Config:
             path = getattr(self.tls, key)
             if path and not Path(path).is_file():
                 raise ConfigError(f"tls.{key}: no such file {path!r}")
-        if not self.tls.cert and not _is_loopback(host) and not self.frontend.insecure:
+        if not self.tls.cert and not is_loopback(host) and not self.frontend.insecure:
             raise ConfigError(
                 f"frontend.listen: {self.frontend.listen} is not a loopback address; it needs "
                 "TLS and authentication: set [tls] cert/key (authentication then is on), "
@@ -270,7 +270,7 @@ def parse_address(text: str, *, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -24,7 +24,7 @@ import structlog
 from mqd.auth import AuthCatalog, Authenticator
 from mqd.backend import BackendRole
 from mqd.clock import SystemClock
-from mqd.config import Config, parse_address
+from mqd.config import Config, is_loopback, parse_address
 from mqd.errors import ConfigError
 from mqd.frontend import FrontendRole
 from mqd.log import configure_logging
@@ -346,6 +346,14 @@ async def _serve_metrics(config: Config, metrics: NodeMetrics) -> asyncio.Server
             f"metrics.listen: cannot listen on {config.metrics.listen}: {exc.strerror}"
         ) from None
     log.info("metrics.listening", address=address, path="/metrics")
+    if not is_loopback(host):
+        # Plain HTTP with no authentication: queue names and traffic for anyone who asks.
+        log.warning(
+            "metrics.exposed",
+            address=address,
+            hint="the metrics endpoint has no TLS or authentication; keep it on a "
+            "trusted network or behind a proxy that adds them",
+        )
     return server
 
 
