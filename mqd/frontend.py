@@ -962,7 +962,7 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
         )
     message_bytes_max = record.max_message_bytes
     fifo = record.attributes.get("fifo", False)
-    retention_ms = round(record.attributes.get("retention", 0) * 1000) or None
+    retention_ms = record.retention_ms
     for position, entry in enumerate(entries):
         size = len(entry.body)
         attributes = entry.attributes
@@ -982,12 +982,12 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
             raise MessageTooLarge(
                 f"entry {position}: {size} bytes (body + attributes); the queue's max_message_bytes is {message_bytes_max}"
             )
-        if entry.delay_ms != DELAY_NONE:
+        if entry.delay_ms and entry.delay_ms != DELAY_NONE:  # (0, the usual: the queue's)
             if entry.delay_ms > limits.delay_ms_max:
                 raise InvalidArgument(
                     f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={limits.delay_ms_max}"
                 )
-            if retention_ms is not None and entry.delay_ms >= retention_ms:
+            if entry.delay_ms >= retention_ms:
                 raise InvalidArgument(
                     f"entry {position}: delay_ms {entry.delay_ms} is not shorter than the queue's "
                     f"retention ({retention_ms} ms): the message would expire before it could be received"

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +56,10 @@ class QueueRecord:
     @property
     def delay_ms(self) -> int:
         return int(self.attributes["delay"] * 1000)
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.attributes["retention"] * 1000)
 
     @property
     def max_message_bytes(self) -> int:
@@ -239,7 +242,7 @@ class MetadataRole:
     async def _create_queue(
         self, name: str, attributes: dict[str, Any], exist_ok: bool
     ) -> tuple[QueueRecord, bool]:
-        async with self._names_locked(name, _redrive_target(attributes)):
+        async with _locked(self._name_locks, name, _redrive_target(attributes)):
             return await self._create_queue_locked(name, attributes, exist_ok)
 
     async def _create_queue_locked(
@@ -281,12 +284,8 @@ class MetadataRole:
         log.info("queue.created", queue=name, queue_id=record.queue_id.hex())
         return record, True
 
-    def _names_locked(self, *names: str | None) -> AbstractAsyncContextManager[None]:
-        return _locked(self._name_locks, *names)
-
     def _check_redrive_target(self, name: str, attributes: dict[str, Any]) -> None:
-        policy = attributes.get("redrive_policy") or {}
-        target_name = policy.get("dead_letter_queue")
+        target_name = _redrive_target(attributes)
         if not target_name:
             return
         if target_name == name:
@@ -307,11 +306,11 @@ class MetadataRole:
         return sorted(
             record.name
             for record in self._queues.values()
-            if (record.attributes.get("redrive_policy") or {}).get("dead_letter_queue") == name
+            if _redrive_target(record.attributes) == name
         )
 
     async def delete_queue(self, name: str) -> QueueRecord:
-        async with self._names_locked(name):
+        async with _locked(self._name_locks, name):
             return await self._delete_queue_locked(name)
 
     async def _delete_queue_locked(self, name: str) -> QueueRecord:
@@ -333,7 +332,7 @@ class MetadataRole:
         return record
 
     async def set_attributes(self, name: str, attributes: dict[str, Any]) -> QueueRecord:
-        async with self._names_locked(name, _redrive_target(attributes)):
+        async with _locked(self._name_locks, name, _redrive_target(attributes)):
             return await self._set_attributes_locked(name, attributes)
 
     async def _set_attributes_locked(self, name: str, attributes: dict[str, Any]) -> QueueRecord:

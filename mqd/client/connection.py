@@ -281,8 +281,8 @@ class Connection:
             self._in_flight += 1
         else:
             await self._wait_for_slot()
-        if self._keepalive_task is None and self.keepalive_s > 0:
-            self._keepalive_task = self._loop.create_task(self._keep_alive())
+        if self._keepalive_task is None:
+            self._watch()
         seconds = self.request_timeout_s if timeout_s is None else timeout_s
         try:
             protocol = self._protocol
@@ -445,9 +445,14 @@ class Connection:
             sid = _next_free_id(sid, listeners)
         self._next_subscription_id = sid
         listeners[sid] = listener
-        if self.keepalive_s > 0 and self._keepalive_task is None:
-            self._keepalive_task = self._loop.create_task(self._keep_alive())
+        if self._keepalive_task is None:
+            self._watch()
         return sid
+
+    def _watch(self) -> None:
+        """Start the keepalive (unless it is off), which ends when nothing waits."""
+        if self.keepalive_s > 0:
+            self._keepalive_task = self._loop.create_task(self._keep_alive())
 
     async def _keep_alive(self) -> None:
         """While subscriptions are open or requests wait, make sure the link still

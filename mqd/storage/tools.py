@@ -21,7 +21,7 @@ import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from mqd.errors import ConfigError
 from mqd.storage import records as rec
@@ -113,6 +113,11 @@ def verify(path: Path, keys: Keyring | None = None) -> VerifyReport:
     return VerifyReport([_verify_partition(p, keys) for p in find_partitions(Path(path))])
 
 
+def _missing_keys(scan: Any, keys: Keyring) -> list[int]:
+    """The ids of the keys a scanned segment is sealed with that `keys` does not hold."""
+    return sorted(k for k in {scan.key_id, *scan.key_ids} - {0} if not keys.get(k))
+
+
 def _verify_partition(part: Path, keys: Keyring | None = None) -> PartitionReport:
     report = PartitionReport(part)
     live: dict[int, tuple[int, int, int]] = {}  # offset -> (segment base, position, size)
@@ -131,8 +136,7 @@ def _verify_partition(part: Path, keys: Keyring | None = None) -> PartitionRepor
             report.problems.append(f"{seg_path.name}: bytes {start}-{end} damaged ({why}, {where})")
         report.records += scan.records
         report.log_end = max(report.log_end, base, scan.last_offset + 1)
-        missing = sorted(k for k in {scan.key_id, *scan.key_ids} - {0} if keys and not keys.get(k))
-        for key_id in missing:
+        for key_id in _missing_keys(scan, keys) if keys else ():
             report.problems.append(f"{seg_path.name}: sealed with key {format_key_id(key_id)}, "
                                    "which no --key-file holds")  # fmt: skip
         for pos, size, rtype, _off in found:
@@ -336,7 +340,7 @@ async def rebuild_index_async(path: Path, config: StorageConfig | None = None) -
     for part in parts:
         for base, seg_path in list_segments(part):
             scan, _ = scan_segment(seg_path, seg_path.read_bytes(), _RECORD_BYTES_MAX, base)
-            missing = sorted(k for k in {scan.key_id, *scan.key_ids} - {0} if not keys.get(k))
+            missing = _missing_keys(scan, keys)
             if missing:
                 raise ConfigError(
                     f"{seg_path}: sealed with key {format_key_id(missing[0])}, which this "
