@@ -212,7 +212,7 @@ class FrontendRole:
             outcome=outcome,
         )
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "server_version": __version__,
@@ -222,7 +222,7 @@ class FrontendRole:
             "requests_total": self.requests_total,
             "subscriptions": sum(len(conn.subscriptions) for conn in self.connections),
             **self.router.catalog.stats(),
-            **({"metrics": self.metrics.snapshot()} if self.metrics is not None else {}),
+            **({"metrics": await self.metrics.snapshot()} if self.metrics is not None else {}),
         }
 
 
@@ -1214,7 +1214,7 @@ async def handle_decommission(
 async def handle_stats(
     conn: ClientConnection, request: messages.StatsRequest
 ) -> messages.StatsResponse:
-    stats = conn.frontend.stats()
+    stats = await conn.frontend.stats()
     # A cluster frontend adds the other nodes' own figures (protocol.md §4.15).
     nodes = await conn.frontend.router.catalog.node_stats(conn.frontend.node_id)
     if nodes is not None:

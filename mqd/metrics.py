@@ -4,19 +4,24 @@ Counters and histograms are updated on the hot path by a handful of calls per
 request or commit group (never per message); per-queue gauges are read from
 the partitions when `/metrics` is scraped. The same figures answer the STATS
 op, so `mqd shell stats` and a Prometheus server see one truth.
+
+A scrape runs on the event loop, and with a thousand queues prometheus-client
+takes about 0.1 s to format the nine thousand samples. So a scrape reads every
+figure at once (one consistent view, a few µs per partition) and then builds
+and formats the samples a slice at a time, giving the loop back between
+slices: requests wait for a slice (a few ms), not for the whole scrape.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mqd.storage import fs
 
@@ -28,11 +33,14 @@ _LATENCY_BUCKETS_S = (
 _GROUP_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _HTTP_REQUEST_BYTES_MAX = 8192
 _HTTP_TIMEOUT_S = 5.0
+# Samples formatted between two yields to the event loop (about 14 µs each).
+_SAMPLES_PER_SLICE = 256
 
 
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._queues: _QueueFamilies | None = None
         registry = self.registry
         self.request_seconds = Histogram(
             "mqd_request_seconds", "Time to answer a request, by op.", ["op"],
@@ -81,12 +89,21 @@ class NodeMetrics:
     def watch_queues(self, partitions: Callable[[], Iterable[Any]]) -> None:
         """Per-queue gauges, read from `partitions()` (objects with .name,
         .partition_index, .stats(), and optionally .replication) at each scrape."""
-        self.registry.register(_QueueCollector(partitions))
+        self._queues = _QueueFamilies(partitions)
 
-    def snapshot(self) -> dict[str, float]:
+    async def _slices(self) -> AsyncIterator[tuple[Metric, bool]]:
+        """Every metric family as (family, first): the node's whole, the queues'
+        a slice of partitions at a time, with the loop given back between."""
+        for family in self.registry.collect():
+            yield family, True
+        if self._queues is not None:
+            async for part, first in self._queues.slices():
+                yield part, first
+
+    async def snapshot(self) -> dict[str, float]:
         """Every sample as {"name{label=value,…}": value}: what STATS reports."""
         figures: dict[str, float] = {}
-        for family in self.registry.collect():
+        async for family, _first in self._slices():
             for sample in family.samples:
                 if sample.name.endswith("_created"):
                     continue
@@ -94,8 +111,15 @@ class NodeMetrics:
                 figures[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
         return figures
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    async def exposition(self) -> bytes:
+        """The Prometheus text format, each slice formatted by prometheus-client;
+        a family's later slices drop the HELP and TYPE lines its first carried,
+        so the text is what one call over whole families would have made."""
+        chunks: list[bytes] = []
+        async for family, first in self._slices():
+            text = generate_latest(_Families([family]))
+            chunks.append(text if first else text.split(b"\n", 2)[2])
+        return b"".join(chunks)
 
     async def serve(self, host: str, port: int) -> tuple[asyncio.Server, str]:
         """A minimal HTTP/1.0 endpoint: GET /metrics in the Prometheus text format."""
@@ -117,7 +141,7 @@ class NodeMetrics:
             body = b"not found: try GET /metrics\n"
             head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
         elif method in (b"GET", b"HEAD"):
-            body = self.exposition()
+            body = await self.exposition()
             head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
         else:
             body = b"method not allowed: try GET /metrics\n"
@@ -145,39 +169,65 @@ _QUEUE_COUNTERS = {
 }
 
 
-class _QueueCollector(Collector):
+class _Families:
+    """Families already collected, in the shape `generate_latest` reads."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class _QueueFamilies:
     def __init__(self, partitions: Callable[[], Iterable[Any]]) -> None:
         self._partitions = partitions
 
-    def collect(self) -> Iterable[Any]:
-        labels = ["queue", "partition"]
-        gauges = {
-            key: GaugeMetricFamily(name, doc, labels=labels)
-            for key, (name, doc) in _QUEUE_GAUGES.items()
-        }
-        counters = {
-            key: CounterMetricFamily(name, doc, labels=labels)
-            for key, (name, doc) in _QUEUE_COUNTERS.items()
-        }
-        lag = GaugeMetricFamily(
-            "mqd_replication_lag_records",
-            "Records a follower is behind its leader (from the leader's view).",
-            labels=["queue", "partition", "replica"],
-        )
+    def _read(
+        self,
+    ) -> tuple[list[tuple[tuple[str, ...], dict[str, Any]]], list[tuple[tuple[str, ...], float]]]:
+        """Every partition's figures in one pass: the families agree, and no
+        partition closes between slices. Tuples and dicts of strings and numbers
+        only, which the collector stops tracking: they are alive for the whole
+        scrape and would otherwise count toward a full collection."""
+        rows = []
+        lags = []
         for partition in self._partitions():
-            values = [partition.name, str(partition.partition_index)]
-            stats = partition.stats()
-            for key, family in gauges.items():
-                family.add_metric(values, float(stats.get(key, 0)))
-            for key, family in counters.items():
-                family.add_metric(values, float(stats.get(key, 0)))
+            values = (partition.name, str(partition.partition_index))
+            rows.append((values, partition.stats()))
             replication = getattr(partition, "replication", None)
             if replication is not None:
                 end = replication.store.next_offset
                 for replica in replication.replicas:
                     if replica != replication.node_id:
                         behind = max(0, end - replication.acked.get(replica, 0))
-                        lag.add_metric([*values, replica], float(behind))
-        yield from gauges.values()
-        yield from counters.values()
-        yield lag
+                        lags.append(((*values, replica), float(behind)))
+        return rows, lags
+
+    async def slices(self) -> AsyncIterator[tuple[Metric, bool]]:
+        # Only a slice's samples are alive at once: a scrape that built all of
+        # them first kept ~27k objects past two young collections, and each
+        # such scrape brought on a full one (100 ms with 1,000 queues).
+        rows, lags = self._read()
+        labels = ["queue", "partition"]
+        for kind, specs in (
+            (GaugeMetricFamily, _QUEUE_GAUGES),
+            (CounterMetricFamily, _QUEUE_COUNTERS),
+        ):
+            for key, (name, doc) in specs.items():
+                for start in range(0, max(len(rows), 1), _SAMPLES_PER_SLICE):
+                    family = kind(name, doc, labels=labels)
+                    for values, stats in rows[start : start + _SAMPLES_PER_SLICE]:
+                        family.add_metric(values, float(stats.get(key, 0)))
+                    yield family, start == 0
+                    await asyncio.sleep(0)
+        for start in range(0, max(len(lags), 1), _SAMPLES_PER_SLICE):
+            family = GaugeMetricFamily(
+                "mqd_replication_lag_records",
+                "Records a follower is behind its leader (from the leader's view).",
+                labels=["queue", "partition", "replica"],
+            )
+            for values, behind in lags[start : start + _SAMPLES_PER_SLICE]:
+                family.add_metric(values, behind)
+            yield family, start == 0
+            await asyncio.sleep(0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import struct
 
+from prometheus_client.parser import text_string_to_metric_families
+
 import mqd.client
 from mqd.launcher import allocate_ports
 from mqd.protocol import codec, messages
@@ -161,3 +163,42 @@ async def test_a_nodes_storage_counters_never_go_back_when_a_queue_is_deleted(cl
         assert after[counter] >= before[counter], counter
     assert after["messages_appended"] == 11
     assert after["live_messages"] == 1  # a gauge: the deleted queue's are gone
+
+
+async def test_a_scrape_of_many_partitions_lists_each_family_once_with_every_partition(
+    server_factory, tmp_path
+):
+    # 258 partitions: more than one slice (256) of samples per family, so the
+    # families are built and formatted in parts that must join into one each.
+    (metrics_port,) = allocate_ports(1)
+    metrics_address = f"127.0.0.1:{metrics_port}"
+    config = tmp_path / "metrics.toml"
+    config.write_text(f'[metrics]\nlisten = "{metrics_address}"\n')
+    server = server_factory("many", config=config)
+    widths = {"wide-0": 64, "wide-1": 64, "wide-2": 64, "wide-3": 64, "narrow": 2}
+    async with await mqd.client.connect(server.address) as client:
+        await asyncio.gather(
+            *(client.create_queue(name, partitions=width) for name, width in widths.items())
+        )
+        await client.queue("wide-3").send_batch([b"x"] * 7)
+        stats = await client.stats()
+
+    status, body = await http_get(metrics_address, "/metrics")
+    assert status == 200
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    expected = {(name, str(index)) for name, width in widths.items() for index in range(width)}
+    for name in ("mqd_queue_visible", "mqd_queue_sent", "mqd_queue_oldest_message_age_seconds"):
+        assert body.count(f"# HELP {name}") == 1
+        assert body.count(f"# TYPE {name}") == 1
+        samples = families[name].samples
+        assert len(samples) == 258
+        assert {(s.labels["queue"], s.labels["partition"]) for s in samples} == expected
+    visible = {
+        (s.labels["queue"], s.labels["partition"]): s.value
+        for s in families["mqd_queue_visible"].samples
+    }
+    assert sum(visible.values()) == 7
+    assert sum(v for (queue, _), v in visible.items() if queue == "wide-3") == 7
+    # STATS reads the same slices.
+    sent = {k: v for k, v in stats["metrics"].items() if k.startswith("mqd_queue_sent_total{")}
+    assert len(sent) == 258 and sum(sent.values()) == 7

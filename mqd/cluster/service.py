@@ -124,7 +124,7 @@ class ClusterServer(FrontendRole):
             self.backend_service.backend.stop_long_polls()
         await self.finish(timeout_s)
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
             "node_id": self.node_id,
             "server_version": __version__,
@@ -137,14 +137,14 @@ class ClusterServer(FrontendRole):
         if self.view is not None:
             stats["cluster"] = self.view.describe()
         if self.metrics is not None:
-            stats["metrics"] = self.metrics.snapshot()
+            stats["metrics"] = await self.metrics.snapshot()
         return stats
 
 
 async def handle_node_stats(
     conn: ClientConnection, request: messages.StatsRequest
 ) -> messages.StatsResponse:
-    return messages.StatsResponse(stats=conn.frontend.stats())
+    return messages.StatsResponse(stats=await conn.frontend.stats())
 
 
 # --- metadata ops ------------------------------------------------------------------
