@@ -146,6 +146,7 @@ class BackendRole:
             partition.dead_letter_queue = redrive.get("dead_letter_queue", "")
             partition.max_receive_count = int(redrive.get("max_receive_count", 0))
             partition.dead_letter_sink = self.moved_sink
+            partition.dead_letter_retry_at_ms = 0  # a new policy is tried at once
 
     def bind_catalog(self, lookup: Callable[[str], QueueRecord]) -> None:
         """Where queue names resolve (dead-letter and redrive targets)."""

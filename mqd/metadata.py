@@ -193,7 +193,8 @@ class MetadataRole:
             target = _redrive_target(record.attributes)
             if target and target not in self._queues:
                 # Possible in a catalog written before changes were serialized: the
-                # queue's messages due to move fail its RECEIVEs until this is fixed.
+                # queue's messages due to move are delivered as usual (each failed
+                # move logged) until this is fixed.
                 log.error(
                     "queue.dead_letter_queue_missing",
                     queue=record.name,

@@ -42,7 +42,7 @@ import structlog
 
 from mqd import stages
 from mqd.clock import SystemClock
-from mqd.errors import ErrorCode, MqdError, QueueNotFound
+from mqd.errors import ErrorCode, MqdError, QueueNotFound, ServerError
 from mqd.protocol.messages import DELAY_NONE, DeliveredMessage, EntryFailure, SendEntry
 from mqd.receipts import ReceiptSigner, message_id
 from mqd.storage import Lease, MessageMeta, NewMessage, PartitionStore, StoredMessage
@@ -56,6 +56,10 @@ PRIORITIES = 10
 MOVING_MS = (1 << 62) - 1
 # Receives that find only messages due for dead-lettering try again this often.
 _DEAD_LETTER_ROUNDS_MAX = 16
+# After a move to the dead-letter queue fails (the queue gone, its leader down),
+# messages past max_receive_count are delivered as usual for this long, then the
+# move is tried again: one unmovable message must not stop its partition.
+DEAD_LETTER_RETRY_MS = 30_000
 _DELIVERY_OVERHEAD_BYTES = 256
 
 DeadLetterSink = Callable[[str, list[NewMessage]], Awaitable[None]]
@@ -113,6 +117,8 @@ class Partition:
         self.dead_letter_queue = ""
         self.max_receive_count = 0
         self.dead_letter_sink: DeadLetterSink | None = None
+        # Until then, no move to the dead-letter queue is tried (the last one failed).
+        self.dead_letter_retry_at_ms = 0
         # Set by a cluster backend on a replicated partition it leads.
         self.replication: Any = None
         # The leader's epoch, signed into receipts; receipts from before
@@ -744,36 +750,55 @@ class Partition:
         its FIFO group would list the group as ready again, and a second RECEIVE take
         the same messages (delivered twice, two of a group in flight)."""
         limit = self.max_receive_count
+        if self._now_ms() < self.dead_letter_retry_at_ms:
+            return False
         doomed = [meta for meta in taken if meta.receive_count >= limit]
         if not doomed:
             return False
         self._give_back([meta for meta in taken if meta.receive_count < limit])
-        if self.fifo:
-            # A group's later messages wait until its head has left for the DLQ.
-            moved_groups.update(meta.group_id for meta in doomed)
+        # A group's later messages wait until its head has left for the DLQ.
+        held = {meta.group_id for meta in doomed} - moved_groups if self.fifo else set()
+        moved_groups |= held
         try:
             await self._dead_letter(doomed)
-        except Exception:
-            log.exception("dead_letter.failed", queue=self.name, count=len(doomed))
-            raise
+        except MqdError as exc:
+            # The doomed are back in line: the receive takes again and, until the
+            # retry, delivers them as usual (as SQS does while its DLQ is missing).
+            moved_groups -= held
+            self.dead_letter_retry_at_ms = self._now_ms() + DEAD_LETTER_RETRY_MS
+            log.error(
+                "dead_letter.failed",
+                queue=self.name,
+                partition=self.partition_index,
+                dead_letter_queue=self.dead_letter_queue,
+                count=len(doomed),
+                code=exc.code.name if isinstance(exc, ServerError) else type(exc).__name__,
+                error=str(exc),
+                retry_in_s=DEAD_LETTER_RETRY_MS // 1000,
+                hint="messages past max_receive_count are delivered as usual until a "
+                "move works: create the dead-letter queue or change the redrive_policy",
+            )
         return True
 
     async def _dead_letter(self, doomed: list[MessageMeta]) -> None:
         sink = self.dead_letter_sink
         target = self.dead_letter_queue
-        if sink is None or not target:
-            raise QueueNotFound(f"queue {self.name!r} has no dead-letter queue configured")
         for meta in doomed:
             if meta.visible_at_ms != MOVING_MS:
                 if meta.visible_at_ms:
                     self._on_unleased(meta)
                 meta.visible_at_ms = MOVING_MS
                 self._on_leased(meta)
-        # 1. Mark durably, so a crash from here on is finished by `recover_moves`.
-        await self.store.lease(
-            [Lease(m.offset, m.receive_count, MOVING_MS, m.first_received_at_ms) for m in doomed]
-        )
         try:
+            if sink is None or not target:
+                raise QueueNotFound(f"queue {self.name!r} has no dead-letter queue configured")
+            # 1. Mark durably, so a crash from here on is finished by `recover_moves`.
+            await self.store.lease(
+                [
+                    Lease(m.offset, m.receive_count, MOVING_MS, m.first_received_at_ms)
+                    for m in doomed
+                ]
+            )
             stored = await self.store.read([meta.offset for meta in doomed])
             # 2. Append to the DLQ (durable). 3. Delete here (durable).
             await sink(

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import mqd.client
-from mqd.errors import InvalidArgument, QueueNotFound
+from mqd.errors import InvalidArgument
 
 
 async def test_partitioned_queue_send_receive_ack_peek(server):
@@ -176,11 +176,12 @@ async def test_a_peek_answer_stays_within_one_frame_and_pages_on(server, partiti
         assert len(seen) == len(set(seen)) == 40
 
 
-async def test_a_receive_that_fails_on_one_partition_returns_what_the_others_gave(server):
+async def test_a_queue_whose_dead_letter_queue_is_gone_delivers_as_usual_until_fixed(server):
     # A queue whose dead-letter queue is gone (a catalog from before changes were
-    # serialized) fails the RECEIVE of a partition holding a message due to move.
-    # The messages the other partitions had leased to that RECEIVE were stranded in
-    # flight for the whole visibility timeout, and counted as deliveries.
+    # serialized): the RECEIVE of a partition holding a message due to move failed
+    # QUEUE_NOT_FOUND, every time, so that partition's healthy messages were stuck
+    # behind it. Now the failed move is logged and the messages are delivered as
+    # usual until a move works (tried again after 30 s, or at a policy change).
     async with await mqd.client.connect(server.address) as client:
         await client.create_queue("gone-dlq")
         policy = {"dead_letter_queue": "gone-dlq", "max_receive_count": 1}
@@ -198,19 +199,33 @@ async def test_a_receive_that_fails_on_one_partition_returns_what_the_others_gav
     assert any("queue.dead_letter_queue_missing" in line for line in server.log_lines)
     async with await mqd.client.connect(server.address) as client:
         source = client.queue("src4")
-        healthy = []
+        got = []
         for _ in range(40):
-            try:
-                got = await source.receive(max_messages=10, wait=0)
-            except QueueNotFound:
-                continue  # only a partition with nothing else to give fails
-            assert all(m.body.startswith(b"healthy") for m in got)
-            healthy += got
-            await source.ack(*got)
-            if len(healthy) == 8:
+            got += await source.receive(max_messages=10, wait=0)
+            if len(got) == 16:
                 break
-        assert len(healthy) == 8
-        assert (await source.stats())["in_flight"] == 0
+        assert sorted(m.body for m in got) == sorted(
+            [b"poison-%d" % i for i in range(8)] + [b"healthy-%d" % i for i in range(8)]
+        )
+        assert {m.receive_count for m in got if m.body.startswith(b"poison")} == {2}
+        failed = [line for line in server.log_lines if '"dead_letter.failed"' in line]
+        assert failed and all('"QUEUE_NOT_FOUND"' in line for line in failed)
+        assert len(failed) <= 4  # once per partition, not once per receive
+
+        # Fixed by a new policy: the next receive moves them, without waiting 30 s.
+        poison = [m for m in got if m.body.startswith(b"poison")]
+        await source.ack(*[m for m in got if m.body.startswith(b"healthy")])
+        await source.change_visibility_many(poison, 0)
+        dlq = await client.create_queue("new-dlq")
+        await client.set_queue_attributes(
+            "src4", redrive_policy={"dead_letter_queue": "new-dlq", "max_receive_count": 1}
+        )
+        assert await source.receive(max_messages=10, wait=0) == []
+        moved = await dlq.receive(max_messages=10, wait=1)
+        while len(moved) < 8:
+            moved += await dlq.receive(max_messages=10, wait=1)
+        assert sorted(m.body for m in moved) == sorted(m.body for m in poison)
+        assert (await source.stats())["visible"] == 0
 
 
 def test_admin_placement_on_a_single_node_says_there_is_none(server):
