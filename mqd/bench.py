@@ -65,7 +65,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from mqd.errors import ConfigError, MqdError, ServerError
+from mqd.errors import ConfigError, MqdError, QueueNotFound, ServerError
 
 if TYPE_CHECKING:
     # The client is imported when a benchmark runs, so `mqd serve` never depends on it.
@@ -144,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--messages",
         type=int,
-        default=100_000,
+        default=None,
         metavar="N",
         help="messages to send and receive, per phase of w1, w3 and custom (default 100000)",
     )
@@ -158,49 +158,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--producers",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
         help="custom: producer tasks, one connection each (default 1)",
     )
     parser.add_argument(
         "--consumers",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
         help="custom: consumer tasks, one connection each (default 1)",
     )
     parser.add_argument(
         "--batch",
         type=int,
-        default=1000,
+        default=None,
         metavar="N",
         help="messages per send_batch window and per receive (default 1000)",
     )
     parser.add_argument(
         "--rate",
         type=float,
-        default=1000.0,
+        default=None,
         metavar="MSGS_PER_S",
         help="w2: scheduled sends per second (default 1000)",
     )
     parser.add_argument(
         "--duration",
         type=float,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
         help="w2: how long to send (default 10)",
     )
     parser.add_argument(
         "--in-flight-max",
         type=int,
-        default=1000,
+        default=None,
         metavar="N",
         help="w2: at most this many sends unanswered; a slot beyond it is missed (default 1000)",
     )
     parser.add_argument(
         "--w2-consumer",
         choices=("poll", "push"),
-        default="poll",
+        default=None,
         help="w2: the consumer long-polls `receive(max_messages=100, wait=1)` (poll, the "
         "comparison's shape) or takes pushed messages from `queue.consume(prefetch=100)` "
         "(push, SUBSCRIBE; each message acked without holding up the next) (default poll)",
@@ -245,6 +245,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+# The workloads that read a workload-specific option (others refuse it).
+_OPTION_WORKLOADS = {
+    "--messages": ("w1", "w3", "all", "custom"),
+    "--batch": ("w1", "w3", "all", "custom"),
+    "--producers": ("custom",),
+    "--consumers": ("custom",),
+    "--rate": ("w2", "all"),
+    "--duration": ("w2", "all"),
+    "--in-flight-max": ("w2", "all"),
+    "--w2-consumer": ("w2", "all"),
+}
+
+
 @dataclass(slots=True)
 class BenchConfig:
     address: str = "127.0.0.1:6470"
@@ -264,6 +277,9 @@ class BenchConfig:
     in_flight_max: int = 1000
     w2_consumer: str = "poll"
     server_pids: tuple[int, ...] = ()
+    # The workload-specific options given on the command line: one the workload
+    # does not use is refused rather than silently ignored.
+    given: frozenset[str] = frozenset()
 
     def validate(self) -> None:
         checks = (
@@ -292,6 +308,13 @@ class BenchConfig:
             raise ConfigError(
                 f"--rate x --duration must give 1 to {W2_SLOTS_MAX} messages, got {self.w2_slots}"
             )
+        for option in sorted(self.given):
+            uses = _OPTION_WORKLOADS.get(option, WORKLOADS)
+            if self.workload not in uses:
+                raise ConfigError(
+                    f"{option} does not apply to --workload {self.workload}; it applies to "
+                    + ", ".join(uses)
+                )
         if self.queue is not None and self.workload != "custom":
             raise ConfigError(
                 "--queue works with --workload custom only (w1, w2 and w3 make fresh queues)"
@@ -797,8 +820,18 @@ async def run_bench(
     state = _State(cfg.messages, bytearray(cfg.messages))
     try:
         control = await session.open()
-        await control.create_queue(name, exist_ok=not own_queue)
-        if not own_queue:
+        if own_queue:
+            await control.create_queue(name)
+        else:
+            try:
+                await control.get_queue(name)
+            except QueueNotFound:
+                # Made here, it would be left behind with default attributes, which
+                # is rarely the queue meant to be measured.
+                raise ConfigError(
+                    f"--queue {name}: no such queue; create it with the attributes to "
+                    "measure first, or leave --queue out for a fresh queue"
+                ) from None
             # Bench acks whatever it receives: on a queue of the user's that would
             # delete their messages (and count them as from elsewhere).
             held = await _leftovers_count(control.queue(name))
@@ -1404,24 +1437,40 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             tls = ssl.create_default_context(cafile=args.tls_ca)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"--tls-ca: cannot load {args.tls_ca!r}: {exc}") from exc
+    given = {
+        option: value
+        for option, value in (
+            ("--messages", getattr(args, "messages", None)),
+            ("--batch", getattr(args, "batch", None)),
+            ("--producers", getattr(args, "producers", None)),
+            ("--consumers", getattr(args, "consumers", None)),
+            ("--rate", getattr(args, "rate", None)),
+            ("--duration", getattr(args, "duration", None)),
+            ("--in-flight-max", getattr(args, "in_flight_max", None)),
+            ("--w2-consumer", getattr(args, "w2_consumer", None)),
+        )
+        if value is not None
+    }
+    defaults = BenchConfig()
     cfg = BenchConfig(
         address=args.address,
-        messages=args.messages,
+        messages=given.get("--messages", defaults.messages),
         size=args.size,
-        producers=args.producers,
-        consumers=args.consumers,
-        batch=args.batch,
+        producers=given.get("--producers", defaults.producers),
+        consumers=given.get("--consumers", defaults.consumers),
+        batch=given.get("--batch", defaults.batch),
         queue=args.queue,
         timeout_s=args.timeout,
         token=getattr(args, "token", None),
         tls=tls,
         workload=getattr(args, "workload", "custom"),
         repeats=getattr(args, "repeats", 1),
-        rate_per_s=getattr(args, "rate", 1000.0),
-        duration_s=getattr(args, "duration", 10.0),
-        in_flight_max=getattr(args, "in_flight_max", 1000),
-        w2_consumer=getattr(args, "w2_consumer", "poll"),
+        rate_per_s=given.get("--rate", defaults.rate_per_s),
+        duration_s=given.get("--duration", defaults.duration_s),
+        in_flight_max=given.get("--in-flight-max", defaults.in_flight_max),
+        w2_consumer=given.get("--w2-consumer", defaults.w2_consumer),
         server_pids=tuple(getattr(args, "server_pid", None) or ()),
+        given=frozenset(given),
     )
     cfg.validate()
     return cfg

@@ -73,6 +73,16 @@ async def test_bench_refuses_a_named_queue_that_holds_messages(server):
         assert stats["visible"] == 1 and stats["acked_total"] == 0 and stats["sent_total"] == 1
 
 
+async def test_bench_refuses_a_named_queue_that_does_not_exist(server):
+    # It used to make one, with default attributes, and leave it behind.
+    done = _bench(server.address, "--messages", "100", "--queue", "typo", "--json")
+    assert done.returncode == 1
+    result = json.loads(done.stdout)
+    assert result["ok"] is False and "no such queue" in result["error"]
+    async with await mqd.client.connect(server.address) as client:
+        assert "typo" not in await client.list_queues()
+
+
 def test_bench_rejects_bad_options():
     done = _bench("127.0.0.1:1", "--size", "8", timeout_s=30)
     assert done.returncode == 2

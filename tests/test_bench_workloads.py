@@ -239,7 +239,12 @@ def test_custom_shape_gains_cpu_figures(server):
         (("--repeats", "0"), "--repeats"),
         (("--rate", "0", "--workload", "w2"), "--rate"),
         (("--duration", "-1", "--workload", "w2"), "--duration"),
-        (("--in-flight-max", "0"), "--in-flight-max"),
+        (("--in-flight-max", "0", "--workload", "w2"), "--in-flight-max"),
+        # An option the workload does not read is refused, not silently ignored.
+        (("--duration", "5", "--workload", "w1"), "--duration does not apply to --workload w1"),
+        (("--rate", "50", "--workload", "w3"), "--rate does not apply"),
+        (("--producers", "4", "--workload", "w2"), "--producers does not apply"),
+        (("--messages", "10", "--workload", "w2"), "--messages does not apply"),
         (("--server-pid", "0"), "--server-pid"),
         (("--workload", "w1", "--queue", "jobs"), "--queue"),
         (("--messages", "0", "--workload", "all"), "--messages"),
