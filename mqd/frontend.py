@@ -199,12 +199,14 @@ class FrontendRole:
             op=op,
             **carried,
             queue=getattr(request, "queue", "") or getattr(request, "name", ""),
+            # The batch's size: what it sent, acked or changed, or what it got.
             entries=len(
                 getattr(request, "entries", None)
                 or getattr(request, "receipts", None)
                 or getattr(request, "changes", None)
                 or ()
-            ),
+            )
+            or trace.response_messages,
             request_bytes=trace.request_bytes,
             response_bytes=trace.response_bytes,
             elapsed_ms=round(elapsed * 1000, 1),
@@ -519,7 +521,10 @@ class ClientConnection(asyncio.Protocol):
         encoding = time.perf_counter()
         frame = codec.encode_response(correlation_id, response)
         self._write(frame)
-        stages.respond(len(frame), time.perf_counter() - encoding)
+        delivered = getattr(response, "messages", None)
+        stages.respond(
+            len(frame), time.perf_counter() - encoding, len(delivered) if delivered else 0
+        )
         return "ok"
 
     # --- output ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import aiosqlite
 import structlog
 
-from mqd import auth
+from mqd import auth, stages
 from mqd.attributes import (
     FIXED_ATTRIBUTES,
     REDRIVE_POLICY,
@@ -273,9 +273,9 @@ class MetadataRole:
         try:
             # Partitions first: a crash before the catalog row leaves orphan partitions,
             # which the backend removes at start; never a catalog row without them.
-            await self._backend.create_partitions(record)
+            await stages.timed("partitions", self._backend.create_partitions(record))
             try:
-                await self._catalog.put(record)
+                await stages.timed("catalog", self._catalog.put(record))
             except BaseException:
                 await self._backend.drop_partitions(record)
                 raise
@@ -323,8 +323,8 @@ class MetadataRole:
                 "remove their redrive_policy first (set it to {})"
             )
         del self._queues[name]
-        await self._catalog.delete(name)
-        await self._backend.drop_partitions(record)
+        await stages.timed("catalog", self._catalog.delete(name))
+        await stages.timed("partitions", self._backend.drop_partitions(record))
         # Grants on exactly this name go with the queue: a new queue of the same
         # name (perhaps another principal's) starts with none (protocol.md §8.2).
         await self._catalog.delete_queue_grants(name)
@@ -361,7 +361,7 @@ class MetadataRole:
             record.partitions,
             record.version + 1,
         )
-        await self._catalog.put(updated)
+        await stages.timed("catalog", self._catalog.put(updated))
         self._queues[name] = updated
         self._backend.configure_partitions(updated)
         return updated

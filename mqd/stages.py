@@ -27,12 +27,14 @@ T = TypeVar("T")
 class Trace:
     """One request's stages (seconds by name) and sizes (bytes of its frames)."""
 
-    __slots__ = ("carried", "request_bytes", "response_bytes", "spans")
+    __slots__ = ("carried", "request_bytes", "response_bytes", "response_messages", "spans")
 
     def __init__(self, request_bytes: int = 0) -> None:
         self.spans: dict[str, float] = {}
         self.request_bytes = request_bytes
         self.response_bytes = 0
+        # Messages the answer carried (RECEIVE, PEEK): their count is a RECEIVE's size.
+        self.response_messages = 0
         # A node-to-node request that carries a client op (PARTITION_CALL): the op's
         # name, its decoded request and the partition, for the slow-request line.
         self.carried: tuple[str, Any, int] | None = None
@@ -66,10 +68,11 @@ def carry(op: str, request: Any, partition: int) -> None:
         trace.carried = (op, request, partition)
 
 
-def respond(response_bytes: int, seconds: float) -> None:
+def respond(response_bytes: int, seconds: float, messages: int = 0) -> None:
     trace = _current.get()
     if trace is not None:
         trace.response_bytes = response_bytes
+        trace.response_messages = messages
         trace.add("respond", seconds)
 
 

@@ -89,6 +89,11 @@ async def test_metrics_endpoint_and_stats(server_factory, tmp_path):
         lambda event: event["op"] == "SEND" and event["entries"] == 1000,
     )
     assert big["queue"] == "bulk" and big["outcome"] == "ok"
+    # Creating a queue: its partition stores and its catalog row (all in "other" before).
+    created = await asyncio.to_thread(
+        server.wait_for_event, "request.slow", lambda event: event["op"] == "CREATE_QUEUE"
+    )
+    assert {"partitions", "catalog"} <= set(created["stages_ms"])
     assert big["request_bytes"] > 1_000_000 and big["response_bytes"] > 0
     stages_ms = big["stages_ms"]
     assert {"queued", "log", "respond"} <= set(stages_ms)
@@ -136,6 +141,7 @@ async def test_refused_requests_count_and_a_receive_that_did_not_wait_is_slow(
             server.wait_for_event, "request.slow", lambda event: event["op"] == "RECEIVE"
         )
         assert slow["queue"] == "big" and slow["response_bytes"] > 15_000_000
+        assert slow["entries"] == 15  # the messages it got (it said 0)
         assert "wait" not in slow["stages_ms"]
         assert await big.receive(wait=0.3) == []
         await asyncio.sleep(0.2)
