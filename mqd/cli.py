@@ -62,6 +62,14 @@ def _storage(args: argparse.Namespace) -> int:
         print(report.text(), end="")
         return 0 if report.ok else 1
     if args.storage_command == "dump":
+        if not tools.find_partitions(path):
+            # As verify says: an empty dump reads as "nothing stored", which a
+            # mistyped directory is not.
+            print(
+                f"mqd: no partition directories (with *.log segments) under {args.dir}",
+                file=sys.stderr,
+            )
+            return 1
         tools.dump(path, sys.stdout, keys=tools.load_keys(args.key_file))
         return 0
     storage_config = None

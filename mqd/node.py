@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import resource
 import signal
+import socket
 import ssl
 from pathlib import Path
 
@@ -195,6 +197,7 @@ def _raise_open_files_limit() -> None:
 async def run_node(config: Config, *, stop: asyncio.Event | None = None) -> int:
     # Every [tls] file is read before anything is written: a bad one names its key.
     ssl_context = _server_ssl_context(config)
+    _check_ports_free(config)
     data_dir = config.data_dir
     _make_data_dir(data_dir)
     lock = DataDirLock(data_dir)
@@ -210,11 +213,71 @@ async def run_node(config: Config, *, stop: asyncio.Event | None = None) -> int:
             config.log.format, config.log.level, node_id=node_id, role="+".join(config.node.roles)
         )
         _raise_open_files_limit()
+        _warn_open_key_files(config)
         if config.clustered:
             return await _serve_cluster(config, node_id, stop or asyncio.Event(), ssl_context)
         return await _serve(config, node_id, stop or asyncio.Event(), ssl_context)
     finally:
         lock.release()
+
+
+def _check_ports_free(config: Config) -> None:
+    """A port another process holds fails the start before the data directory is
+    touched: found only at the real bind, after recovery, it left node.json,
+    receipt.key and catalog.db behind in a directory meant to be new. (A port
+    taken between this check and that bind is still named there.)"""
+    wanted = []
+    if "frontend" in config.node.roles:
+        wanted.append(("frontend.listen", config.frontend.listen))
+    if config.metrics.listen:
+        wanted.append(("metrics.listen", config.metrics.listen))
+    if config.clustered and config.cluster.listen:
+        wanted.append(("cluster.listen", config.cluster.listen))
+    for key, text in wanted:
+        host, port = parse_address(text, key=key)
+        if port == 0:
+            continue
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+        except OSError:
+            continue  # an unknown host: the real bind names it
+        with socket.socket(family, kind, proto) as probe:
+            # As asyncio's listener does, so a port in TIME_WAIT is not "in use".
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"{key}: cannot listen on {text}: {exc.strerror} (another process "
+                        "holds the port: stop it or choose another)"
+                    ) from None
+
+
+def _warn_open_key_files(config: Config) -> None:
+    """Private keys others on the machine can read (as ssh warns of an open key)."""
+    keys = [("tls.key", config.tls.key)]
+    keys.append(("storage.encryption_key_file", config.storage.encryption_key_file))
+    keys += [
+        ("storage.encryption_old_key_files", p) for p in config.storage.encryption_old_key_files
+    ]
+    for key, path in keys:
+        if not path:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # loading it names the problem
+        if mode & 0o077:
+            log.warning(
+                "key_file.open",
+                key=key,
+                path=path,
+                mode=oct(mode & 0o777),
+                hint=f"other users can read this private key: chmod 600 {path}",
+            )
 
 
 def _make_data_dir(data_dir: Path) -> None:

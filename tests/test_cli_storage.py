@@ -62,3 +62,10 @@ def test_missing_dir_is_a_clear_error(tmp_path):
     result = mqd_cli("storage", "verify", str(config))
     assert result.returncode == 2
     assert "is a file, not a directory" in result.stderr
+
+
+def test_dump_of_a_directory_without_partitions_fails(tmp_path):
+    # It printed nothing and exited 0: "nothing stored" for a mistyped directory.
+    result = mqd_cli("storage", "dump", str(tmp_path))
+    assert result.returncode == 1
+    assert "no partition directories" in result.stderr and result.stdout == ""

@@ -9,6 +9,7 @@ client must present one").
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 import sys
@@ -192,3 +193,37 @@ def test_a_damaged_node_file_names_it(tmp_path):
     config.write_text("")
     line = serve_refused(config, data_dir)
     assert "node.data_dir (--data-dir)" in line and "node.json" in line and "damaged" in line
+
+
+@pytest.mark.parametrize("held", ["frontend.listen", "metrics.listen"])
+def test_a_port_in_use_is_refused_before_the_data_dir_is_touched(tmp_path, held):
+    # Found only at the real bind, after recovery: node.json, receipt.key and
+    # catalog.db were left behind in a directory meant to be new.
+    listen_port, metrics_port = allocate_ports(2)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", listen_port if held == "frontend.listen" else metrics_port))
+    holder.listen()
+    try:
+        config = tmp_path / "ports.toml"
+        config.write_text(f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
+        data_dir = tmp_path / "new"
+        result = subprocess.run(
+            [sys.executable, "-m", "mqd", "serve", "--config", str(config),
+             "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{listen_port}"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=REFUSAL_TIMEOUT_S,
+        )  # fmt: skip
+    finally:
+        holder.close()
+    assert result.returncode == 2, result.stderr
+    assert f"{held}: cannot listen on" in result.stderr and "in use" in result.stderr
+    assert not data_dir.exists()
+
+
+def test_a_private_key_others_can_read_is_warned_of(server_factory, tmp_path, certs):
+    key = tmp_path / "open.key"
+    key.write_bytes((certs / "node1.key").read_bytes())
+    key.chmod(0o644)
+    server = server_factory(config=tls_config(tmp_path, cert=certs / "node1.pem", key=key))
+    (warning,) = server.events("key_file.open")
+    assert warning["key"] == "tls.key" and warning["mode"] == "0o644"
+    assert f"chmod 600 {key}" in warning["hint"]
