@@ -45,17 +45,21 @@ from mqd.protocol.frame import (
     Frame,
     FrameDecoder,
 )
-from mqd.protocol.messages import DELAY_NONE, VISIBILITY_DEFAULT, Opcode
+from mqd.protocol.messages import (
+    ATTRIBUTE_NAME_CHARS,
+    ATTRIBUTE_NAME_CHARS_MAX,
+    DELAY_NONE,
+    ID_CHARS_MAX,
+    PRIORITY_MAX,
+    VISIBILITY_DEFAULT,
+    Opcode,
+)
 from mqd.protocol.push import encode_push, encode_push_end
 from mqd.router import Router
 
 log = structlog.get_logger("mqd.frontend")
 
 SUPPORTED_VERSIONS = (PROTOCOL_VERSION, PROTOCOL_VERSION)
-_ATTRIBUTE_NAME_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
-)
-_PRIORITY_MAX = 9
 # Room left in a RECEIVE response frame for everything but the messages.
 RESPONSE_HEADROOM_BYTES = 64 * 1024
 # Answers and pushes wait their turn while more than this of what the connection wrote
@@ -977,7 +981,9 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
                     f"entry {position}: {len(attributes)} attributes; at most attributes_max={limits.attributes_max}"
                 )
             for key, value in attributes.items():
-                if not 1 <= len(key) <= 64 or not _ATTRIBUTE_NAME_CHARS.issuperset(key):
+                if not 1 <= len(
+                    key
+                ) <= ATTRIBUTE_NAME_CHARS_MAX or not ATTRIBUTE_NAME_CHARS.issuperset(key):
                     shown = key if len(key) <= 80 else key[:80] + "…"  # not echoed whole
                     raise InvalidArgument(
                         f"entry {position}: attribute name {shown!r} must be 1-64 characters of A-Z a-z 0-9 _ . -"
@@ -997,9 +1003,9 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
                     f"entry {position}: delay_ms {entry.delay_ms} is not shorter than the queue's "
                     f"retention ({retention_ms} ms): the message would expire before it could be received"
                 )
-        if entry.priority > _PRIORITY_MAX:
+        if entry.priority > PRIORITY_MAX:
             raise InvalidArgument(
-                f"entry {position}: priority must be 0-{_PRIORITY_MAX}, got {entry.priority}"
+                f"entry {position}: priority must be 0-{PRIORITY_MAX}, got {entry.priority}"
             )
         if fifo and not entry.group_id:
             raise InvalidArgument(
@@ -1009,9 +1015,9 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
             raise InvalidArgument(
                 f"entry {position}: FIFO queues keep strict order; priority is for standard queues"
             )
-        if len(entry.dedup_id) > 128 or len(entry.group_id) > 128:
+        if len(entry.dedup_id) > ID_CHARS_MAX or len(entry.group_id) > ID_CHARS_MAX:
             raise InvalidArgument(
-                f"entry {position}: group_id and dedup_id are at most 128 characters"
+                f"entry {position}: group_id and dedup_id are at most {ID_CHARS_MAX} characters"
             )
 
 

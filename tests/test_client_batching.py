@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mqd.client.batching import entry_bytes, make_entries, make_entry, plan_chunks
-from mqd.errors import InvalidArgument, MessageTooLarge
+from mqd.errors import InvalidArgument, MessageTooLarge, ServerError
 from mqd.protocol.codec import encode_request
 from mqd.protocol.frame import PREFIX_BYTES
 from mqd.protocol.messages import SendEntry, SendRequest
@@ -98,7 +98,42 @@ async def test_a_split_batchs_error_names_the_callers_entry(client):
         await queue.send_batch(entries)
     assert refused.value.message.startswith(f"entry {bad}: ")
     assert len(refused.value.details["sent_message_ids"]) == chunk
+    # (A queue's own smaller max_message_bytes is the server's to judge, so a
+    # part was stored: the text says so, not only the details.)
+    assert f"entries 0-{chunk - 1} of the batch were stored" in str(refused.value)
     # A priority the server refuses is refused before any chunk goes out.
     with pytest.raises(InvalidArgument, match="priority"):
         await queue.send_batch([b"a"] * chunk + [{"body": b"b", "priority": 10}])
     assert (await queue.stats())["sent_total"] == chunk
+
+
+@pytest.mark.parametrize(
+    ("bad", "refused"),
+    [
+        ({"body": b"x" * (1024 * 1024 + 1)}, "message_bytes_max"),
+        ({"body": b"x", "attributes": {"": "v"}}, "attribute name"),
+        ({"body": b"x", "delay": 8 * 86400}, "delay_ms_max"),
+        ({"body": b"x", "dedup_id": "d" * 129}, "at most 128"),
+    ],
+)
+async def test_a_split_batch_refused_for_its_content_stores_none_of_it(client, bad, refused):
+    # Each request of a split batch was judged alone: 1,500 good entries and a bad
+    # one at 1,500 stored the first 1,000 and then failed (a retry duplicated them).
+    queue = await client.create_queue("split-precheck", exist_ok=True)
+    chunk = client.server_limits["batch_messages_max"]
+    entries: list = [b"ok"] * (chunk + 500)
+    entries[chunk + 500 - 1] = bad
+    with pytest.raises(ServerError, match=refused) as error:
+        await queue.send_batch(entries)
+    assert error.value.message.startswith(f"entry {chunk + 499}: ")
+    assert "sent_message_ids" not in error.value.details
+    assert (await queue.stats())["sent_total"] == 0
+
+
+async def test_a_split_batch_to_a_fifo_queue_without_group_ids_stores_none(client):
+    queue = await client.create_queue("split-precheck.fifo")
+    chunk = client.server_limits["batch_messages_max"]
+    entries = [{"body": b"ok", "group_id": "g"}] * chunk + [b"no group"]
+    with pytest.raises(InvalidArgument, match="needs a group_id"):
+        await queue.send_batch(entries)
+    assert (await queue.stats())["sent_total"] == 0

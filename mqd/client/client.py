@@ -56,7 +56,14 @@ from mqd.protocol.messages import (
     VisibilityChange,
 )
 
-from .batching import U32_MAX, make_entries, make_entry, plan_chunks, seconds_to_ms
+from .batching import (
+    U32_MAX,
+    check_split_batch,
+    make_entries,
+    make_entry,
+    plan_chunks,
+    seconds_to_ms,
+)
 from .connection import KEEPALIVE_S, Connection
 from .consumer import Consumer, Handler, MessageStream
 from .message import Message, messages_from_delivered
@@ -644,6 +651,7 @@ class Queue:
         if len(chunks) == 1:
             response = await client._call(SendRequest(name, entries))
             return response.message_ids
+        check_split_batch(entries, name, conn.limits)
         ids: list[str] = []
         for start, end in chunks:
             try:
@@ -652,6 +660,14 @@ class Queue:
                 error = _renumbered(exc, start)
                 if ids:
                     error.details = {**getattr(error, "details", {}), "sent_message_ids": ids}
+                    if isinstance(error, ServerError):
+                        # Said in the text too: retrying the whole batch would send
+                        # these again (unless they carry dedup_ids).
+                        error.message += (
+                            f" (entries 0-{len(ids) - 1} of the batch were stored before "
+                            "this; their ids are in details['sent_message_ids'])"
+                        )
+                        error.args = (f"{error.code.name}: {error.message}",)
                 raise error from None
             ids.extend(response.message_ids)
         return ids

@@ -66,6 +66,15 @@ VISIBILITY_DEFAULT = 0xFFFFFFFF
 # `delay_ms` 0 means "the queue's delay", so 0 itself cannot say "none").
 DELAY_NONE = 0xFFFFFFFF
 
+# SEND entry rules the server checks besides the HELLO limits (protocol.md §4.9);
+# a client splitting a batch checks them first, before any part is stored.
+ATTRIBUTE_NAME_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+)
+ATTRIBUTE_NAME_CHARS_MAX = 64
+PRIORITY_MAX = 9
+ID_CHARS_MAX = 128  # group_id and dedup_id
+
 
 # --- nested structures -------------------------------------------------------
 
