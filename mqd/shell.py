@@ -165,7 +165,8 @@ class _Quit(Exception):
 
 
 def split_commands(line: str) -> list[str]:
-    """Split a line on `;` outside quotes; empty pieces and `#` comments are dropped."""
+    """Split a line on `;` outside quotes; empty pieces are dropped, and so is a `#`
+    comment: from a `#` that starts a word, outside quotes, to the end of the line."""
     pieces: list[str] = []
     current: list[str] = []
     quote = ""
@@ -184,8 +185,8 @@ def split_commands(line: str) -> list[str]:
             pieces.append("".join(current))
             current = []
             continue
-        elif ch == "#" and not "".join(current).strip():
-            break  # a comment line (or a comment after `;`)
+        elif ch == "#" and (not current or current[-1].isspace()):
+            break  # a comment, to the end of the line (quote a word that starts with #)
         current.append(ch)
     if quote:
         raise ShellError(USAGE, f"unbalanced {quote} quote")
@@ -562,6 +563,11 @@ class Wire:
         self.sock: socket.socket | None = None
         self.decoder = FrameDecoder(RESPONSE_FRAME_BYTES_MAX)
         self._next_cid = 1
+        # RECEIVEs given up (Ctrl-C, timeout) by correlation id: their queue, so
+        # what the server still sends them can be released (§1.5).
+        self.abandoned_receives: dict[int, str] = {}
+        # Requests the shell made on its own (those releases): answers not shown.
+        self.own_requests: set[int] = set()
 
     @property
     def address(self) -> str:
@@ -692,16 +698,21 @@ class Wire:
         cid = self.take_cid()
         self.send(codec.encode_request(cid, message))
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                frame = self.read_frame(deadline)
-            except WireTimeout:
-                raise WireTimeout(timeout_s) from None
-            if frame.correlation_id == cid and not frame.flags & FLAG_PUSH:
-                break  # (a push frame's id is a subscription's, protocol.md §4.18)
-            if frame.correlation_id == 0 and frame.flags & FLAG_ERROR:
-                break  # an error about the connection itself (protocol.md §2)
-            self.on_stray(frame)
+        try:
+            while True:
+                try:
+                    frame = self.read_frame(deadline)
+                except WireTimeout:
+                    raise WireTimeout(timeout_s) from None
+                if frame.correlation_id == cid and not frame.flags & FLAG_PUSH:
+                    break  # (a push frame's id is a subscription's, protocol.md §4.18)
+                if frame.correlation_id == 0 and frame.flags & FLAG_ERROR:
+                    break  # an error about the connection itself (protocol.md §2)
+                self.on_stray(frame)
+        except BaseException:
+            if isinstance(message, ReceiveRequest) and self.sock is not None:
+                self.abandoned_receives[cid] = message.queue
+            raise
         try:
             answer = codec.decode_response(frame)
         except ServerError as exc:
@@ -1642,12 +1653,34 @@ class Shell:
             return
         what = f"correlation id {frame.correlation_id}, {_opcode_name(frame.opcode)}"
         message, _ = decode_frame_body(frame_bytes(frame))
+        queue = self.wire.abandoned_receives.pop(frame.correlation_id, None)
+        if frame.correlation_id in self.wire.own_requests:
+            self.wire.own_requests.discard(frame.correlation_id)
+            if isinstance(message, ErrorBody) or getattr(message, "failures", None):
+                self.note(f"releasing the messages of an abandoned receive failed: {message}")
+            return
         if isinstance(message, ErrorBody):
             what += f": {_code_name(message.code)} {message.message}"
         elif frame.opcode == Opcode.RECEIVE and getattr(message, "messages", None):
             ids = ", ".join(m.id for m in message.messages)
-            what += f": {len(message.messages)} messages now in flight: {ids}"
+            if queue is not None and self._release(queue, message.messages):
+                # As the client library does: a poll given up with Ctrl-C must not
+                # hide what it was sent for a whole lease (protocol.md §1.5).
+                what += f": {len(message.messages)} messages, released at once: {ids}"
+            else:
+                what += f": {len(message.messages)} messages now in flight: {ids}"
         self.note(f"answer to an abandoned request ({what})")
+
+    def _release(self, queue: str, delivered: list[Any]) -> bool:
+        """Make `delivered` visible again, without waiting for the answer."""
+        cid = self.wire.take_cid()
+        changes = [VisibilityChange(m.receipt, 0) for m in delivered]
+        try:
+            self.wire.send(codec.encode_request(cid, ChangeVisibilityRequest(queue, changes)))
+        except ShellError:
+            return False
+        self.wire.own_requests.add(cid)
+        return True
 
     def note(self, text: str) -> None:
         """A remark for a person: stderr, and never in the way of --json output."""

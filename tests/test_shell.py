@@ -59,6 +59,9 @@ def test_split_commands_respects_quotes_and_comments():
     assert split_commands("ping; send q 'a;b' ;info q") == ["ping", "send q 'a;b'", "info q"]
     assert split_commands('send q "x;\\"y"; ping') == ['send q "x;\\"y"', "ping"]
     assert split_commands("# a comment; ping") == []
+    # A trailing comment too (it became an argument: "unexpected 'trailing comment'").
+    assert split_commands("ping # trailing; info q") == ["ping"]
+    assert split_commands("send q '#not a comment' a#b") == ["send q '#not a comment' a#b"]
     assert split_commands(" ; ; ") == []
     with pytest.raises(ShellError):
         split_commands("send q 'open")
@@ -483,6 +486,15 @@ def test_interactive_ctrl_c_cancels_the_command_not_the_shell(server, pty_shell)
     assert time.monotonic() - started < 3
     sh.send("ping\r")
     sh.expect("PONG")
+    sh.expect(PROMPT)
+    # The server's poll still waits: what it is sent now is released at once, not
+    # hidden for a whole lease (it was, "now in flight", with no receipt shown).
+    sh.send("send cq after-cancel\r")
+    sh.expect("sent ")
+    sh.expect(PROMPT)
+    sh.send("recv cq wait=5\r")  # (the stray answer is seen by now, at the latest)
+    sh.expect("released at once")
+    sh.expect("after-cancel")
     sh.expect(PROMPT)
     # Python's readline misses a SIGINT that lands between printing the prompt
     # and waiting for input; a person never types that fast, a test does.
