@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from mqd.client import Message
 from mqd.client.sync import SyncQueue, connect
-from mqd.errors import ConnectionClosed, QueueNotFound
+from mqd.errors import ConnectionClosed, InvalidArgument, QueueNotFound
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -304,3 +305,28 @@ def test_closing_the_client_ends_blocked_calls_with_client_closed(server):
         for call in calls:
             with pytest.raises(ClientClosed):
                 call.result(15)
+
+
+def test_async_only_objects_are_refused_not_handed_out(server):
+    # subscribe() handed out an async Subscription nobody could await; its credits
+    # then took messages that a later run_consumer never saw. consumer() gave an
+    # async Consumer whose start() was "never awaited".
+    with connect(server.address) as client:
+        queue = client.create_queue("sync-async-only")
+        with pytest.raises(InvalidArgument, match="consume"):
+            queue.subscribe(2)
+        with pytest.raises(InvalidArgument, match="run_consumer"):
+            queue.consumer(lambda message: None)
+        queue.send_batch([b"a", b"b"])
+        assert sorted(m.body for m in queue.receive(max_messages=10, wait=1)) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [({"request_timeout": "x"}, "request_timeout"), ({"foo": 1}, "unknown options ['foo']")],
+)
+def test_a_bad_connect_option_is_an_invalid_argument_and_starts_no_thread(options, named):
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(InvalidArgument, match=re.escape(named)):
+        connect("127.0.0.1:1", **options)
+    assert not [t for t in threading.enumerate() if t.name not in before and t.is_alive()]

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
-from mqd.errors import ClientClosed, ClientError, ConnectionClosed, RequestTimeout
+from mqd.errors import ClientClosed, ClientError, ConnectionClosed, InvalidArgument, RequestTimeout
 
 from .client import DEFAULT_ADDRESS, Client, Queue
 from .message import Message
@@ -248,6 +248,22 @@ class SyncQueue:
 
         return self._call("run_consumer", (handler,), options)
 
+    def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        """Not offered: a Subscription is driven with await, which this client has not."""
+        raise InvalidArgument(
+            "subscribe() gives an async Subscription, which the sync client cannot drive "
+            "(its credits would take messages nobody handles): use queue.consume(), an "
+            "iterator over pushed messages, or queue.run_consumer(handler)"
+        )
+
+    def consumer(self, *args: Any, **kwargs: Any) -> Any:
+        """Not offered: a Consumer is started and stopped with await."""
+        raise InvalidArgument(
+            "consumer() gives an async Consumer, which the sync client cannot start: use "
+            "queue.run_consumer(handler, ...), which blocks while it runs (until Ctrl-C or "
+            "client.close() from another thread)"
+        )
+
     def __getattr__(self, name: str) -> Any:
         return self._owner._wrap(getattr(self._queue, name), name)
 
@@ -344,6 +360,15 @@ _install(SyncClient, Client, _CLIENT_METHODS)
 _install(SyncQueue, Queue, _QUEUE_METHODS)
 
 
+_CONNECT_OPTIONS = frozenset({"client_name", "connect_timeout", "request_timeout", "keepalive"})
+
+
+def _seconds(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidArgument(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
 def connect(
     address: str | Sequence[str] = DEFAULT_ADDRESS,
     tls: Any = None,
@@ -351,9 +376,16 @@ def connect(
     **options: Any,
 ) -> SyncClient:
     """Blocking `mqd.client.connect`: same arguments, returns a SyncClient."""
+    # Checked before the loop thread starts: a bad option left it running.
+    unknown = options.keys() - _CONNECT_OPTIONS
+    if unknown:
+        raise InvalidArgument(
+            f"connect() got unknown options {sorted(unknown)}; it takes address, tls, "
+            f"token and {', '.join(sorted(_CONNECT_OPTIONS))}"
+        )
+    request_timeout = _seconds(options.get("request_timeout", 30.0), "request_timeout")
+    connect_timeout = _seconds(options.get("connect_timeout", 10.0), "connect_timeout")
     loop_thread = _LoopThread()
-    request_timeout = float(options.get("request_timeout", 30.0))
-    connect_timeout = float(options.get("connect_timeout", 10.0))
 
     async def open_client() -> Client:
         client = Client(address, tls=tls, token=token, **options)
