@@ -823,6 +823,11 @@ async def run_bench(
         if own_queue:
             await control.create_queue(name)
         else:
+            if name.endswith(".fifo"):
+                raise ConfigError(
+                    f"--queue {name}: a FIFO queue; bench sends without group ids and "
+                    "measures standard queues only"
+                )
             try:
                 await control.get_queue(name)
             except QueueNotFound:

@@ -79,6 +79,9 @@ async def test_bench_refuses_a_named_queue_that_does_not_exist(server):
     assert done.returncode == 1
     result = json.loads(done.stdout)
     assert result["ok"] is False and "no such queue" in result["error"]
+    # A FIFO queue said "entry 0: a FIFO queue needs a group_id on every message".
+    done = _bench(server.address, "--messages", "100", "--queue", "jobs.fifo", "--json")
+    assert done.returncode == 1 and "standard queues only" in json.loads(done.stdout)["error"]
     async with await mqd.client.connect(server.address) as client:
         assert "typo" not in await client.list_queues()
 
