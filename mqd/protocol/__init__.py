@@ -34,9 +34,13 @@ from mqd.protocol.frame import (
     encode_frame,
 )
 from mqd.protocol.messages import (
+    ATTRIBUTE_NAME_CHARS,
+    ATTRIBUTE_NAME_CHARS_MAX,
     DELAY_NONE,
+    ID_CHARS_MAX,
     INTERNAL_OPCODE_MIN,
     OPS,
+    PRIORITY_MAX,
     PUSHES,
     VISIBILITY_DEFAULT,
     AcceptMovedRequest,
@@ -127,6 +131,8 @@ from mqd.protocol.messages import (
 from mqd.protocol.push import decode_push, encode_push, encode_push_end
 
 __all__ = [
+    "ATTRIBUTE_NAME_CHARS",
+    "ATTRIBUTE_NAME_CHARS_MAX",
     "DELAY_NONE",
     "FLAGS_KNOWN",
     "FLAG_ERROR",
@@ -134,10 +140,12 @@ __all__ = [
     "FLAG_RESPONSE",
     "HEADER",
     "HEADER_BYTES",
+    "ID_CHARS_MAX",
     "INTERNAL_OPCODE_MIN",
     "LENGTH",
     "OPS",
     "PREFIX_BYTES",
+    "PRIORITY_MAX",
     "PROTOCOL_VERSION",
     "PROTOCOL_VERSION_MAX",
     "PROTOCOL_VERSION_MIN",
