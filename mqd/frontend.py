@@ -103,6 +103,8 @@ class FrontendRole:
         self.clock = clock
         self.connections: set[ClientConnection] = set()
         self.draining = False
+        # Ops still taken while draining (a cluster leader's followers' FETCH).
+        self.served_while_draining: frozenset[int] = frozenset()
         self.started_at = time.monotonic()
         self.connections_total = 0
         self.requests_total = 0
@@ -450,7 +452,7 @@ class ClientConnection(asyncio.Protocol):
                 f"more than requests_in_flight_max={self.limits.requests_in_flight_max} requests in flight",
             )
             return
-        if self.frontend.draining:
+        if self.frontend.draining and opcode not in self.frontend.served_while_draining:
             self._refuse(
                 correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down"
             )
