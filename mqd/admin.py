@@ -113,7 +113,7 @@ def _add_auth_arguments(actions: Any) -> None:
 async def _cluster_view(args: argparse.Namespace) -> dict[str, Any]:
     import mqd.client
 
-    tls = ssl.create_default_context(cafile=args.ca) if args.ca else None
+    tls = _tls(args.ca)
     async with await mqd.client.connect(args.address, tls=tls, token=args.token) as client:
         stats = await client.stats()
     cluster = stats.get("cluster")
@@ -141,7 +141,7 @@ async def _rebalance(args: argparse.Namespace) -> Any:
     import mqd.client
     from mqd.protocol.messages import RebalanceRequest
 
-    tls = ssl.create_default_context(cafile=args.ca) if args.ca else None
+    tls = _tls(args.ca)
     async with await mqd.client.connect(args.address, tls=tls, token=args.token) as client:
         return await client._call(RebalanceRequest(dry_run=args.dry_run), timeout_s=math.inf)
 
@@ -165,7 +165,10 @@ def _print_rebalance(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"placement_version": answer.placement_version, "moves": moves}))
     elif not moves:
-        print("nothing to move: every partition is where the ring puts it")
+        print(
+            "nothing to move: every single-copy partition is where the ring puts it "
+            "(replicated partitions are not moved by rebalance; see admin placement)"
+        )
     else:
         verb = "would move" if args.dry_run else "moves"
         print(f"{verb} {len(moves)} partition(s):")
@@ -182,7 +185,7 @@ async def _decommission(args: argparse.Namespace) -> Any:
     import mqd.client
     from mqd.protocol.messages import DecommissionRequest
 
-    tls = ssl.create_default_context(cafile=args.ca) if args.ca else None
+    tls = _tls(args.ca)
     async with await mqd.client.connect(args.address, tls=tls, token=args.token) as client:
         return await client._call(DecommissionRequest(node_id=args.node))
 
@@ -448,3 +451,15 @@ def _print_acl(db: sqlite3.Connection, args: argparse.Namespace) -> int:
         note = "  (creator)" if g.owner else ""
         print(f"{g.principal:<24} {g.permission:<8} {g.pattern}{note}")
     return 0
+
+
+def _tls(ca: str | None) -> ssl.SSLContext | None:
+    """The client context trusting `--ca`; a file it cannot use is a ConfigError naming it."""
+    if not ca:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except FileNotFoundError:
+        raise ConfigError(f"--ca: no such file {ca!r}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--ca: cannot use {ca!r} as a CA file: {exc}") from None

@@ -182,6 +182,9 @@ class BackendRole:
         """The single node is its own only backend: one copy of each partition."""
         return 1
 
+    def backends_known(self) -> int:
+        return 1
+
     def partitions(self) -> list[Partition]:
         return list(self._partitions.values())
 

@@ -71,6 +71,7 @@ class BackendApi(Protocol):
     async def drop_partitions(self, queue: QueueRecord) -> None: ...
     def configure_partitions(self, queue: QueueRecord) -> None: ...
     def backend_count(self) -> int: ...
+    def backends_known(self) -> int: ...
 
 
 async def open_durable_db(path: Path) -> aiosqlite.Connection:
@@ -261,7 +262,19 @@ class MetadataRole:
             detail = f" with different attributes: {sorted(differing)}" if differing else ""
             raise QueueExists(f"queue {name!r} already exists{detail}")
         merged = default_attributes(name, self._limits) | changes
-        merged |= resolve_replication(merged, self._backend.backend_count())
+        backends_up = self._backend.backend_count()
+        merged |= resolve_replication(merged, backends_up)
+        if "replication_factor" not in changes and backends_up < self._backend.backends_known():
+            # The default is capped by the backends up, and kept when the others return.
+            log.warning(
+                "queue.replication_reduced",
+                queue=name,
+                replication_factor=merged["replication_factor"],
+                backends_up=backends_up,
+                backends_known=self._backend.backends_known(),
+                hint="created while backends are down: it keeps these copies for good; "
+                "recreate it with the cluster whole, or pass replication_factor to be refused",
+            )
         if not merged.get(REDRIVE_POLICY, True):
             del merged[REDRIVE_POLICY]  # none: as a queue created without one
         check_delay_within_retention(merged)

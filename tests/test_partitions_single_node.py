@@ -236,3 +236,18 @@ def test_admin_placement_on_a_single_node_says_there_is_none(server):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "not a cluster" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["nodes", "placement", "rebalance", "decommission"])
+def test_admin_with_a_ca_file_that_is_not_there_names_it(tmp_path, command):
+    # A traceback ending in a FileNotFoundError that named no file.
+    missing = tmp_path / "nope.pem"
+    argv = ["admin", command, "--address", "127.0.0.1:1", "--ca", str(missing)]
+    if command == "decommission":
+        argv.append("backend-9")
+    result = subprocess.run(
+        [sys.executable, "-m", "mqd", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"--ca: no such file {str(missing)!r}" in result.stderr

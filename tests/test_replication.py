@@ -690,3 +690,25 @@ async def test_a_leader_stopped_gracefully_finishes_its_writes_in_flight(cluster
         if event.get("carries") and event["outcome"] != "ok"
     ]
     assert not failed, failed[:2]
+
+
+async def test_a_queue_created_while_a_backend_is_down_says_its_copies_are_fewer(cluster):
+    # Its replication_factor defaults to the backends up (README) and stays so when
+    # the backend returns; nothing said so.
+    (frontend,) = cluster.by_role("frontend")
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        kill(cluster, "backend-3")
+
+        async def marked_down() -> bool:
+            nodes = (await client.stats())["cluster"]["nodes"]
+            return not next(n for n in nodes if n["id"] == "backend-3")["up"]
+
+        await wait_for(marked_down)
+        info = await (await client.create_queue("fewer")).info()
+        assert info["attributes"]["replication_factor"] == 2
+        (warning,) = metadata_lines(cluster, "queue.replication_reduced")
+        assert warning["queue"] == "fewer" and warning["backends_known"] == 3
+        assert warning["replication_factor"] == 2 and warning["backends_up"] == 2
+        # Asked for explicitly, three copies are refused rather than reduced.
+        with pytest.raises(MqdError, match="replication_factor is 3"):
+            await client.create_queue("three", replication_factor=3)

@@ -188,7 +188,8 @@ class Connection:
                 # A TLS-only server closes a plaintext connection without a word.
                 raise ConnectionClosed(
                     f"{exc}, before answering HELLO; if the server requires TLS, connect "
-                    "with tls= (a CA file or an ssl.SSLContext)"
+                    "with tls= (a CA file or an ssl.SSLContext; mqd admin and bench: --ca / "
+                    "--tls-ca FILE); if it is a cluster port, use a frontend's client port"
                 ) from exc
             raise
         except BaseException:

@@ -348,6 +348,10 @@ class PlacementManager:
     def backend_count(self) -> int:
         return len(self.live_backends())
 
+    def backends_known(self) -> int:
+        """Backends registered, up or not (a decommissioned one is gone from `nodes`)."""
+        return sum(1 for n in self.nodes.values() if "backend" in n.roles)
+
     def live_backends(self) -> list[str]:
         return sorted(n.node_id for n in self.nodes.values() if n.up and "backend" in n.roles)
 

@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from mqd.cluster.rpc import PeerPool
-from mqd.errors import MqdError, QueueNotFound, Unavailable
+from mqd.errors import MqdError, QueueNotFound, ServerError, Unavailable
 from mqd.metadata import QueueRecord
 from mqd.protocol.messages import (
     GetPlacementRequest,
@@ -90,7 +90,9 @@ class PlacementView:
                 return await self._peers.call(address, msg, timeout_s=timeout_s)
             except Unavailable as exc:
                 last = exc
-        raise Unavailable(f"metadata is unreachable: {last}")
+        raise Unavailable(
+            f"metadata is unreachable: {last.message if isinstance(last, ServerError) else last}"
+        )
 
     async def refresh(self) -> None:
         """Fetch the placement now (after an admin op, or on a miss)."""
