@@ -453,8 +453,14 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         if self.frontend.draining and opcode not in self.frontend.served_while_draining:
+            # Refused before it ran: safe to send again, elsewhere (a frontend retries
+            # a draining leader's refusal on the next one, §7.13).
             self._refuse(
-                correlation_id, opcode, ErrorCode.UNAVAILABLE, "the server is shutting down"
+                correlation_id,
+                opcode,
+                ErrorCode.UNAVAILABLE,
+                "the server is shutting down",
+                {"not_applied": True},
             )
             return
         self.frontend.requests_total += 1

@@ -221,6 +221,10 @@ async def run_node(config: Config, *, stop: asyncio.Event | None = None) -> int:
         lock.release()
 
 
+# How long a stopping backend waits for metadata to take note that it is leaving.
+LEAVE_TIMEOUT_S = 3.0
+
+
 def _check_ports_free(config: Config) -> None:
     """A port another process holds fails the start before the data directory is
     touched: found only at the real bind, after recovery, it left node.json,
@@ -580,6 +584,10 @@ async def _serve_cluster(
             await frontend.drain(DRAIN_TIMEOUT_S)
         if cluster_server is not None:
             await cluster_server.drain(DRAIN_TIMEOUT_S)
+        if drained and service is not None and placement is None:
+            # Its writes in flight are done: its partitions can move now (a co-located
+            # metadata node takes the placement with it, so it says nothing).
+            await membership.leave(LEAVE_TIMEOUT_S)
         await membership.close()
         await view.close()
         if service is not None:

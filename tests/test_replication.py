@@ -690,6 +690,15 @@ async def test_a_leader_stopped_gracefully_finishes_its_writes_in_flight(cluster
         if event.get("carries") and event["outcome"] != "ok"
     ]
     assert not failed, failed[:2]
+    # Then it said it was leaving: metadata moved the lead at once (protocol.md §7.19),
+    # not after its session ran out.
+    assert any('"node.left"' in line for line in drained)
+    (leaving,) = metadata_lines(cluster, "node.leaving")
+    assert leaving["node"] == leader.id
+    moved = [
+        e for e in metadata_lines(cluster, "partition.failover") if "is leaving" in e["reason"]
+    ]
+    assert moved and all(e["leader"] != leader.id for e in moved)
 
 
 async def test_a_queue_created_while_a_backend_is_down_says_its_copies_are_fewer(cluster):

@@ -207,6 +207,19 @@ class PlacementManager:
             await self._bump(f"node {node_id} is up")
         return True
 
+    async def node_leaving(self, node_id: str) -> None:
+        """A node stopping on purpose, its writes in flight finished (protocol.md §7.19):
+        down now, out of every in-sync set, and its partitions led by another in-sync
+        replica that is up, without waiting out its session (or, for the sets it
+        follows, the leaders' lag limit)."""
+        node = self.nodes.get(node_id)
+        if node is None or not node.up:
+            return
+        node.up = False
+        log.info("node.leaving", node=node_id)
+        await self._drop_from_isrs(node_id, reason=f"{node_id} is leaving")
+        await self._bump(f"node {node_id} is leaving")
+
     async def _liveness_loop(self) -> None:
         last_tick = time.monotonic()
         while True:
@@ -236,7 +249,7 @@ class PlacementManager:
                 await self._fail_over(node_id)
                 await self._bump(f"node {node_id} missed heartbeats")
 
-    async def _drop_from_isrs(self, node_id: str) -> None:
+    async def _drop_from_isrs(self, node_id: str, reason: str = "") -> None:
         def change(queue_hex: str, placement: PartitionPlacement) -> PartitionPlacement | None:
             if node_id not in placement.isr:
                 return None
@@ -249,14 +262,14 @@ class PlacementManager:
                 if not up:
                     return None
                 return self._new_leader(queue_hex, placement, up,
-                                        reason=f"{node_id} restarted with its machine")  # fmt: skip
+                                        reason=reason or f"{node_id} restarted with its machine")  # fmt: skip
             isr = [r for r in placement.isr if r != node_id]
             return PartitionPlacement(
                 placement.index, placement.replicas, placement.leader, placement.epoch, isr
             )
 
         dropped = await self._rewrite_placements(change)
-        if dropped:
+        if dropped and not reason:
             log.warning("node.rebooted_unclean", node=node_id, out_of_sync=dropped)
             await self._bump(f"node {node_id} restarted with its machine: out of {dropped} isr")
 

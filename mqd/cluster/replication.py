@@ -302,6 +302,11 @@ class LeaderReplication:
         )
         return FetchResponse(data, next_offset, self.store.next_offset, self.high_watermark)
 
+    def end_fetch_waits(self) -> None:
+        """Answer the followers' waiting FETCHes now (a draining node): their next one
+        acknowledges the writes still in flight, and none holds up the drain."""
+        self._data.set()
+
     # --- the in-sync set ---------------------------------------------------------------
 
     async def _maintain(self) -> None:

@@ -48,6 +48,7 @@ class Opcode(IntEnum):
     GET_PLACEMENT = 0x1003
     AUTH_SNAPSHOT = 0x1004
     CREATE_OWNED_QUEUE = 0x1005
+    NODE_LEAVING = 0x1006
     PARTITION_CALL = 0x1010
     PARTITION_WAIT = 0x1011
     ACCEPT_MOVED = 0x1012
@@ -630,6 +631,22 @@ class HeartbeatResponse:
 
 
 @dataclass(slots=True)
+class NodeLeavingRequest:
+    """A node stopping on purpose (protocol.md §7.19): down now, not after its session."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.NODE_LEAVING
+    FIELDS: ClassVar[tuple] = (("node_id", "STR"),)
+    node_id: str
+
+
+@dataclass(slots=True)
+class NodeLeavingResponse:
+    OPCODE: ClassVar[Opcode] = Opcode.NODE_LEAVING
+    FIELDS: ClassVar[tuple] = (("placement_version", "U64"),)
+    placement_version: int
+
+
+@dataclass(slots=True)
 class GetPlacementRequest:
     """The whole placement once it is newer than `since_version` (a long poll up to `wait_ms`)."""
 
@@ -1042,6 +1059,7 @@ OPS: dict[Opcode, tuple[type, type]] = {
     Opcode.GET_PLACEMENT: (GetPlacementRequest, GetPlacementResponse),
     Opcode.AUTH_SNAPSHOT: (AuthSnapshotRequest, AuthSnapshotResponse),
     Opcode.CREATE_OWNED_QUEUE: (CreateOwnedQueueRequest, CreateOwnedQueueResponse),
+    Opcode.NODE_LEAVING: (NodeLeavingRequest, NodeLeavingResponse),
     Opcode.PARTITION_CALL: (PartitionCallRequest, PartitionCallResponse),
     Opcode.PARTITION_WAIT: (PartitionWaitRequest, PartitionWaitResponse),
     Opcode.ACCEPT_MOVED: (AcceptMovedRequest, AcceptMovedResponse),
