@@ -689,3 +689,16 @@ async def test_connect_argument_errors_are_invalid_arguments(tmp_path):
     for options in ({"request_timeout": 0}, {"connect_timeout": -1}, {"request_timeout": "5"}):
         with pytest.raises(InvalidArgument, match="timeout"):
             mqd.client.Client("127.0.0.1:1", **options)
+
+
+async def test_times_over_the_servers_limits_are_refused_in_the_callers_seconds(client):
+    # The server's refusal spoke milliseconds to a caller who gave seconds
+    # ("wait_ms 100000 exceeds receive_wait_ms_max=20000").
+    queue = await client.create_queue("limits-in-seconds")
+    with pytest.raises(InvalidArgument, match=r"wait must be at most 20 s .*got 100"):
+        await queue.receive(wait=100)
+    with pytest.raises(InvalidArgument, match=r"visibility_timeout must be at most 43200 s"):
+        await queue.receive(visibility_timeout=50_000)
+    with pytest.raises(InvalidArgument, match=r"delay must be at most 604800 s"):
+        await queue.send(b"x", delay=8 * 86400)
+    assert (await queue.stats())["sent_total"] == 0

@@ -36,6 +36,7 @@ from mqd.errors import (
 from mqd.log import library_logger
 from mqd.protocol.codec import utf8_len
 from mqd.protocol.messages import (
+    DELAY_NONE,
     VISIBILITY_DEFAULT,
     ChangeVisibilityRequest,
     CreateQueueRequest,
@@ -112,6 +113,16 @@ def _check_name(name: Any, what: str = "queue name") -> str:
     if type(name) is not str:
         raise InvalidArgument(f"{what} must be a str, got {type(name).__name__}")
     return name
+
+
+def _within_limit(client: Client, ms: int, limit: str, what: str, seconds: Any) -> None:
+    """A time over the server's limit (HELLO), said in the seconds the caller gave:
+    the server's own refusal speaks its milliseconds ("wait_ms 100000 exceeds ...")."""
+    most = client._limits.get(limit)
+    if isinstance(most, int) and ms > most:
+        raise InvalidArgument(
+            f"{what} must be at most {most / 1000:g} s on this server ({limit}), got {seconds!r}"
+        )
 
 
 def _check_count(value: Any, what: str) -> int:
@@ -628,6 +639,8 @@ class Queue:
         default) means the queue's own `delay` attribute, and 0 means none even
         on a queue with a delay, as in SQS (protocol.md §4.0)."""
         entry = make_entry(body, attributes, delay, group_id, dedup_id, priority)
+        if delay is not None and entry.delay_ms != DELAY_NONE:
+            _within_limit(self._client, entry.delay_ms, "delay_ms_max", "delay", delay)
         response = await self._client._call(SendRequest(self.name, [entry]))
         return response.message_ids[0]
 
@@ -688,12 +701,17 @@ class Queue:
         it afterwards are released at once (see `_release_abandoned`).
         """
         _check_count(max_messages, "max_messages")
+        client = self._client
         wait_ms = 0 if wait == 0 else seconds_to_ms(wait, "wait")
+        _within_limit(client, wait_ms, "receive_wait_ms_max", "wait", wait)
         if visibility_timeout is None:
             visibility_ms = VISIBILITY_DEFAULT
         else:
             visibility_ms = seconds_to_ms(visibility_timeout, "visibility_timeout")
-        client = self._client
+            _within_limit(
+                client, visibility_ms, "visibility_timeout_ms_max", "visibility_timeout",
+                visibility_timeout,
+            )  # fmt: skip
         timeout_s = None
         if wait_ms:
             timeout_s = max(client._request_timeout_s, wait_ms / 1000 + RECEIVE_TIMEOUT_MARGIN_S)
