@@ -40,6 +40,9 @@ _INTEGER_ONLY = frozenset({"max_message_bytes"})
 _READ_ONLY = frozenset({"fifo"})
 # Fixed when a queue is created: SET_QUEUE_ATTRIBUTES may repeat them, not change them.
 FIXED_ATTRIBUTES = frozenset({"fifo", PARTITIONS, *REPLICATION})
+# Every attribute a client may give at creation, and those it may change after.
+CREATE_ATTRIBUTES = (*_NUMERIC, *_BOOLEAN, PARTITIONS, *REPLICATION, REDRIVE_POLICY)
+CHANGEABLE_ATTRIBUTES = tuple(a for a in CREATE_ATTRIBUTES if a not in FIXED_ATTRIBUTES)
 
 
 def validate_queue_name(name: object, limits: Limits) -> str:

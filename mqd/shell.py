@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from mqd.attributes import CHANGEABLE_ATTRIBUTES, CREATE_ATTRIBUTES
 from mqd.errors import ErrorCode, MqdError, ServerError
 from mqd.protocol import codec
 from mqd.protocol.frame import (
@@ -121,9 +122,6 @@ HISTORY_LINES_MAX = 1000
 BODY_SHOWN_CHARS_MAX = 64
 RAW_BODY_SHOWN_BYTES_MAX = 256
 
-# Queue attributes offered by tab completion after `create NAME` / `set NAME`
-# (protocol.md §5). The server validates; this list only helps typing.
-QUEUE_ATTRIBUTE_NAMES = ("visibility_timeout", "retention", "max_message_bytes", "delay")
 
 # Error codes of the shell itself, printed like the server's (`ERROR CODE: message`).
 USAGE = "USAGE"
@@ -1802,7 +1800,9 @@ class Shell:
             candidates += self._candidates(param.kind)
         candidates += [f"{o.key}=" for o in command.options]
         if command.extra == "attributes" and command.name in ("create", "set"):
-            candidates += [f"{a}=" for a in QUEUE_ATTRIBUTE_NAMES]
+            # (It offered 4 of them; the server's own lists now, protocol.md §5.2.)
+            names = CREATE_ATTRIBUTES if command.name == "create" else CHANGEABLE_ATTRIBUTES
+            candidates += [f"{a}=" for a in names]
         elif command.extra == "attr.":
             candidates.append("attr.")
         return sorted({c for c in candidates if c.startswith(text)})

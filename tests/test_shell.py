@@ -125,6 +125,13 @@ def test_help_and_completion_come_from_the_table():
     assert shell.completions("raw ", "o") == ["off", "on"]
     assert "wait=" in shell.completions("recv q ", "")
     assert "visibility_timeout=" in shell.completions("create q ", "vis")
+    # Every attribute, not 4 of them; `set` offers only those that can change.
+    assert shell.completions("create q ", "re") == [
+        "redrive_policy=",
+        "replication_factor=",
+        "retention=",
+    ]
+    assert shell.completions("set q ", "re") == ["redrive_policy=", "retention="]
     shell.queue_names = ["orders", "other"]
     assert shell.completions("info ", "o") == ["orders", "other"]
     assert shell.completions("ping; watch info ", "or") == ["orders"]
