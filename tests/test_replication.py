@@ -17,6 +17,7 @@ import pytest
 import mqd.client
 from mqd import launcher
 from mqd.bench import live_children
+from mqd.cluster.replication import read_persisted
 from mqd.errors import MqdError, Unavailable
 from tests.cluster_helpers import running, tls_for
 
@@ -721,3 +722,32 @@ async def test_a_queue_created_while_a_backend_is_down_says_its_copies_are_fewer
         # Asked for explicitly, three copies are refused rather than reduced.
         with pytest.raises(MqdError, match="replication_factor is 3"):
             await client.create_queue("three", replication_factor=3)
+
+
+async def test_a_leader_promoted_with_its_set_short_keeps_the_high_watermark_it_knew(cluster):
+    # A new leader's high watermark started at 0 and stayed there while its in-sync
+    # set was short of min_insync; 0 was written to its file, and a later restart
+    # as a follower cut its whole log and fetched it again.
+    (frontend,) = cluster.by_role("frontend")
+    async with await mqd.client.connect(frontend.client_address, tls=tls_for(cluster)) as client:
+        queue = await client.create_queue("kept-hw", replication_factor=3, min_insync=2)
+        await queue.send_batch([b"m%d" % i for i in range(50)])
+        await asyncio.sleep(2.5)  # a follower learns the high watermark at its next FETCH
+        (part,) = await placement_of(client, "kept-hw")
+        first, (second, third) = (
+            part["leader"],
+            [r for r in part["replicas"] if r != part["leader"]],
+        )
+        kill(cluster, third)
+        await asyncio.sleep(0.5)  # (its session and lag limit: 2 s and 1.5 s)
+        kill(cluster, first)
+
+        async def promoted() -> bool:
+            (now,) = await placement_of(client, "kept-hw")
+            return now["leader"] == second
+
+        await wait_for(promoted)
+    await asyncio.to_thread(launcher.stop_nodes, cluster, [cluster.node(second)], 30)
+    (directory,) = (cluster.path(cluster.node(second).data_dir) / "partitions").glob("*-0000")
+    high_watermark, _epoch = read_persisted(directory)
+    assert high_watermark == 50

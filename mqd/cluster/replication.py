@@ -153,7 +153,12 @@ class LeaderReplication:
         self.acked: dict[str, int] = {}
         started = time.monotonic()
         self._caught_up_at: dict[str, float] = {r: started for r in replicas}
-        self.high_watermark = 0
+        # What this copy last knew committed (as a follower, or leading before): a
+        # lower bound that stays true. From 0, it stayed 0 until every follower in
+        # the set had fetched (forever, with the set short of min_insync), and a 0
+        # written now and then to the file made a later restart cut the whole log
+        # and fetch it again (review: `replica.truncated to_offset 0`).
+        self.high_watermark = min(read_persisted(store.directory)[0], store.next_offset)
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_seq = 0
         self._data = asyncio.Event()
