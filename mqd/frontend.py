@@ -24,7 +24,6 @@ from mqd.errors import (
     BatchTooLarge,
     ErrorCode,
     InvalidArgument,
-    MessageTooLarge,
     MqdError,
     ProtocolError,
     ServerError,
@@ -45,16 +44,9 @@ from mqd.protocol.frame import (
     Frame,
     FrameDecoder,
 )
-from mqd.protocol.messages import (
-    ATTRIBUTE_NAME_CHARS,
-    ATTRIBUTE_NAME_CHARS_MAX,
-    DELAY_NONE,
-    ID_CHARS_MAX,
-    PRIORITY_MAX,
-    VISIBILITY_DEFAULT,
-    Opcode,
-)
+from mqd.protocol.messages import VISIBILITY_DEFAULT, Opcode
 from mqd.protocol.push import encode_push, encode_push_end
+from mqd.protocol.send_rules import check_send_entries
 from mqd.router import Router
 
 log = structlog.get_logger("mqd.frontend")
@@ -977,56 +969,15 @@ def validate_send(limits: Limits, record: QueueRecord, entries: list[messages.Se
         raise BatchTooLarge(
             f"SEND: {len(entries)} entries; at most batch_messages_max={limits.batch_messages_max}"
         )
-    message_bytes_max = record.max_message_bytes
-    fifo = record.attributes.get("fifo", False)
-    retention_ms = record.retention_ms
-    for position, entry in enumerate(entries):
-        size = len(entry.body)
-        attributes = entry.attributes
-        if attributes:
-            if len(attributes) > limits.attributes_max:
-                raise InvalidArgument(
-                    f"entry {position}: {len(attributes)} attributes; at most attributes_max={limits.attributes_max}"
-                )
-            for key, value in attributes.items():
-                if not 1 <= len(
-                    key
-                ) <= ATTRIBUTE_NAME_CHARS_MAX or not ATTRIBUTE_NAME_CHARS.issuperset(key):
-                    shown = key if len(key) <= 80 else key[:80] + "…"  # not echoed whole
-                    raise InvalidArgument(
-                        f"entry {position}: attribute name {shown!r} must be 1-64 characters of A-Z a-z 0-9 _ . -"
-                    )
-                size += utf8_len(key) + utf8_len(value)
-        if size > message_bytes_max:
-            raise MessageTooLarge(
-                f"entry {position}: {size} bytes (body + attributes); the queue's max_message_bytes is {message_bytes_max}"
-            )
-        if entry.delay_ms and entry.delay_ms != DELAY_NONE:  # (0, the usual: the queue's)
-            if entry.delay_ms > limits.delay_ms_max:
-                raise InvalidArgument(
-                    f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={limits.delay_ms_max}"
-                )
-            if entry.delay_ms >= retention_ms:
-                raise InvalidArgument(
-                    f"entry {position}: delay_ms {entry.delay_ms} is not shorter than the queue's "
-                    f"retention ({retention_ms} ms): the message would expire before it could be received"
-                )
-        if entry.priority > PRIORITY_MAX:
-            raise InvalidArgument(
-                f"entry {position}: priority must be 0-{PRIORITY_MAX}, got {entry.priority}"
-            )
-        if fifo and not entry.group_id:
-            raise InvalidArgument(
-                f"entry {position}: a FIFO queue needs a group_id on every message"
-            )
-        if fifo and entry.priority:
-            raise InvalidArgument(
-                f"entry {position}: FIFO queues keep strict order; priority is for standard queues"
-            )
-        if len(entry.dedup_id) > ID_CHARS_MAX or len(entry.group_id) > ID_CHARS_MAX:
-            raise InvalidArgument(
-                f"entry {position}: group_id and dedup_id are at most {ID_CHARS_MAX} characters"
-            )
+    check_send_entries(
+        entries,
+        message_bytes_max=record.max_message_bytes,
+        size_limit="the queue's max_message_bytes is {}",
+        attributes_max=limits.attributes_max,
+        delay_ms_max=limits.delay_ms_max,
+        retention_ms=record.retention_ms,
+        fifo=record.attributes.get("fifo", False),
+    )
 
 
 async def handle_send(

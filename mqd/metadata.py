@@ -264,14 +264,15 @@ class MetadataRole:
         merged = default_attributes(name, self._limits) | changes
         backends_up = self._backend.backend_count()
         merged |= resolve_replication(merged, backends_up)
-        if "replication_factor" not in changes and backends_up < self._backend.backends_known():
+        backends_known = self._backend.backends_known()
+        if "replication_factor" not in changes and backends_up < backends_known:
             # The default is capped by the backends up, and kept when the others return.
             log.warning(
                 "queue.replication_reduced",
                 queue=name,
                 replication_factor=merged["replication_factor"],
                 backends_up=backends_up,
-                backends_known=self._backend.backends_known(),
+                backends_known=backends_known,
                 hint="created while backends are down: it keeps these copies for good; "
                 "recreate it with the cluster whole, or pass replication_factor to be refused",
             )

@@ -262,10 +262,10 @@ def _check_ports_free(config: Config) -> None:
 
 def _warn_open_key_files(config: Config) -> None:
     """Private keys others on the machine can read (as ssh warns of an open key)."""
-    keys = [("tls.key", config.tls.key)]
-    keys.append(("storage.encryption_key_file", config.storage.encryption_key_file))
-    keys += [
-        ("storage.encryption_old_key_files", p) for p in config.storage.encryption_old_key_files
+    keys = [
+        ("tls.key", config.tls.key),
+        ("storage.encryption_key_file", config.storage.encryption_key_file),
+        *(("storage.encryption_old_key_files", p) for p in config.storage.encryption_old_key_files),
     ]
     for key, path in keys:
         if not path:

@@ -17,16 +17,10 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mqd.errors import InvalidArgument, MessageTooLarge
+from mqd.errors import InvalidArgument
 from mqd.protocol.codec import utf8_len
-from mqd.protocol.messages import (
-    ATTRIBUTE_NAME_CHARS,
-    ATTRIBUTE_NAME_CHARS_MAX,
-    DELAY_NONE,
-    ID_CHARS_MAX,
-    PRIORITY_MAX,
-    SendEntry,
-)
+from mqd.protocol.messages import DELAY_NONE, PRIORITY_MAX, SendEntry
+from mqd.protocol.send_rules import check_send_entries
 
 U8_MAX = 0xFF
 U32_MAX = 0xFFFFFFFF
@@ -194,54 +188,18 @@ def plan_chunks(
 
 
 def check_split_batch(entries: list[SendEntry], queue: str, limits: Mapping[str, Any]) -> None:
-    """What the server would refuse in any request of a batch about to be split,
-    as it would say it: checked before the first part is stored, so a batch
-    refused for its content stores none of it (the server's check is per request).
-
-    Only the rules a client knows (HELLO's limits, protocol.md §4.9's fixed
-    ones, a FIFO queue by its name); a queue's own smaller `max_message_bytes`
-    or its retention are still judged by the server, request by request.
+    """What the server would refuse in any request of a batch about to be split, as
+    it would say it: checked before the first part is stored, so a batch refused for
+    its content stores none of it (the server's check is per request). Only what a
+    client knows: HELLO's limits and a FIFO queue by its name; a queue's own smaller
+    `max_message_bytes`, or its retention, the server still judges request by request.
     """
-    message_bytes_max = limits.get("message_bytes_max", 0)
-    attributes_max = limits.get("attributes_max", 0)
-    delay_ms_max = limits.get("delay_ms_max", 0)
-    fifo = queue.endswith(".fifo")
-    for position, entry in enumerate(entries):
-        size = len(entry.body)
-        attributes = entry.attributes
-        if attributes:
-            if attributes_max and len(attributes) > attributes_max:
-                raise InvalidArgument(
-                    f"entry {position}: {len(attributes)} attributes; at most "
-                    f"attributes_max={attributes_max}"
-                )
-            for key, value in attributes.items():
-                if not 1 <= len(
-                    key
-                ) <= ATTRIBUTE_NAME_CHARS_MAX or not ATTRIBUTE_NAME_CHARS.issuperset(key):
-                    raise InvalidArgument(
-                        f"entry {position}: attribute name {key[:80]!r} must be 1-"
-                        f"{ATTRIBUTE_NAME_CHARS_MAX} characters of A-Z a-z 0-9 _ . -"
-                    )
-                size += utf8_len(key) + utf8_len(value)
-        if message_bytes_max and size > message_bytes_max:
-            raise MessageTooLarge(
-                f"entry {position}: {size} bytes (body + attributes); at most "
-                f"message_bytes_max={message_bytes_max}"
-            )
-        if delay_ms_max and entry.delay_ms != DELAY_NONE and entry.delay_ms > delay_ms_max:
-            raise InvalidArgument(
-                f"entry {position}: delay_ms {entry.delay_ms} exceeds delay_ms_max={delay_ms_max}"
-            )
-        if fifo and not entry.group_id:
-            raise InvalidArgument(
-                f"entry {position}: a FIFO queue needs a group_id on every message"
-            )
-        if fifo and entry.priority:
-            raise InvalidArgument(
-                f"entry {position}: FIFO queues keep strict order; priority is for standard queues"
-            )
-        if len(entry.dedup_id) > ID_CHARS_MAX or len(entry.group_id) > ID_CHARS_MAX:
-            raise InvalidArgument(
-                f"entry {position}: group_id and dedup_id are at most {ID_CHARS_MAX} characters"
-            )
+    check_send_entries(
+        entries,
+        message_bytes_max=limits.get("message_bytes_max", math.inf),
+        size_limit="at most message_bytes_max={}",
+        attributes_max=limits.get("attributes_max", math.inf),
+        delay_ms_max=limits.get("delay_ms_max", math.inf),
+        retention_ms=math.inf,
+        fifo=queue.endswith(".fifo"),
+    )

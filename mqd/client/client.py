@@ -676,11 +676,12 @@ class Queue:
                     if isinstance(error, ServerError):
                         # Said in the text too: retrying the whole batch would send
                         # these again (unless they carry dedup_ids).
-                        error.message += (
-                            f" (entries 0-{len(ids) - 1} of the batch were stored before "
-                            "this; their ids are in details['sent_message_ids'])"
+                        error = type(error)(
+                            f"{error.message} (entries 0-{len(ids) - 1} of the batch were "
+                            "stored before this; their ids are in details['sent_message_ids'])",
+                            code=error.code,
+                            details=error.details,
                         )
-                        error.args = (f"{error.code.name}: {error.message}",)
                 raise error from None
             ids.extend(response.message_ids)
         return ids

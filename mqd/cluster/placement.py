@@ -175,7 +175,11 @@ class PlacementManager:
         it leads, another in-sync replica that is up takes over; with none, it keeps
         the lead. Leaders take it back once it has caught up (protocol.md §7.13)."""
         if rebooted_unclean:
-            await self._drop_from_isrs(node.node_id)
+            node_id = node.node_id
+            dropped = await self._drop_from_isrs(node_id, f"{node_id} restarted with its machine")
+            if dropped:
+                log.warning("node.rebooted_unclean", node=node_id, out_of_sync=dropped)
+                await self._bump(f"node {node_id} restarted with its machine: out of {dropped} isr")
         node.up = True
         previous = self.nodes.get(node.node_id)
         self.nodes[node.node_id] = node
@@ -217,7 +221,7 @@ class PlacementManager:
             return
         node.up = False
         log.info("node.leaving", node=node_id)
-        await self._drop_from_isrs(node_id, reason=f"{node_id} is leaving")
+        await self._drop_from_isrs(node_id, f"{node_id} is leaving")
         await self._bump(f"node {node_id} is leaving")
 
     async def _liveness_loop(self) -> None:
@@ -249,7 +253,10 @@ class PlacementManager:
                 await self._fail_over(node_id)
                 await self._bump(f"node {node_id} missed heartbeats")
 
-    async def _drop_from_isrs(self, node_id: str, reason: str = "") -> None:
+    async def _drop_from_isrs(self, node_id: str, reason: str) -> int:
+        """Take `node_id` out of every in-sync set; where it leads, the first other
+        in-sync replica that is up leads instead (`reason` logged). How many changed."""
+
         def change(queue_hex: str, placement: PartitionPlacement) -> PartitionPlacement | None:
             if node_id not in placement.isr:
                 return None
@@ -261,17 +268,13 @@ class PlacementManager:
                 up = self._up_in(placement.isr, node_id)
                 if not up:
                     return None
-                return self._new_leader(queue_hex, placement, up,
-                                        reason=reason or f"{node_id} restarted with its machine")  # fmt: skip
+                return self._new_leader(queue_hex, placement, up, reason=reason)
             isr = [r for r in placement.isr if r != node_id]
             return PartitionPlacement(
                 placement.index, placement.replicas, placement.leader, placement.epoch, isr
             )
 
-        dropped = await self._rewrite_placements(change)
-        if dropped and not reason:
-            log.warning("node.rebooted_unclean", node=node_id, out_of_sync=dropped)
-            await self._bump(f"node {node_id} restarted with its machine: out of {dropped} isr")
+        return await self._rewrite_placements(change)
 
     async def _fail_over(self, dead: str) -> None:
         """New leaders, with a new epoch, for the partitions the dead node led: the first
